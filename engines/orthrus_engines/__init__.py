@@ -1,0 +1,11 @@
+"""orthrus-engines: batched, lossless dual-view (Orthrus) decoding with a paged KV cache."""
+
+from orthrus_engines.config import EngineArgs
+from orthrus_engines.engine.async_engine import AsyncEngine
+from orthrus_engines.engine.llm_engine import LLMEngine
+from orthrus_engines.errors import OrthrusInputError
+from orthrus_engines.llm import LLM
+from orthrus_engines.outputs import RequestOutput
+from orthrus_engines.sampling_params import SamplingParams
+
+__all__ = ["LLM", "AsyncEngine", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput", "OrthrusInputError"]

@@ -1,0 +1,38 @@
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineArgs:
+    """Engine settings. Everything has a default that runs on the machine at hand."""
+
+    model: str | None = None  # local directory; None = the built-in default
+    head: str | None = None  # an Orthrus head (twin tensors) applied to `model`
+    tokenizer: str | None = None  # defaults to the model directory
+    block_size: int | None = None  # K; None = the model's; 1 = plain AR
+    page_size: int = 16
+    num_pages: int | None = None  # KV cache pages; None = from kv_cache_gb
+    kv_cache_gb: float | None = None  # None: 1 GiB on CPU, 40% of free memory on CUDA
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None = the model's window
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    device: str | None = None  # None: cuda if available, else cpu
+    enable_prefix_cache: bool = True
+
+    def resolve_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype is not None:
+            return getattr(torch, self.dtype)
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def kv_cache_bytes(self, device: torch.device) -> int:
+        if self.kv_cache_gb is not None:
+            return int(self.kv_cache_gb * 2**30)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * 0.4)
+        return 2**30

@@ -1,0 +1,117 @@
+"""The online engine: many concurrent `generate` streams share one continuous batch.
+
+The engine runs in one background thread (torch releases the GIL in its kernels). Callers on any
+asyncio loop submit requests and receive `RequestOutput` deltas; a caller that stops iterating
+(cancelled, closed, or just gone) aborts its request, so nothing it held stays allocated.
+"""
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from orthrus_engines.engine.llm_engine import LLMEngine, Prompt, engine_args_from
+from orthrus_engines.errors import OrthrusInputError
+from orthrus_engines.outputs import RequestOutput
+from orthrus_engines.sampling_params import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, model: str | None = None, block_size: int | None = None, **engine_args):
+        self.engine = LLMEngine(engine_args_from(model, block_size, engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="orthrus-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        params = params or SamplingParams()
+        ids = self.engine.tokenize(prompt)  # raises OrthrusInputError here, in the caller
+        loop, out_q = asyncio.get_running_loop(), asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise OrthrusInputError("request_id", f"{request_id!r} is already running")
+            self._streams[request_id] = (loop, out_q)
+        done = asyncio.get_running_loop().create_future()
+        self._commands.put(("add", request_id, ids, params, done))
+        try:
+            await done  # add_request's own validation (max_tokens vs window, ...) surfaces here
+            while True:
+                item = await out_q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            with self._lock:
+                still_running = self._streams.pop(request_id, None) is not None
+            if still_running:
+                self._commands.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def drain_prefix_events(self) -> list[tuple[str, list[str]]]:
+        return self.engine.drain_prefix_events()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._commands.put(("stop",))
+        self._thread.join(timeout=30)
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+            if target is not None and (isinstance(out, BaseException) or out.finished):
+                del self._streams[request_id]
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _handle(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, ids, params, done = cmd
+            loop = done.get_loop()
+            try:
+                self.engine.add_request(rid, ids, params)
+                loop.call_soon_threadsafe(_resolve, done, None)
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                with self._lock:
+                    self._streams.pop(rid, None)
+                loop.call_soon_threadsafe(_resolve, done, e)
+        elif cmd[0] == "abort":
+            out = self.engine.abort_request(cmd[1])
+            if out is not None:
+                self._deliver(out, cmd[1])
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            try:
+                cmd = self._commands.get(block=not self.engine.has_unfinished())
+                if cmd[0] == "stop":
+                    return
+                self._handle(cmd)
+                continue  # drain all pending commands before the next step
+            except queue.Empty:
+                pass
+            for out in self.engine.step():
+                self._deliver(out, out.request_id)
+
+
+def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)

@@ -1,0 +1,293 @@
+"""The synchronous engine: requests in, one batched Orthrus step at a time, output deltas out."""
+
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from orthrus_engines.config import EngineArgs
+from orthrus_engines.engine.block_manager import BlockManager
+from orthrus_engines.engine.detokenizer import Detokenizer
+from orthrus_engines.engine.model_runner import ModelRunner
+from orthrus_engines.engine.sampler import greedy_accept, probs_from_logits, sample, speculative_accept
+from orthrus_engines.engine.scheduler import DecodeBatch, PrefillBatch, Scheduler
+from orthrus_engines.engine.sequence import Sequence, Status
+from orthrus_engines.errors import OrthrusInputError
+from orthrus_engines.models.loader import model_dir, resolve_model
+from orthrus_engines.outputs import RequestOutput
+from orthrus_engines.prefix_hash import model_fingerprint
+from orthrus_engines.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+Prompt = str | list[int] | dict
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        path = model_dir(args.model)
+        self.tokenizer = load_tokenizer(Path(args.tokenizer).expanduser() if args.tokenizer else path)
+        src = resolve_model(path, args.head, self.tokenizer)
+        self.source = src
+        if args.block_size is not None and (not isinstance(args.block_size, int) or args.block_size < 1):
+            raise OrthrusInputError("block_size", f"must be an integer >= 1, got {args.block_size!r}")
+        self.block_size = args.block_size or src.block_size
+        self.device = args.resolve_device()
+        self.dtype = args.resolve_dtype(self.device)
+        self.vocab_size = src.hf_config.vocab_size
+        window = getattr(src.hf_config, "max_position_embeddings", 4096)
+        self.max_model_len = min(args.max_model_len or window, window)
+        num_pages = args.num_pages or max(
+            1, args.kv_cache_bytes(self.device) // ModelRunner.bytes_per_page(src, self.dtype, args.page_size))
+        self.max_model_len = min(self.max_model_len, num_pages * args.page_size)
+        self.runner = ModelRunner(src, self.device, self.dtype, args.page_size, num_pages, self.max_model_len)
+        embed = self.runner.model.embed_tokens.weight
+        fingerprint = model_fingerprint(
+            src.hf_config.to_dict(),
+            self.tokenizer.get_vocab() if self.tokenizer is not None else None,
+            embed[:4].float().cpu().numpy().tobytes(),
+        )
+        self.blocks = BlockManager(num_pages, args.page_size, fingerprint, args.enable_prefix_cache)
+        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len)
+        self.eos_ids = self._eos_ids()
+        self.seqs: dict[str, Sequence] = {}
+        self.num_generated_tokens = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids = getattr(self.source.hf_config, "eos_token_id", None)
+        out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            out.add(self.tokenizer.eos_token_id)
+        return out
+
+    @property
+    def page_size(self) -> int:
+        return self.blocks.page_size
+
+    @property
+    def fingerprint(self) -> str:
+        return self.blocks.seed
+
+    # -- requests -----------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """A string, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return self._check_ids(prompt["prompt_token_ids"], "prompt_token_ids")
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise OrthrusInputError("prompt", "a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise OrthrusInputError("prompt", "must not be empty")
+            if self.tokenizer is None:
+                raise OrthrusInputError("prompt", "this model has no tokenizer: pass token ids")
+            return self._check_ids(self.tokenizer(prompt)["input_ids"], "prompt")
+        if isinstance(prompt, (list, tuple)):
+            return self._check_ids(prompt, "prompt_token_ids")
+        raise OrthrusInputError("prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _check_ids(self, ids, field: str) -> list[int]:
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise OrthrusInputError(field, "must be a list of integers")
+        if not ids:
+            raise OrthrusInputError(field, "must not be empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise OrthrusInputError(field, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise OrthrusInputError(field, f"{len(ids)} tokens leave no room in the model's window of {self.max_model_len}")
+        return list(ids)
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Sequence:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise OrthrusInputError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        if request_id in self.seqs:
+            raise OrthrusInputError("request_id", f"{request_id!r} is already running")
+        ids = self.tokenize(prompt)
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise OrthrusInputError(
+                "max_tokens", f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the window of {self.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise OrthrusInputError("stop", "stop strings need a tokenizer")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise OrthrusInputError("stop_token_ids", f"token id {bad[0]} is outside the vocabulary")
+        k = 1 if not params.use_diffusion else (params.block_size or self.block_size)
+        detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
+        seq = Sequence(request_id, ids, params, k, detok)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        seq.finish_reason = "abort"
+        return self._delta(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        try:
+            if isinstance(batch, PrefillBatch):
+                self.runner.prefill(batch.seqs, batch.ends)
+                for seq, end in zip(batch.seqs, batch.ends):
+                    seq.num_cached = end
+                    self.blocks.register_full_pages(seq)
+                return []
+            return self._decode(batch)
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("engine step failed")
+            outs = []
+            for seq in batch.seqs:
+                seq.finish_reason, seq.error = "error", f"{type(e).__name__}: {e}"
+                outs.append(self._finish(seq))
+            return outs
+
+    def _decode(self, batch: DecodeBatch) -> list[RequestOutput]:
+        seqs, ks = batch.seqs, batch.ks
+        drafts: list[list[int]] = [[] for _ in seqs]
+        q_probs: list[torch.Tensor | None] = [None] * len(seqs)
+        drafting = [i for i, k in enumerate(ks) if k > 1]
+        if drafting:
+            logits = self.runner.draft([seqs[i] for i in drafting], [ks[i] for i in drafting])
+            argmax = logits.argmax(-1).tolist()
+            row = 0
+            for i in drafting:
+                n, seq = ks[i] - 1, seqs[i]
+                if seq.params.greedy:
+                    drafts[i] = argmax[row : row + n]
+                else:
+                    q = probs_from_logits(logits[row : row + n], seq.params).cpu()
+                    q_probs[i] = q
+                    drafts[i] = [sample(q[j], seq.generator) for j in range(n)]
+                row += n
+        blocks = [[s.token_ids[-1]] + d for s, d in zip(seqs, drafts)]
+        logits = self.runner.verify(seqs, blocks)
+        argmax = logits.argmax(-1).tolist()
+        outs, row = [], 0
+        for i, seq in enumerate(seqs):
+            k = ks[i]
+            if seq.params.greedy:
+                new = greedy_accept(drafts[i], argmax[row : row + k])
+            else:
+                p = probs_from_logits(logits[row : row + k], seq.params).cpu()
+                new = speculative_accept(drafts[i], q_probs[i], p, seq.generator) if k > 1 else [sample(p[0], seq.generator)]
+            row += k
+            seq.num_drafted += k - 1
+            seq.num_accepted += len(new) - 1
+            seq.num_cached += len(new)  # the anchor and the accepted drafts now hold valid KV
+            self._commit(seq, new)
+            if seq.finished:
+                outs.append(self._finish(seq))
+            else:
+                self.blocks.trim(seq)
+                self.blocks.register_full_pages(seq)
+                outs.append(self._delta(seq))
+        return outs
+
+    def _commit(self, seq: Sequence, tokens: list[int]) -> None:
+        """Append tokens one by one, stopping at the first stop condition."""
+        p = seq.params
+        max_stop = max((len(s) for s in p.stop), default=0)
+        stopped_by_string = False
+        for t in tokens:
+            seq.token_ids.append(t)
+            self.num_generated_tokens += 1
+            if seq.detok is not None:
+                before = len(seq.text)
+                seq.text += seq.detok.add(t)
+                hit = _find_stop(seq.text, p.stop, max(0, before - max_stop + 1)) if p.stop else None
+                if hit is not None:
+                    seq.text = seq.text[:hit]
+                    seq.finish_reason, stopped_by_string = "stop", True
+                    break
+            if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
+                seq.finish_reason = "stop"
+                break
+            if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+                seq.finish_reason = "length"
+                break
+        if seq.finish_reason is not None:
+            seq.status = Status.FINISHED
+            if seq.detok is not None and not stopped_by_string:
+                seq.text += seq.detok.flush()
+
+    def _finish(self, seq: Sequence) -> RequestOutput:
+        self.scheduler.remove(seq)
+        self.seqs.pop(seq.request_id, None)
+        return self._delta(seq)
+
+    def _delta(self, seq: Sequence) -> RequestOutput:
+        """New tokens and text since the last delta; text that may still turn out to be the start
+        of a stop string is held back until it cannot."""
+        finished = seq.finish_reason is not None
+        visible = len(seq.text)
+        if not finished and seq.params.stop:
+            visible -= max(len(s) for s in seq.params.stop) - 1
+        visible = max(visible, seq.emitted_text)
+        out = RequestOutput(
+            request_id=seq.request_id,
+            token_ids=seq.output_ids[seq.emitted_tokens :],
+            text=seq.text[seq.emitted_text : visible],
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            error=seq.error,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            num_forward_passes=seq.num_forward_passes,
+            num_drafted_tokens=seq.num_drafted,
+            num_accepted_tokens=seq.num_accepted,
+            num_output_tokens=seq.num_output_tokens,
+        )
+        seq.emitted_tokens, seq.emitted_text = seq.num_output_tokens, visible
+        return out
+
+    # -- introspection (for the serving layer and tests) ----------------------------------------
+    def drain_prefix_events(self) -> list[tuple[str, list[str]]]:
+        return self.blocks.drain_events()
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_free_pages": self.blocks.num_free,
+            "num_pages": self.blocks.num_pages,
+            "kv_usage": 1 - self.blocks.num_free / self.blocks.num_pages,
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def engine_args_from(model: str | None, block_size: int | None, kwargs: dict) -> EngineArgs:
+    names = {f.name for f in fields(EngineArgs)}
+    unknown = set(kwargs) - names
+    if unknown:
+        raise OrthrusInputError(sorted(unknown)[0], f"unknown engine argument; known: {sorted(names)}")
+    return EngineArgs(model=model, block_size=block_size, **kwargs)
+

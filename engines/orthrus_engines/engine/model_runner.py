@@ -1,0 +1,68 @@
+"""Owns the model and the paged KV cache; runs the three kinds of forward pass.
+
+- prefill: AR view, causal, writes KV, no logits;
+- draft:   diffusion view over `[anchor, MASK x (k-1)]`, bidirectional in the block, reads the cached
+           prefix, writes nothing; logits at slots 0..k-2;
+- verify:  AR view over `[anchor, d_1..d_{k-1}]`, causal, writes KV for all k; logits at all k slots.
+"""
+
+import torch
+from orthrus_kernels import build_attention_metadata
+
+from orthrus_engines.engine.sequence import Sequence
+from orthrus_engines.models.loader import ModelSource, build_model
+
+
+class ModelRunner:
+    def __init__(self, src: ModelSource, device: torch.device, dtype: torch.dtype, page_size: int,
+                 num_pages: int, max_model_len: int):
+        self.device, self.dtype, self.page_size = device, dtype, page_size
+        self.mask_token_id = src.mask_token_id
+        self.model = build_model(src, dtype, device, max_model_len)
+        s = self.model.shape
+        attn = self.model.layers[0].self_attn
+        slots = num_pages * page_size
+        self.kv_cache = [
+            (torch.empty(slots, attn.num_kv_heads, s.head_dim, dtype=dtype, device=device),
+             torch.empty(slots, attn.num_kv_heads, s.head_dim, dtype=dtype, device=device))
+            for _ in range(s.num_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_page(src: ModelSource, dtype: torch.dtype, page_size: int, tp_size: int = 1) -> int:
+        s = src.shape
+        return s.num_layers * 2 * page_size * (s.num_kv_heads // tp_size) * s.head_dim * dtype.itemsize
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int], causal: bool,
+                 write_kv: bool, diffusion: bool, logit_rows: list[int] | None) -> torch.Tensor | None:
+        q_lens = [len(t) for t in tokens]
+        ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
+        positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens)])
+        meta = build_attention_metadata(q_lens, starts, [s.block_table for s in seqs], self.page_size,
+                                        causal, write_kv, self.device)
+        hidden = self.model(ids.to(self.device), positions.to(self.device), meta, self.kv_cache, diffusion)
+        for s in seqs:
+            s.num_forward_passes += 1
+        if logit_rows is None:
+            return None
+        return self.model.logits(hidden[torch.tensor(logit_rows, device=self.device)])
+
+    def prefill(self, seqs: list[Sequence], ends: list[int]) -> None:
+        """Cache positions [num_cached, end) of each sequence."""
+        tokens = [s.token_ids[s.num_cached : e] for s, e in zip(seqs, ends)]
+        self._forward(seqs, tokens, [s.num_cached for s in seqs], True, True, False, None)
+
+    def draft(self, seqs: list[Sequence], ks: list[int]) -> torch.Tensor:
+        """[sum(k - 1), V] diffusion logits: row i of a sequence predicts block slot i + 1."""
+        tokens = [[s.token_ids[-1]] + [self.mask_token_id] * (k - 1) for s, k in zip(seqs, ks)]
+        rows, offset = [], 0
+        for k in ks:
+            rows.extend(range(offset, offset + k - 1))
+            offset += k
+        return self._forward(seqs, tokens, [s.num_cached for s in seqs], False, False, True, rows)
+
+    def verify(self, seqs: list[Sequence], blocks: list[list[int]]) -> torch.Tensor:
+        """[sum(k), V] AR logits for `[anchor, drafts...]` of each sequence; writes their KV."""
+        rows = list(range(sum(len(b) for b in blocks)))
+        return self._forward(seqs, blocks, [s.num_cached for s in seqs], True, True, False, rows)

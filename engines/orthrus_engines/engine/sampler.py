@@ -1,0 +1,49 @@
+"""Token choice and draft acceptance (DESIGN.md §1).
+
+Greedy: accept the longest prefix of drafts that equals the AR argmax, then the AR argmax after it.
+Temperature > 0: speculative rejection sampling with p (AR) and q (draft) filtered the same way,
+which leaves the output distribution exactly that of AR sampling.
+"""
+
+import torch
+
+from orthrus_engines.sampling_params import SamplingParams
+
+
+def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[N, V] logits -> [N, V] float32 probabilities after temperature, top-k and top-p."""
+    logits = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def greedy_accept(drafts: list[int], target: list[int]) -> list[int]:
+    """target[i] is the AR argmax at block slot i (len(drafts) + 1 of them)."""
+    a = 0
+    while a < len(drafts) and drafts[a] == target[a]:
+        a += 1
+    return drafts[:a] + [target[a]]
+
+
+def speculative_accept(drafts: list[int], q: torch.Tensor, p: torch.Tensor, generator: torch.Generator) -> list[int]:
+    """q: [k-1, V] draft probabilities the drafts were sampled from; p: [k, V] AR probabilities."""
+    for i, d in enumerate(drafts):
+        ratio = (p[i, d] / q[i, d]).item()
+        if torch.rand((), generator=generator).item() < min(1.0, ratio):
+            continue
+        residual = (p[i] - q[i]).clamp_min(0)
+        total = residual.sum()
+        return drafts[:i] + [sample(residual / total if total > 0 else p[i], generator)]
+    return drafts + [sample(p[len(drafts)], generator)]

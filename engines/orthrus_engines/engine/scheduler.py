@@ -1,0 +1,115 @@
+"""Continuous batching: admission by free pages, chunked prefill, preemption by recompute.
+
+Each step is either a prefill step (chunks of prompts, at most `max_num_batched_tokens` tokens) or
+a decode step (one Orthrus draft + verify for the running sequences). When both kinds of work are
+waiting, steps alternate, so a stream of long prompts cannot stall running requests.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from orthrus_engines.engine.block_manager import BlockManager
+from orthrus_engines.engine.sequence import Sequence, Status
+
+
+@dataclass
+class PrefillBatch:
+    seqs: list[Sequence]
+    ends: list[int]  # cache positions [num_cached, end) this step
+
+
+@dataclass
+class DecodeBatch:
+    seqs: list[Sequence]
+    ks: list[int]  # block length per sequence (1 = plain AR step)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._last_was_prefill = False
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues and return its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_all(seq)
+        seq.status = Status.FINISHED
+
+    def block_length(self, seq: Sequence) -> int:
+        """K for this step: the request's K, no more than it may still emit or the window allows."""
+        remaining = seq.params.max_tokens - seq.num_output_tokens
+        window = self.max_model_len - len(seq.token_ids) + 1
+        return max(1, min(seq.block_size, remaining, window))
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.blocks.match_prefix(seq)
+            need = seq.prefill_target + self.block_length(seq)
+            headroom = self.blocks.pages_for(need) - len(seq.block_table) + len(self.running)  # 1 page/running seq
+            if headroom > self.blocks.num_free or not self.blocks.ensure(seq, seq.prefill_target):
+                if self.running:  # wait for pages; keep the prefix hits
+                    return
+                self.blocks.ensure(seq, seq.prefill_target)  # an empty engine always fits one request
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_all(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> PrefillBatch | DecodeBatch | None:
+        self._admit()
+        prefills = [s for s in self.running if s.in_prefill]
+        decodes = [s for s in self.running if not s.in_prefill]
+        if prefills and (not decodes or not self._last_was_prefill):
+            self._last_was_prefill = True
+            budget, seqs, ends = self.max_num_batched_tokens, [], []
+            for s in prefills:
+                if budget <= 0:
+                    break
+                end = min(s.prefill_target, s.num_cached + budget)
+                budget -= end - s.num_cached
+                seqs.append(s)
+                ends.append(end)
+            return PrefillBatch(seqs, ends)
+        self._last_was_prefill = False
+        if not decodes:
+            return None
+        batch, ks, budget = [], [], self.max_num_batched_tokens
+        for s in sorted(decodes, key=lambda s: s.arrival):
+            if s.status != Status.RUNNING:
+                continue  # preempted below
+            k = self.block_length(s)
+            if batch and k > budget:
+                break
+            while not self.blocks.ensure(s, s.num_cached + k):
+                victim = max((r for r in self.running if r not in batch), key=lambda r: r.arrival)
+                self._preempt(victim)
+                if victim is s:
+                    break
+            if s.status == Status.RUNNING:
+                batch.append(s)
+                ks.append(k)
+                budget -= k
+        return DecodeBatch(batch, ks) if batch else None

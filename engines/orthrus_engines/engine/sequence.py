@@ -1,0 +1,73 @@
+"""A request's decoding state.
+
+Invariant while decoding: the KV cache holds `num_cached` = len(token_ids) - 1 positions; the last
+committed token (the anchor) is not cached yet. Before that, the prompt is prefilled up to
+len(prompt) - 1 positions in chunks.
+"""
+
+import enum
+import itertools
+
+import torch
+
+from orthrus_engines.engine.detokenizer import Detokenizer
+from orthrus_engines.sampling_params import SamplingParams
+
+_arrival = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, block_size: int,
+                 detokenizer: Detokenizer | None):
+        self.request_id = request_id
+        self.params = params
+        self.token_ids: list[int] = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.block_size = block_size  # K for this request (1 = plain AR)
+        self.status = Status.WAITING
+        self.arrival = next(_arrival)
+        # Paged KV state.
+        self.num_cached = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[str] = []  # hashes of the full blocks registered in the prefix cache
+        self.num_cached_prompt_tokens = 0
+        # Counters.
+        self.num_forward_passes = 0
+        self.num_drafted = 0
+        self.num_accepted = 0
+        # Output.
+        self.detok = detokenizer
+        self.text = ""
+        self.emitted_tokens = 0  # output tokens already sent as deltas
+        self.emitted_text = 0
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def prefill_target(self) -> int:
+        """Positions to cache before decoding: everything but the anchor."""
+        return len(self.token_ids) - 1
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_cached < self.prefill_target
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED

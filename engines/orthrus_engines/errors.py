@@ -1,0 +1,6 @@
+class OrthrusInputError(ValueError):
+    """Invalid user input. The message starts with the offending field's name."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field

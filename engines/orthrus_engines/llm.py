@@ -1,0 +1,53 @@
+"""Offline batch inference in the shape users know from vLLM."""
+
+import itertools
+
+from orthrus_engines.engine.llm_engine import LLMEngine, Prompt, engine_args_from
+from orthrus_engines.errors import OrthrusInputError
+from orthrus_engines.outputs import RequestOutput
+from orthrus_engines.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, block_size: int | None = None, **engine_args):
+        self.engine = LLMEngine(engine_args_from(model, block_size, engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise OrthrusInputError("sampling_params", f"{len(sampling_params)} params for {len(prompts)} prompts")
+            params = sampling_params
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        ids = [self.engine.tokenize(p) for p in prompts]  # validate every prompt before running any
+        rids = []
+        for p_ids, sp in zip(ids, params):
+            rid = f"offline-{next(self._ids)}"
+            self.engine.add_request(rid, p_ids, sp)
+            rids.append(rid)
+        results: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for delta in self.engine.step():
+                acc = results.setdefault(delta.request_id, RequestOutput(delta.request_id, [], ""))
+                text, tokens = acc.text + delta.text, acc.token_ids + delta.token_ids
+                acc.__dict__.update(delta.__dict__)
+                acc.text, acc.token_ids = text, tokens
+        return [results[r] for r in rids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None):
+        if self.tokenizer is None or not self.tokenizer.chat_template:
+            raise OrthrusInputError("messages", "this model has no chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            list(self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+            for c in convs
+        ]
+        return self.generate(prompts, sampling_params)

@@ -1,0 +1,143 @@
+"""Building blocks of the dual-view model, written tensor-parallel ready.
+
+Column-parallel linears split their output features across ranks, row-parallel linears split
+their input features and all-reduce the result; with world size 1 (the default) they are plain
+linears. Every parameter carries a `weight_loader(param, full_tensor, shard)` that copies its rank's
+slice out of a full checkpoint tensor.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def tp_rank_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's rows (output features) split across ranks. Fused layers list their parts'
+    full output sizes in `part_sizes`; each part is split separately, so shard `i` of a checkpoint
+    lands in part `i` of every rank."""
+
+    def __init__(self, in_features: int, part_sizes: list[int], bias: bool = False):
+        super().__init__()
+        self.rank, self.world = tp_rank_size()
+        assert all(p % self.world == 0 for p in part_sizes), "output features must divide by TP size"
+        self.local_parts = [p // self.world for p in part_sizes]
+        self.weight = nn.Parameter(torch.empty(sum(self.local_parts), in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(sum(self.local_parts)), requires_grad=False) if bias else None
+        for p in self.parameters():
+            p.weight_loader = self.load_shard
+
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor, shard: int = 0) -> None:
+        size = self.local_parts[shard]
+        start = sum(self.local_parts[:shard])
+        param.data[start : start + size].copy_(full.narrow(0, self.rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's columns (input features) split across ranks; partial sums all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.rank, self.world = tp_rank_size()
+        self.local_in = in_features // self.world
+        self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.weight.weight_loader = self.load_shard
+        if self.bias is not None:
+            self.bias.weight_loader = lambda p, full, shard=0: p.data.copy_(full)
+
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor, shard: int = 0) -> None:
+        param.data.copy_(full.narrow(1, self.rank * self.local_in, self.local_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.world > 1:
+            dist.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split by vocabulary range across ranks; the LM head reuses the same split."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.rank, self.world = tp_rank_size()
+        self.local_vocab = -(-vocab_size // self.world)
+        self.start = self.rank * self.local_vocab
+        self.weight = nn.Parameter(torch.zeros(self.local_vocab, dim), requires_grad=False)
+        self.weight.weight_loader = self.load_shard
+
+    def load_shard(self, param: nn.Parameter, full: torch.Tensor, shard: int = 0) -> None:
+        part = full[self.start : self.start + self.local_vocab]
+        param.data[: part.shape[0]].copy_(part)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.local_vocab)
+        y = F.embedding(local.clamp(0, self.local_vocab - 1), self.weight) * inside.unsqueeze(-1)
+        dist.all_reduce(y)
+        return y
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__(vocab_size, dim)
+        self.vocab_size = vocab_size
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = F.linear(h, self.weight)
+        if self.world > 1:
+            parts = [torch.empty_like(logits) for _ in range(self.world)]
+            dist.all_gather(parts, logits)
+            logits = torch.cat(parts, dim=-1)
+        return logits[..., : self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, computed as HF does (inv_freq from the config's rope type)."""
+
+    def __init__(self, hf_config, max_positions: int):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        hf_rope = LlamaRotaryEmbedding(hf_config)  # resolves rope_type / scaling exactly like HF
+        inv_freq, scaling = hf_rope.inv_freq.float(), hf_rope.attention_scaling
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

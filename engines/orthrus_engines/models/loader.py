@@ -1,0 +1,216 @@
+"""Model sources and weight loading.
+
+Sources: an official Orthrus checkpoint (`model_type: orthrus`, `*_diff` tensors), a plain HF base
+checkpoint (twins copied from the AR view, a mask token chosen), an Orthrus head stored apart from
+its base (only the twin tensors, official names), and the built-in default.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from orthrus_engines.errors import OrthrusInputError
+from orthrus_engines.models.orthrus import ModelShape, OrthrusModel
+
+FAMILIES = {"llama": False, "qwen3": True}  # model_type -> has q/k norms
+DEFAULT_BLOCK_SIZE = 8  # K for a base checkpoint that names none
+
+
+@dataclass
+class ModelSource:
+    path: Path
+    hf_config: object  # transformers config of the base family
+    family: str
+    block_size: int
+    mask_token_id: int
+    has_twins: bool  # the checkpoint carries *_diff tensors
+    head_path: Path | None = None
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape.from_hf(self.hf_config, FAMILIES[self.family])
+
+
+def model_dir(model: str | Path | None) -> Path:
+    """The local directory of a model; None = the built-in default (converted on first use)."""
+    if model is None:
+        from orthrus_engines.models.builtin import builtin_model_dir
+
+        return builtin_model_dir()
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise OrthrusInputError("model", f"{str(model)!r} is not a local model directory with a config.json")
+    return path
+
+
+def resolve_model(path: Path, head: str | Path | None = None, tokenizer=None) -> ModelSource:
+    from transformers import AutoConfig
+
+    raw = json.loads((path / "config.json").read_text())
+    family = raw.get("base_model_type", "qwen3") if raw.get("model_type") == "orthrus" else raw.get("model_type")
+    if family not in FAMILIES:
+        raise OrthrusInputError("model", f"model_type {raw.get('model_type')!r} is not supported (llama, qwen3, orthrus)")
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "base_model_type", "architectures", "auto_map")}
+    hf_config = AutoConfig.for_model(family, **fields)
+    has_twins = _checkpoint_has_twins(path)
+    block_size = int(raw.get("block_size") or DEFAULT_BLOCK_SIZE)
+    mask = raw.get("mask_token_id")
+    if head is not None:
+        head_path = Path(head).expanduser()
+        if not head_path.is_file():
+            raise OrthrusInputError("head", f"{str(head)!r} is not a file")
+        meta = read_head_metadata(head_path)
+        block_size = int(meta.get("block_size", block_size))
+        mask = meta.get("mask_token_id", mask)
+    else:
+        head_path = None
+    if mask is None:
+        mask = choose_mask_token(hf_config.vocab_size, tokenizer)
+    return ModelSource(path, hf_config, family, block_size, int(mask), has_twins, head_path)
+
+
+def choose_mask_token(vocab_size: int, tokenizer) -> int:
+    """An id the model never sees in text: a padded embedding row if there is one, otherwise the
+    highest added special token that is not BOS/EOS/PAD/UNK and not used by the chat template."""
+    if tokenizer is None:
+        return vocab_size - 1
+    if vocab_size > len(tokenizer):
+        return len(tokenizer)
+    reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    template = tokenizer.chat_template or ""
+    added = sorted(tokenizer.added_tokens_decoder.items(), reverse=True)
+    for tid, tok in added:
+        if tid not in reserved and tok.content not in template and tid < vocab_size:
+            return tid
+    return vocab_size - 1
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def _checkpoint_has_twins(path: Path) -> bool:
+    for f in _safetensors_files(path):
+        with safe_open(f, "pt") as st:
+            if any("_diff." in k for k in st.keys()):
+                return True
+    return False
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+def internal_name(hf_name: str) -> tuple[str, int] | None:
+    """Checkpoint tensor name -> (our parameter name, shard index), or None if not ours."""
+    if hf_name in ("model.embed_tokens.weight", "model.norm.weight"):
+        return hf_name.removeprefix("model."), 0
+    if hf_name == "lm_head.weight":
+        return hf_name, 0
+    m = _LAYER.fullmatch(hf_name)
+    if not m:
+        return None
+    i, rest = m.groups()
+    pre = f"layers.{i}."
+    if rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        return pre + rest, 0
+    if rest.startswith("mlp."):
+        part, kind = rest[4:].split(".")
+        if part in ("gate_proj", "up_proj"):
+            return pre + f"mlp.gate_up.{kind}", int(part == "up_proj")
+        if part == "down_proj":
+            return pre + f"mlp.down.{kind}", 0
+        return None
+    if rest.startswith("self_attn."):
+        part, kind = rest[10:].split(".")
+        view = "diff" if part.endswith("_diff") else "ar"
+        base = part.removesuffix("_diff")
+        if base in _QKV:
+            return pre + f"self_attn.{view}.qkv.{kind}", _QKV[base]
+        if base == "o_proj":
+            return pre + f"self_attn.{view}.o.{kind}", 0
+        if base in ("q_norm", "k_norm"):
+            return pre + f"self_attn.{view}.{base}.{kind}", 0
+    return None
+
+
+def load_tensors(model: OrthrusModel, tensors, only_twins: bool = False) -> set[str]:
+    """Copy (name, tensor) pairs into the model; returns the parameter names filled."""
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    for hf_name, tensor in tensors:
+        mapped = internal_name(hf_name)
+        if mapped is None or (only_twins and ".diff." not in mapped[0]):
+            continue
+        name, shard = mapped
+        if name == "lm_head.weight" and model.shape.tie_word_embeddings:
+            continue
+        param = params[name]
+        loader = getattr(param, "weight_loader", None)
+        if loader is None:
+            param.data.copy_(tensor)
+        else:
+            loader(param, tensor.to(param.dtype), shard)
+        filled.add(name)
+    return filled
+
+
+def _iter_checkpoint(path: Path):
+    for f in _safetensors_files(path):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                yield k, st.get_tensor(k)
+
+
+def build_model(src: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int) -> OrthrusModel:
+    with torch.device(device):
+        model = OrthrusModel(src.shape, src.hf_config, max_positions).to(dtype)
+    load_tensors(model, _iter_checkpoint(src.path))
+    if not src.has_twins:
+        model.copy_ar_to_twins()
+    if src.head_path is not None:
+        apply_head(model, src.head_path)
+    return model.eval()
+
+
+def read_head_metadata(path: Path) -> dict:
+    with safe_open(path, "pt") as st:
+        meta = st.metadata() or {}
+    return json.loads(meta.get("orthrus", "{}"))
+
+
+def apply_head(model: OrthrusModel, path: Path) -> None:
+    with safe_open(path, "pt") as st:
+        filled = load_tensors(model, ((k, st.get_tensor(k)) for k in st.keys()), only_twins=True)
+    if not filled:
+        raise OrthrusInputError("head", f"{path} holds no Orthrus twin tensors (*_diff)")
+
+
+def twin_state_dict(model: OrthrusModel) -> dict[str, torch.Tensor]:
+    """The twins under official checkpoint names (world size 1)."""
+    out: dict[str, torch.Tensor] = {}
+    s = model.shape
+    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    for i, layer in enumerate(model.layers):
+        d = layer.self_attn.diff
+        pre = f"model.layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            t = getattr(d.qkv, kind)
+            if t is not None:
+                for part, chunk in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv])):
+                    out[f"{pre}{part}_diff.{kind}"] = chunk
+        out[f"{pre}o_proj_diff.weight"] = d.o.weight
+        if d.q_norm is not None:
+            out[f"{pre}q_norm_diff.weight"] = d.q_norm.weight
+            out[f"{pre}k_norm_diff.weight"] = d.k_norm.weight
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def save_head(model: OrthrusModel, path: str | Path, block_size: int, mask_token_id: int) -> None:
+    meta = {"orthrus": json.dumps({"block_size": block_size, "mask_token_id": mask_token_id})}
+    save_file(twin_state_dict(model), str(path), metadata=meta)

@@ -1,0 +1,36 @@
+"""Prefix identity shared by the engine's prefix cache and the cluster router (DESIGN.md §4).
+
+A full block of `page_size` tokens is named by a hash chain: sha256(previous block's hash, the
+block's token ids), seeded with a fingerprint of the model and tokenizer. The same in every process
+and on every machine. Hashes are 32 hex characters.
+"""
+
+import hashlib
+import json
+import struct
+
+
+def model_fingerprint(config: dict, tokenizer_vocab: dict[str, int] | None, weight_sample: bytes = b"") -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    if tokenizer_vocab is not None:
+        h.update(json.dumps(sorted(tokenizer_vocab.items())).encode())
+    h.update(weight_sample)
+    return h.hexdigest()[:32]
+
+
+def next_block_hash(parent: str, block: list[int] | tuple[int, ...]) -> str:
+    h = hashlib.sha256(parent.encode())
+    h.update(struct.pack(f"<{len(block)}q", *block))
+    return h.hexdigest()[:32]
+
+
+def block_hashes(token_ids: list[int], page_size: int, seed: str, start: int = 0, parent: str | None = None) -> list[str]:
+    """Hashes of the full blocks of `token_ids`, starting at block `start` whose parent hash is
+    `parent` (the seed when start is 0)."""
+    out: list[str] = []
+    h = seed if parent is None else parent
+    for b in range(start, len(token_ids) // page_size):
+        h = next_block_hash(h, token_ids[b * page_size : (b + 1) * page_size])
+        out.append(h)
+    return out

@@ -1,0 +1,106 @@
+"""Paged attention over a KV cache shared by both Orthrus views (torch reference).
+
+A forward pass covers B sequences. Sequence b has `prefix_lens[b]` tokens already in the paged cache
+and `q_lens[b]` new tokens in this pass. Every new query sees the whole cached prefix; among the
+new tokens it sees either the earlier ones (causal: prefill, AR verify) or all of them
+(bidirectional: the diffusion draft block). Whether the new K/V are written to the cache is the
+caller's choice: the AR view writes them, the diffusion view keeps them transient.
+
+Cache layout per layer: `[num_slots, num_kv_heads, head_dim]`, slot = page * page_size + offset.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    q_lens: list[int]
+    max_q: int
+    uniform_q: bool  # every sequence has max_q new tokens (no padding of queries)
+    prefix_slots: torch.Tensor  # [B, max_prefix] cache slots of each cached prefix (padding: 0)
+    write_slots: torch.Tensor | None  # [T] slots that receive the new K/V; None = transient
+    mask: torch.Tensor | None  # [B, 1, max_q, max_prefix + max_q] bool; None = plain causal, no prefix
+    pad_index: torch.Tensor | None  # [T] row of each new token in the padded [B * max_q] layout
+
+
+def build_attention_metadata(
+    q_lens: list[int],
+    prefix_lens: list[int],
+    block_tables: list[list[int]],
+    page_size: int,
+    causal: bool,
+    write_kv: bool,
+    device: torch.device,
+) -> AttentionMetadata:
+    B, max_q, max_p = len(q_lens), max(q_lens), max(prefix_lens)
+    uniform = all(q == max_q for q in q_lens)
+    # Cache slots of every cached prefix position, padded to max_p.
+    prefix_slots = torch.zeros(B, max_p, dtype=torch.long)
+    write: list[int] = []
+    for b, (p, q, table) in enumerate(zip(prefix_lens, q_lens, block_tables)):
+        pos = torch.arange(p + q)
+        pages = torch.tensor(table, dtype=torch.long)[pos // page_size]
+        slots = pages * page_size + pos % page_size
+        prefix_slots[b, :p] = slots[:p]
+        write.extend(slots[p:].tolist())
+    write_slots = torch.tensor(write, dtype=torch.long, device=device) if write_kv else None
+
+    pad_index = None
+    if not uniform:
+        pad_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)]).to(device)
+
+    mask = None
+    if not (B == 1 and max_p == 0 and causal):
+        pl = torch.tensor(prefix_lens).view(B, 1, 1)
+        ql = torch.tensor(q_lens).view(B, 1, 1)
+        i = torch.arange(max_q).view(1, max_q, 1)
+        j = torch.arange(max_q).view(1, 1, max_q)
+        prefix_ok = torch.arange(max_p).view(1, 1, max_p) < pl
+        block_ok = (j < ql) & ((j <= i) if causal else True)
+        mask = torch.cat([prefix_ok.expand(B, max_q, max_p), block_ok.expand(B, max_q, max_q)], dim=2)
+        mask[:, :, max_p] |= True  # padded query rows must see at least one key (their output is dropped)
+        mask = mask.unsqueeze(1).to(device)
+    return AttentionMetadata(list(q_lens), max_q, uniform, prefix_slots.to(device), write_slots, mask, pad_index)
+
+
+def _pad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[T, H, D] flat tokens -> [B, max_q, H, D]."""
+    B = len(meta.q_lens)
+    if meta.uniform_q:
+        return x.view(B, meta.max_q, *x.shape[1:])
+    out = x.new_zeros(B * meta.max_q, *x.shape[1:])
+    out[meta.pad_index] = x
+    return out.view(B, meta.max_q, *x.shape[1:])
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
+    if meta.write_slots is not None:
+        k_cache.index_copy_(0, meta.write_slots, k)
+        v_cache.index_copy_(0, meta.write_slots, v)
+    qp, kp, vp = _pad(q, meta), _pad(k, meta), _pad(v, meta)
+    if meta.prefix_slots.shape[1] > 0:
+        kp = torch.cat([k_cache[meta.prefix_slots], kp], dim=1)
+        vp = torch.cat([v_cache[meta.prefix_slots], vp], dim=1)
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),
+        kp.transpose(1, 2),
+        vp.transpose(1, 2),
+        attn_mask=meta.mask,
+        is_causal=meta.mask is None,
+        scale=scale,
+        enable_gqa=True,
+    ).transpose(1, 2)
+    out = out.reshape(-1, *out.shape[2:])
+    return out if meta.uniform_q else out[meta.pad_index]
