@@ -28,11 +28,15 @@ class LLM:
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
         ids = [self.engine.tokenize(p) for p in prompts]  # validate every prompt before running any
-        rids = []
-        for p_ids, sp in zip(ids, params):
-            rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, p_ids, sp)
-            rids.append(rid)
+        rids: list[str] = []
+        try:
+            for p_ids, sp in zip(ids, params):
+                rids.append(f"offline-{next(self._ids)}")
+                self.engine.add_request(rids[-1], p_ids, sp)
+        except Exception:
+            for rid in rids:  # all or nothing: a bad request leaves no half-added batch behind
+                self.engine.abort_request(rid)
+            raise
         results: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for delta in self.engine.step():

@@ -31,16 +31,15 @@ class AsyncEngine:
         self, request_id: str, prompt: Prompt, params: SamplingParams | None = None
     ) -> AsyncIterator[RequestOutput]:
         params = params or SamplingParams()
-        ids = self.engine.tokenize(prompt)  # raises OrthrusInputError here, in the caller
         loop, out_q = asyncio.get_running_loop(), asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
                 raise OrthrusInputError("request_id", f"{request_id!r} is already running")
             self._streams[request_id] = (loop, out_q)
         done = asyncio.get_running_loop().create_future()
-        self._commands.put(("add", request_id, ids, params, done))
+        self._commands.put(("add", request_id, prompt, params, done))
         try:
-            await done  # add_request's own validation (max_tokens vs window, ...) surfaces here
+            await done  # validation errors (OrthrusInputError) surface here, in the caller
             while True:
                 item = await out_q.get()
                 if isinstance(item, BaseException):
@@ -80,10 +79,10 @@ class AsyncEngine:
 
     def _handle(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, rid, ids, params, done = cmd
+            _, rid, prompt, params, done = cmd
             loop = done.get_loop()
             try:
-                self.engine.add_request(rid, ids, params)
+                self.engine.add_request(rid, prompt, params)  # tokenizes here: one thread owns the tokenizer
                 loop.call_soon_threadsafe(_resolve, done, None)
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 with self._lock:

@@ -1,0 +1,133 @@
+"""Engine benchmark on the built-in model (CPU fp32 by default), everything measured in one run.
+
+  .venv/bin/python bench/bench_engine.py [--tokens 64] [--out docs/bench_engine.json]
+
+1. AR mode of this engine (block_size=1) vs HF transformers `generate`: tokens/s at batch 1 and
+   aggregate tokens/s at 4 and 16 concurrent requests (HF: one padded batch).
+2. Orthrus mode at K = 4, 8, 16, 32: tokens/s and TPF = generated tokens / all forward passes
+   (prefill included), at batch 1 and 16.
+3. Forward time of the AR view as a function of batched tokens (1..512).
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+PROMPTS = [
+    "The history of the Roman empire",
+    "def quicksort(arr):",
+    "Explain how a transformer language model works.",
+    "Once upon a time, in a small village by the sea,",
+    "The three laws of thermodynamics are",
+    "import numpy as np\n\ndef softmax(x):",
+    "Write a short poem about autumn leaves.",
+    "The main differences between TCP and UDP are",
+]
+
+
+def prompts_for(n: int) -> list[str]:
+    return [PROMPTS[i % len(PROMPTS)] + (" " * (i // len(PROMPTS))) for i in range(n)]
+
+
+def bench_hf(model, tok, batch: int, new_tokens: int) -> float:
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(prompts_for(batch), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def bench_engine(llm, batch: int, new_tokens: int, block_size: int | None = None) -> dict:
+    from orthrus_engines import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, block_size=block_size)
+    llm.generate(prompts_for(batch), SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts_for(batch), params)
+    elapsed = time.perf_counter() - start
+    tokens = sum(o.num_output_tokens for o in outs)
+    passes = sum(o.num_forward_passes for o in outs)
+    accepted = sum(o.num_accepted_tokens for o in outs)
+    cycles = tokens - accepted  # every verify cycle commits its accepted drafts plus one token
+    return {
+        "batch": batch,
+        "tok_s": tokens / elapsed,
+        "tpf": tokens / max(1, passes),
+        "accepted_per_cycle": accepted / max(1, cycles),
+    }
+
+
+def bench_forward_time(llm, sizes: list[int], repeats: int = 5) -> dict[int, float]:
+    """Milliseconds of one AR-view forward over T new tokens (one sequence, 64 cached tokens)."""
+    from orthrus_engines import SamplingParams
+
+    engine = llm.engine
+    out = {}
+    for T in sizes:
+        seq = engine.add_request(f"fwd-{T}", list(range(100, 165)), SamplingParams(max_tokens=1))
+        while seq.in_prefill or seq.status.value == "waiting":
+            engine.step()
+        engine.blocks.ensure(seq, seq.num_cached + T)
+        block = [[seq.token_ids[-1]] + [200] * (T - 1)]
+        engine.runner.verify([seq], block)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.runner.verify([seq], block)
+            times.append(time.perf_counter() - start)
+        engine.abort_request(seq.request_id)
+        out[T] = 1000 * sorted(times)[len(times) // 2]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--out", default="docs/bench_engine.json")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orthrus_engines import LLM
+    from orthrus_engines.models.builtin import builtin_model_dir
+
+    path = builtin_model_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM()
+    n = args.tokens
+    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                 "torch": torch.__version__, "new_tokens": n, "ar": [], "orthrus": []}
+    for batch in (1, 4, 16):
+        hf_tps = bench_hf(hf, tok, batch, n)
+        ours = bench_engine(llm, batch, n, block_size=1)
+        res["ar"].append({"batch": batch, "hf_tok_s": hf_tps, "engine_tok_s": ours["tok_s"],
+                          "ratio": ours["tok_s"] / hf_tps})
+        print(f"AR batch {batch:2d}: HF {hf_tps:7.1f} tok/s, engine {ours['tok_s']:7.1f} tok/s "
+              f"({ours['tok_s'] / hf_tps:.2f}x)", flush=True)
+    del hf
+    ar1 = res["ar"][0]["engine_tok_s"]
+    res["ar_scaling_16_over_1"] = res["ar"][2]["engine_tok_s"] / ar1
+    for K in (4, 8, 16, 32):
+        for batch in (1, 16):
+            r = bench_engine(llm, batch, n, block_size=K)
+            r["K"] = K
+            r["vs_ar"] = r["tok_s"] / next(a["engine_tok_s"] for a in res["ar"] if a["batch"] == batch)
+            res["orthrus"].append(r)
+            print(f"Orthrus K={K:2d} batch {batch:2d}: {r['tok_s']:7.1f} tok/s, TPF {r['tpf']:.2f}, "
+                  f"{r['vs_ar']:.2f}x AR", flush=True)
+    res["forward_ms_by_tokens"] = bench_forward_time(llm, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
+    for T, ms in res["forward_ms_by_tokens"].items():
+        print(f"forward {T:3d} tokens: {ms:7.2f} ms", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
