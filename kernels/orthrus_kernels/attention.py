@@ -22,8 +22,9 @@ class AttentionMetadata:
     uniform_q: bool  # every sequence has max_q new tokens (no padding of queries)
     prefix_slots: torch.Tensor  # [B, max_prefix] cache slots of each cached prefix (padding: 0)
     write_slots: torch.Tensor | None  # [T] slots that receive the new K/V; None = transient
-    mask: torch.Tensor | None  # [B, 1, max_q, max_prefix + max_q] bool; None = plain causal, no prefix
+    mask: torch.Tensor | None  # [B, 1, max_q, max_prefix + max_q] bool; None: see is_causal
     pad_index: torch.Tensor | None  # [T] row of each new token in the padded [B * max_q] layout
+    is_causal: bool = False  # no mask: plain top-left causal (True) or everything visible (False)
 
 
 def build_attention_metadata(
@@ -52,8 +53,12 @@ def build_attention_metadata(
     if not uniform:
         pad_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)]).to(device)
 
+    # One sequence needs no mask when every key is visible to every query (one query, or a
+    # bidirectional block) or when plain top-left causal alignment is right (no cached prefix).
+    single_ok = B == 1 and (max_q == 1 or not causal or max_p == 0)
+    is_causal = B == 1 and causal and max_q > 1 and max_p == 0
     mask = None
-    if not (B == 1 and max_p == 0 and causal):
+    if not single_ok:
         pl = torch.tensor(prefix_lens).view(B, 1, 1)
         ql = torch.tensor(q_lens).view(B, 1, 1)
         i = torch.arange(max_q).view(1, max_q, 1)
@@ -63,7 +68,8 @@ def build_attention_metadata(
         mask = torch.cat([prefix_ok.expand(B, max_q, max_p), block_ok.expand(B, max_q, max_q)], dim=2)
         mask[:, :, max_p] |= True  # padded query rows must see at least one key (their output is dropped)
         mask = mask.unsqueeze(1).to(device)
-    return AttentionMetadata(list(q_lens), max_q, uniform, prefix_slots.to(device), write_slots, mask, pad_index)
+    return AttentionMetadata(list(q_lens), max_q, uniform, prefix_slots.to(device), write_slots, mask, pad_index,
+                             is_causal)
 
 
 def _pad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -98,7 +104,7 @@ def paged_attention(
         kp.transpose(1, 2),
         vp.transpose(1, 2),
         attn_mask=meta.mask,
-        is_causal=meta.mask is None,
+        is_causal=meta.is_causal,
         scale=scale,
         enable_gqa=True,
     ).transpose(1, 2)

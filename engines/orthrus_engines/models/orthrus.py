@@ -23,6 +23,7 @@ from orthrus_engines.models.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    apply_rotary,
     tp_rank_size,
 )
 
@@ -74,17 +75,16 @@ class AttentionView(nn.Module):
 
 
 class DualViewAttention(nn.Module):
-    def __init__(self, s: ModelShape, rotary: RotaryEmbedding):
+    def __init__(self, s: ModelShape):
         super().__init__()
         _, world = tp_rank_size()
         self.num_heads, self.num_kv_heads = s.num_heads // world, s.num_kv_heads // world
         self.head_dim = s.head_dim
         self.scale = s.head_dim**-0.5
-        self.rotary = rotary
         self.ar = AttentionView(s)
         self.diff = AttentionView(s)
 
-    def forward(self, x, positions, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor], diffusion: bool):
+    def forward(self, x, rope, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor], diffusion: bool):
         view = self.diff if diffusion else self.ar
         T = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -94,7 +94,7 @@ class DualViewAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if view.q_norm is not None:
             q, k = view.q_norm(q), view.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
         return view.o(out.reshape(T, q_size))
 
@@ -111,15 +111,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, s: ModelShape, rotary: RotaryEmbedding):
+    def __init__(self, s: ModelShape):
         super().__init__()
         self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
-        self.self_attn = DualViewAttention(s, rotary)
+        self.self_attn = DualViewAttention(s)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.mlp = MLP(s)
 
-    def forward(self, x, positions, meta, kv, diffusion: bool):
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta, kv, diffusion)
+    def forward(self, x, rope, meta, kv, diffusion: bool):
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv, diffusion)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -129,7 +129,7 @@ class OrthrusModel(nn.Module):
         self.shape = s
         self.rotary = RotaryEmbedding(hf_config, max_positions)
         self.embed_tokens = VocabParallelEmbedding(s.vocab_size, s.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(s, self.rotary) for _ in range(s.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.lm_head = ParallelLMHead(s.vocab_size, s.hidden_size)
         if s.tie_word_embeddings:
@@ -145,8 +145,9 @@ class OrthrusModel(nn.Module):
     ) -> torch.Tensor:
         """Returns final hidden states [T, hidden] (normed); `logits()` maps chosen rows to vocab."""
         x = self.embed_tokens(ids)
+        rope = self.rotary(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_cache):
-            x = layer(x, positions, meta, kv, diffusion)
+            x = layer(x, rope, meta, kv, diffusion)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
