@@ -6,6 +6,7 @@ asyncio loop submit requests and receive `RequestOutput` deltas; a caller that s
 """
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -14,6 +15,8 @@ from orthrus_engines.engine.llm_engine import LLMEngine, Prompt, engine_args_fro
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
@@ -103,7 +106,12 @@ class AsyncEngine:
                 continue  # drain all pending commands before the next step
             except queue.Empty:
                 pass
-            for out in self.engine.step():
+            try:
+                outs = self.engine.step()
+            except Exception as e:  # a scheduler bug must not leave callers waiting forever
+                log.exception("engine step failed outside a batch")
+                outs = self.engine.fail_all(f"{type(e).__name__}: {e}")
+            for out in outs:
                 self._deliver(out, out.request_id)
 
 

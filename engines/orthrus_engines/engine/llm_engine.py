@@ -198,11 +198,12 @@ class LLMEngine:
             seq.num_accepted += len(new) - 1
             seq.num_cached += len(new)  # the anchor and the accepted drafts now hold valid KV
             self._commit(seq, new)
+            seq.num_cached = min(seq.num_cached, len(seq.token_ids) - 1)  # a stop inside the block
+            self.blocks.register_full_pages(seq)
             if seq.finished:
                 outs.append(self._finish(seq))
             else:
                 self.blocks.trim(seq)
-                self.blocks.register_full_pages(seq)
                 outs.append(self._delta(seq))
         return outs
 
@@ -262,6 +263,14 @@ class LLMEngine:
         )
         seq.emitted_tokens, seq.emitted_text = seq.num_output_tokens, visible
         return out
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """Finish every request with an error (the last resort after an internal failure)."""
+        outs = []
+        for seq in list(self.seqs.values()):
+            seq.finish_reason, seq.error = "error", error
+            outs.append(self._finish(seq))
+        return outs
 
     # -- introspection (for the serving layer and tests) ----------------------------------------
     def drain_prefix_events(self) -> list[tuple[str, list[str]]]:
