@@ -59,14 +59,14 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.blocks.match_prefix(seq)
+            self.blocks.match_prefix(seq)
             need = seq.prefill_target + self.block_length(seq)
             headroom = self.blocks.pages_for(need) - len(seq.block_table) + len(self.running)  # 1 page/running seq
-            if headroom > self.blocks.num_free or not self.blocks.ensure(seq, seq.prefill_target):
-                if self.running:  # wait for pages; keep the prefix hits
-                    return
-                self.blocks.ensure(seq, seq.prefill_target)  # an empty engine always fits one request
+            fits = headroom <= self.blocks.num_free or not self.running  # an empty engine takes anyone
+            if not (fits and self.blocks.ensure(seq, seq.prefill_target)):
+                # Wait without holding pages: the hits keep their hashes and can be matched again.
+                self.blocks.free_all(seq)
+                return
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

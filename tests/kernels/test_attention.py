@@ -1,0 +1,146 @@
+"""orthrus_kernels.paged_attention + build_attention_metadata against a dense per-sequence
+reference, on random tensors, random page tables and random cache contents.
+
+Semantics (DESIGN.md §1 and the op's docstring): sequence b has prefix_lens[b] positions in the
+paged cache and q_lens[b] new tokens; every new query sees the whole cached prefix and, among the
+new tokens, the earlier ones (causal) or all of them (bidirectional). With write_kv the new K/V go
+to the cache slots of positions [prefix, prefix + q); without, the cache is untouched.
+"""
+
+import random
+
+import pytest
+import torch
+from orthrus_kernels import build_attention_metadata, paged_attention
+
+HQ, HKV, D = 4, 2, 16  # grouped-query attention: 2 query heads per KV head
+
+CASES = {
+    # name: (prefix_lens, q_lens)
+    "decode-uniform": ([5, 33, 16, 0], [8, 8, 8, 8]),
+    "mixed-lengths": ([3, 40, 17], [2, 8, 5]),
+    "one-query-each": ([7, 64, 1], [1, 1, 1]),
+    "page-edges": ([16, 15, 32], [1, 2, 17]),
+    "single-prefill-no-prefix": ([0], [13]),
+    "batch-no-prefix": ([0, 0], [5, 9]),
+    "single-with-prefix": ([21], [6]),
+}
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def _page_tables(prefix_lens, q_lens, page_size, num_pages, rng, share_first_page=False):
+    """Random, disjoint page tables (shuffled page order, some spare pages at the end)."""
+    pages = list(range(num_pages))
+    rng.shuffle(pages)
+    tables = []
+    for p, q in zip(prefix_lens, q_lens):
+        n = -(-(p + q) // page_size) + rng.randrange(2)
+        tables.append([pages.pop() for _ in range(n)])
+    if share_first_page:  # a prefix-cache hit: sequence 1 reuses sequence 0's first (full) page
+        assert prefix_lens[0] >= page_size and prefix_lens[1] >= page_size
+        tables[1][0] = tables[0][0]
+    return tables
+
+
+def _dense_reference(q, k, v, k_cache, v_cache, prefix_lens, q_lens, tables, page_size, causal, scale):
+    """Per sequence: gather the prefix position by position, attend with an explicit mask."""
+    outs, start = [], 0
+    for p, n, table in zip(prefix_lens, q_lens, tables):
+        slots = [table[pos // page_size] * page_size + pos % page_size for pos in range(p)]
+        keys = torch.cat([k_cache[slots], k[start : start + n]]).double()
+        vals = torch.cat([v_cache[slots], v[start : start + n]]).double()
+        qs = q[start : start + n].double()
+        allowed = torch.ones(n, p + n, dtype=torch.bool)
+        if causal:
+            allowed[:, p:] = torch.ones(n, n, dtype=torch.bool).tril()
+        rep = qs.shape[1] // keys.shape[1]
+        keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+        scores = torch.einsum("qhd,khd->hqk", qs, keys) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vals))
+        start += n
+    return torch.cat(outs)
+
+
+def _run_case(prefix_lens, q_lens, causal, write_kv, page_size, device, dtype=torch.float32, seed=0,
+              share_first_page=False):
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    num_pages = sum(-(-(p + n) // page_size) + 1 for p, n in zip(prefix_lens, q_lens)) + 8  # some never used
+    tables = _page_tables(prefix_lens, q_lens, page_size, num_pages, rng, share_first_page)
+    T = sum(q_lens)
+    q = torch.randn(T, HQ, D, generator=g)
+    k = torch.randn(T, HKV, D, generator=g)
+    v = torch.randn(T, HKV, D, generator=g)
+    k_cache = torch.randn(num_pages * page_size, HKV, D, generator=g)
+    v_cache = torch.randn(num_pages * page_size, HKV, D, generator=g)
+    scale = D**-0.5
+    q, k, v, k_cache, v_cache = (t.to(dtype) for t in (q, k, v, k_cache, v_cache))
+    want = _dense_reference(q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(),
+                            prefix_lens, q_lens, tables, page_size, causal, scale)
+    kc0, vc0 = k_cache.clone(), v_cache.clone()
+
+    meta = build_attention_metadata(q_lens, prefix_lens, tables, page_size, causal, write_kv, torch.device(device))
+    kc, vc = k_cache.to(device), v_cache.to(device)
+    got = paged_attention(q.to(device), k.to(device), v.to(device), kc, vc, meta, scale)
+    assert got.shape == (T, HQ, D) and got.dtype == dtype
+    return got.cpu(), want, (kc.cpu(), vc.cpu()), (kc0, vc0), (k, v), tables
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page_size", [16, 4])
+@pytest.mark.parametrize("write_kv", [True, False], ids=["write", "transient"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_paged_attention_matches_dense(case, causal, write_kv, page_size, device):
+    """Output equals the dense reference; the cache changes at exactly the new tokens' slots (with
+    the new K/V) when writing, and not at all otherwise."""
+    prefix_lens, q_lens = CASES[case]
+    got, want, (kc, vc), (kc0, vc0), (k, v), tables = _run_case(
+        prefix_lens, q_lens, causal, write_kv, page_size, device)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+    written = [t[pos // page_size] * page_size + pos % page_size
+               for p, n, t in zip(prefix_lens, q_lens, tables) for pos in range(p, p + n)]
+    untouched = torch.ones(kc.shape[0], dtype=torch.bool)
+    if write_kv:
+        untouched[written] = False
+        torch.testing.assert_close(kc[written], k, rtol=0, atol=0)
+        torch.testing.assert_close(vc[written], v, rtol=0, atol=0)
+    assert torch.equal(kc[untouched], kc0[untouched]) and torch.equal(vc[untouched], vc0[untouched])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_shared_prefix_page(causal):
+    """Two sequences reading one shared (prefix-cached) page see the same cached K/V there."""
+    got, want, *_ = _run_case([20, 35], [3, 6], causal, True, 16, "cpu", share_first_page=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_batches(seed):
+    """Random batch sizes, prefix and query lengths, page sizes and masks."""
+    rng = random.Random(100 + seed)
+    B = rng.randint(1, 6)
+    prefix_lens = [rng.choice([0, rng.randint(1, 70)]) for _ in range(B)]
+    q_lens = [rng.randint(1, 33) for _ in range(B)]
+    causal, write_kv, page_size = rng.random() < 0.5, rng.random() < 0.5, rng.choice([1, 8, 16, 32])
+    got, want, *_ = _run_case(prefix_lens, q_lens, causal, write_kv, page_size, "cpu", seed=seed)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_bf16(causal):
+    """The bf16 path (the CUDA default dtype) stays close to the fp32 reference."""
+    got, want, *_ = _run_case([5, 33, 16], [8, 1, 17], causal, True, 16, "cpu", dtype=torch.bfloat16)
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_metadata_write_slots():
+    """The metadata names the slots of the new tokens' positions, or None when transient."""
+    tables = [[3, 1], [0], [2]]
+    m = build_attention_metadata([2, 1, 3], [17, 0, 2], tables, 16, True, True, torch.device("cpu"))
+    assert m.write_slots.tolist() == [1 * 16 + 1, 1 * 16 + 2, 0, 2 * 16 + 2, 2 * 16 + 3, 2 * 16 + 4]
+    m = build_attention_metadata([4, 4], [3, 9], [[5], [6]], 16, False, False, torch.device("cpu"))
+    assert m.write_slots is None
