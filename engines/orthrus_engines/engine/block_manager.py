@@ -6,7 +6,7 @@ A page whose last user leaves goes to the back of the free list but keeps its ha
 be hit; it is evicted (its hash forgotten, a `removed` event) only when the free list reaches it.
 """
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from orthrus_engines.engine.sequence import Sequence
 from orthrus_engines.prefix_hash import block_hashes, next_block_hash
@@ -22,7 +22,8 @@ class BlockManager:
         self.page_hash: list[str | None] = [None] * num_pages
         self.hash_to_page: dict[str, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))  # LRU order
-        self.events: list[tuple[str, list[str]]] = []  # ("stored" | "removed" | "cleared", hashes)
+        # ("stored" | "removed" | "cleared", hashes); a deque so another thread may drain it safely
+        self.events: deque[tuple[str, list[str]]] = deque()
 
     @property
     def num_free(self) -> int:
@@ -65,8 +66,10 @@ class BlockManager:
             self.events.append(("stored", stored))
 
     def drain_events(self) -> list[tuple[str, list[str]]]:
-        events, self.events = self.events, []
-        return events
+        out = []
+        while self.events:
+            out.append(self.events.popleft())
+        return out
 
     def clear_prefix_cache(self) -> None:
         for h, page in list(self.hash_to_page.items()):

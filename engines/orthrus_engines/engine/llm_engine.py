@@ -18,6 +18,7 @@ from orthrus_engines.models.loader import model_dir, resolve_model
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.prefix_hash import model_fingerprint
 from orthrus_engines.sampling_params import SamplingParams
+from orthrus_engines.validation import check_budget, check_token_ids
 
 log = logging.getLogger(__name__)
 Prompt = str | list[int] | dict
@@ -98,16 +99,7 @@ class LLMEngine:
         raise OrthrusInputError("prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def _check_ids(self, ids, field: str) -> list[int]:
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise OrthrusInputError(field, "must be a list of integers")
-        if not ids:
-            raise OrthrusInputError(field, "must not be empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise OrthrusInputError(field, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise OrthrusInputError(field, f"{len(ids)} tokens leave no room in the model's window of {self.max_model_len}")
-        return list(ids)
+        return check_token_ids(ids, field, self.vocab_size, self.max_model_len)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Sequence:
         params = params or SamplingParams()
@@ -117,9 +109,7 @@ class LLMEngine:
         if request_id in self.seqs:
             raise OrthrusInputError("request_id", f"{request_id!r} is already running")
         ids = self.tokenize(prompt)
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise OrthrusInputError(
-                "max_tokens", f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the window of {self.max_model_len}")
+        check_budget(len(ids), params.max_tokens, self.max_model_len)
         if params.stop and self.tokenizer is None:
             raise OrthrusInputError("stop", "stop strings need a tokenizer")
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
