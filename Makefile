@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench clean protos
 
 $(STAMP): pyproject.toml engines/pyproject.toml kernels/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info */*.egg-info
+
+protos: setup  # regenerate the committed gRPC stubs after editing protos/orthrus/v1/orthrus.proto
+	$(PY) -m grpc_tools.protoc -Iorthrus_serve/api=protos/orthrus/v1 --python_out=. --pyi_out=. \
+		--grpc_python_out=. protos/orthrus/v1/orthrus.proto

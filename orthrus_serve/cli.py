@@ -1,10 +1,82 @@
-"""`orthrus-serve`: the serving command line. Until the serving layer lands it only offers the
-engine's `generate`."""
+"""`orthrus-serve`: `up` serves the application; `generate` is a gRPC client."""
 
+import argparse
+import json
+import os
 import sys
+import time
+
+
+def _up(args) -> int:
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions, HTTPOptions
+
+    from orthrus_serve.app import GRPC_SERVICER, build_app
+    from orthrus_serve.config import ServeConfig
+
+    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    overrides = {k: v for k, v in (("model", args.model), ("http_port", args.http_port),
+                                   ("grpc_port", args.grpc_port)) if v is not None}
+    cfg = cfg.model_copy(update=overrides)
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.http_port),
+                grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+    serve.run(build_app(cfg.model_dump()), name=cfg.app_name, route_prefix="/")
+    print(f"""
+orthrus-serve is up: {cfg.served_model_name}
+  HTTP (OpenAI): curl http://{cfg.host}:{cfg.http_port}/v1/completions -H 'Content-Type: application/json' \\
+                   -d '{{"prompt": "The capital of France is", "max_tokens": 16}}'
+  gRPC:          orthrus-serve generate "The capital of France is" --address {cfg.host}:{cfg.grpc_port}
+Ctrl-C stops it.""", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def _generate(args) -> int:
+    from orthrus_serve.client import OrthrusClient
+
+    with OrthrusClient(args.address, application=args.application) as client:
+        if args.stream:
+            for delta in client.generate_stream(args.prompt, max_tokens=args.max_tokens,
+                                                temperature=args.temperature):
+                print(delta.text, end="", flush=True)
+            print()
+        else:
+            r = client.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature)
+            if args.json:
+                print(json.dumps({"text": r.text, "token_ids": list(r.token_ids), "finish_reason": r.finish_reason,
+                                  "prompt_tokens": r.prompt_tokens, "cached_prompt_tokens": r.cached_prompt_tokens,
+                                  "completion_tokens": r.completion_tokens, "forward_passes": r.forward_passes,
+                                  "drafted_tokens": r.drafted_tokens, "accepted_tokens": r.accepted_tokens}))
+            else:
+                print(r.text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orthrus_engines.cli import main as engine_main
+    p = argparse.ArgumentParser(prog="orthrus-serve")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="serve on a local Ray cluster (or RAY_ADDRESS)")
+    up.add_argument("--config", help="a ServeConfig YAML file")
+    up.add_argument("--model")
+    up.add_argument("--http-port", type=int)
+    up.add_argument("--grpc-port", type=int)
+    gen = sub.add_parser("generate", help="call a running server over gRPC")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default="127.0.0.1:9000")
+    gen.add_argument("--application", default="orthrus")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--stream", action="store_true")
+    gen.add_argument("--json", action="store_true")
+    args = p.parse_args(argv if argv is not None else sys.argv[1:])
+    return _up(args) if args.command == "up" else _generate(args)
 
-    return engine_main(argv if argv is not None else sys.argv[1:])
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The application builder: usable from `orthrus-serve up` and as a Serve `import_path`
+(`orthrus_serve.app:build_app`, the ServeConfig dict as `args`)."""
+
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from orthrus_serve.config import ServeConfig
+from orthrus_serve.engine_server import EngineServer
+from orthrus_serve.ingress import Ingress
+
+GRPC_SERVICER = "orthrus_serve.api.orthrus_pb2_grpc.add_OrthrusServicer_to_server"
+
+
+def engine_options(cfg: ServeConfig) -> dict:
+    opts: dict = {
+        "ray_actor_options": {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "health_check_period_s": 2.0,
+        "graceful_shutdown_timeout_s": 10.0,
+    }
+    if cfg.router.kind == "prefix":
+        opts["request_router_config"] = RequestRouterConfig(
+            request_router_class="orthrus_serve.router:PrefixAwareRouter",
+            request_router_kwargs={
+                "redis_url": cfg.index.redis_url, "namespace": cfg.index_namespace,
+                "imbalance_threshold": cfg.router.imbalance_threshold,
+                "min_match_blocks": cfg.router.min_match_blocks,
+                "heartbeat_timeout_s": cfg.index.heartbeat_timeout_s,
+            },
+            request_routing_stats_period_s=1.0,
+        )
+    a = cfg.autoscaling
+    if a is None:
+        opts["num_replicas"] = cfg.num_replicas
+    else:
+        opts["autoscaling_config"] = {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+            "initial_replicas": max(a.min_replicas, 1), "metrics_interval_s": a.metrics_interval_s,
+            "look_back_period_s": max(2 * a.metrics_interval_s, 2.0),
+            "policy": {"policy_function": "orthrus_serve.autoscaling:throughput_policy",
+                       "policy_kwargs": {"target_tokens_per_s": a.target_tokens_per_s_per_replica,
+                                         "upscale_delay_s": a.upscale_delay_s,
+                                         "downscale_delay_s": a.downscale_delay_s}},
+        }
+    return opts
+
+
+def build_app(args: dict | None = None) -> Application:
+    cfg = ServeConfig.model_validate(args or {})
+    engine = EngineServer.options(**engine_options(cfg)).bind(cfg.model_dump())
+    return Ingress.bind(engine, cfg.served_model_name)

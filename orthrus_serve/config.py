@@ -1,0 +1,65 @@
+"""One pydantic config for the whole application, loadable from YAML; the same dict is the app
+builder's args in a Serve config / KubeRay serveConfigV2."""
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingSettings(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_tokens_per_s_per_replica: float = Field(100.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    metrics_interval_s: float = Field(1.0, gt=0)
+
+
+class RouterSettings(_Strict):
+    kind: Literal["prefix", "pow2"] = "prefix"
+    imbalance_threshold: int = Field(8, ge=0)  # ongoing-request gap beyond which load wins over cache
+    min_match_blocks: int = Field(1, ge=1)
+
+
+class IndexSettings(_Strict):
+    redis_url: str | None = None  # None: the in-process index (single node)
+    heartbeat_s: float = Field(1.0, gt=0)
+    heartbeat_timeout_s: float = Field(5.0, gt=0)
+
+
+class ServeConfig(_Strict):
+    app_name: str = "orthrus"
+    model: str | None = None  # local directory; None = the built-in model
+    head: str | None = None
+    engine: dict[str, Any] = Field(default_factory=dict)  # orthrus_engines.EngineArgs fields
+    num_replicas: int = Field(1, ge=1)  # used when autoscaling is off
+    autoscaling: AutoscalingSettings | None = None
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    replica_num_cpus: float = Field(1.0, ge=0)
+    replica_num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 9000
+
+    @property
+    def served_model_name(self) -> str:
+        from pathlib import PurePath
+
+        return PurePath(self.model).name if self.model else "SmolLM2-135M-Instruct"
+
+    @property
+    def index_namespace(self) -> str:
+        """Redis keys are per application and model (block hashes are also seeded by the model)."""
+        return f"{self.app_name}:{self.served_model_name}"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ServeConfig":
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})

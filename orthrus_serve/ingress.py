@@ -1,0 +1,139 @@
+"""The ingress deployment: gRPC (`orthrus.v1.Orthrus`) through Ray Serve's gRPC proxy and
+OpenAI-compatible HTTP through its HTTP proxy. It prepares each request once (tokens, block
+hashes), streams from an engine replica chosen by the prefix-aware router, and maps errors:
+bad input -> INVALID_ARGUMENT / 400, a lost replica -> UNAVAILABLE / 503."""
+
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from orthrus_engines import OrthrusInputError
+from orthrus_engines.engine.llm_engine import load_tokenizer
+from orthrus_serve import grpc_api
+from orthrus_serve.api import orthrus_pb2 as pb
+from orthrus_serve import openai_api as oai
+from orthrus_serve.request_prep import SAMPLING_FIELDS, PreparedRequest, RequestPreparer
+
+REPLICA_LOST = grpc_api.REPLICA_LOST
+
+app = FastAPI(title="orthrus-serve")
+
+
+@serve.deployment(name="OrthrusIngress", max_ongoing_requests=1024)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, engine: DeploymentHandle, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.info: dict | None = None
+        self.preparer: RequestPreparer | None = None
+
+    async def ready(self) -> RequestPreparer:
+        """Model facts come from an engine replica the first time they are needed."""
+        if self.preparer is None:
+            self.info = await self.engine.model_info.remote()
+            from pathlib import Path
+
+            self.preparer = RequestPreparer(load_tokenizer(Path(self.info["model"])), self.info)
+        return self.preparer
+
+    def stream(self, req: PreparedRequest):
+        return self.engine.options(stream=True).generate.remote(
+            req.request_id, req.token_ids, req.params, block_hashes=req.block_hashes)
+
+    # -- HTTP (OpenAI) ----------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "orthrus-serve"}]}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._http(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._http(request, chat=True)
+
+    async def _http(self, request: Request, chat: bool):
+        try:
+            prep = await self.ready()
+            body = oai.parse_body(await request.body())
+            if chat:
+                ids, field = prep.chat_ids(body.get("messages")), "messages"
+            else:
+                prompt = oai.completion_prompt(body)
+                ids, field = (prep.tokenize_text(prompt), "prompt") if isinstance(prompt, str) else (prompt, "prompt")
+            req = prep.prepare(ids, oai.sampling_params(body), None, field)
+        except OrthrusInputError as e:
+            return JSONResponse(oai.error_body(str(e), e.field), status_code=400)
+        rid = oai.new_id("chatcmpl" if chat else "cmpl")
+        if body.get("stream"):
+            return StreamingResponse(self._sse(req, rid, chat), media_type="text/event-stream")
+        try:
+            text, last = "", None
+            async for delta in self.stream(req):
+                text, last = text + delta["text"], delta
+        except REPLICA_LOST:
+            return JSONResponse(oai.error_body("the engine replica was lost; retry", None, "unavailable"),
+                                status_code=503)
+        make = oai.chat_response if chat else oai.completion_response
+        return make(rid, self.model_name, text, last)
+
+    async def _sse(self, req: PreparedRequest, rid: str, chat: bool) -> AsyncIterator[str]:
+        if chat:
+            yield oai.sse(oai.chat_chunk(rid, self.model_name, None))
+        try:
+            async for delta in self.stream(req):
+                make = oai.chat_chunk if chat else oai.completion_chunk
+                yield oai.sse(make(rid, self.model_name, delta))
+        except REPLICA_LOST:
+            yield oai.sse(oai.error_body("the engine replica was lost; retry", None, "unavailable"))
+        yield oai.sse("[DONE]")
+
+    # -- gRPC -------------------------------------------------------------------------------
+    async def _prepare_grpc(self, request: pb.GenerateRequest) -> PreparedRequest:
+        prep = await self.ready()
+        if request.prompt and request.prompt_token_ids:
+            raise OrthrusInputError("prompt", "give prompt or prompt_token_ids, not both")
+        if request.prompt_token_ids:
+            ids, field = list(request.prompt_token_ids), "prompt_token_ids"
+        else:
+            ids, field = prep.tokenize_text(request.prompt), "prompt"
+        params = {f: getattr(request, f) for f in SAMPLING_FIELDS
+                  if not request.DESCRIPTOR.fields_by_name[f].has_presence or request.HasField(f)}
+        params["stop"], params["stop_token_ids"] = list(request.stop), list(request.stop_token_ids)
+        return prep.prepare(ids, params, request.request_id or None, field)
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        try:
+            req = await self._prepare_grpc(request)
+            final = pb.GenerateResponse(request_id=req.request_id)
+            async for delta in self.stream(req):
+                final.text += delta["text"]
+                final.token_ids.extend(delta["token_ids"])
+                grpc_api.copy_counters(final, delta)
+            return final
+        except Exception as e:  # noqa: BLE001 - mapped to a status code
+            grpc_api.set_error(grpc_context, e)
+            return pb.GenerateResponse()
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            req = await self._prepare_grpc(request)
+            async for delta in self.stream(req):
+                msg = pb.GenerateResponse(request_id=req.request_id, text=delta["text"], token_ids=delta["token_ids"])
+                grpc_api.copy_counters(msg, delta)
+                yield msg
+        except Exception as e:  # noqa: BLE001
+            grpc_api.set_error(grpc_context, e)
+            raise
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
+        await self.ready()
+        i = self.info
+        return pb.ModelInfoResponse(model=self.model_name, block_size=i["block_size"], max_model_len=i["max_model_len"],
+                                    page_size=i["page_size"], vocab_size=i["vocab_size"],
+                                    prefix_fingerprint=i["prefix_fingerprint"])

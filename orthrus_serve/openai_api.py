@@ -1,0 +1,101 @@
+"""OpenAI-compatible request parsing and response shapes (completions, chat, models)."""
+
+import json
+import time
+import uuid
+
+from orthrus_engines import OrthrusInputError
+
+# OpenAI field -> our SamplingParams field; unknown OpenAI fields are ignored as OpenAI servers do,
+# except those that change results in a way we cannot honour.
+_PARAM_MAP = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
+              "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop",
+              "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "block_size": "block_size",
+              "use_diffusion": "use_diffusion"}
+_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None}
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OrthrusInputError("body", f"not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise OrthrusInputError("body", "must be a JSON object")
+    return body
+
+
+def sampling_params(body: dict) -> dict:
+    for field, default in _UNSUPPORTED.items():
+        if body.get(field, default) not in (default, None, False) and not (field == "n" and body.get(field) == 1):
+            raise OrthrusInputError(field, f"only {default!r} is supported")
+    params = {ours: body[theirs] for theirs, ours in _PARAM_MAP.items() if body.get(theirs) is not None}
+    if isinstance(params.get("stop"), str):
+        params["stop"] = [params["stop"]]
+    return params
+
+
+def completion_prompt(body: dict):
+    """A string or a list of token ids (one prompt per request)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+        return prompt
+    raise OrthrusInputError("prompt", "must be a string or a list of token ids")
+
+
+def _usage(d: dict) -> dict:
+    return {"prompt_tokens": d["num_prompt_tokens"], "completion_tokens": d["num_output_tokens"],
+            "total_tokens": d["num_prompt_tokens"] + d["num_output_tokens"],
+            "prompt_tokens_details": {"cached_tokens": d["num_cached_prompt_tokens"]},
+            "orthrus": {"forward_passes": d["num_forward_passes"], "drafted_tokens": d["num_drafted_tokens"],
+                        "accepted_tokens": d["num_accepted_tokens"]}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def completion_response(rid: str, model: str, text: str, last: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": last["finish_reason"], "logprobs": None}],
+            "usage": _usage(last)}
+
+
+def completion_chunk(rid: str, model: str, delta: dict) -> dict:
+    chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+             "choices": [{"index": 0, "text": delta["text"], "finish_reason": delta["finish_reason"],
+                          "logprobs": None}]}
+    if delta["finished"]:
+        chunk["usage"] = _usage(delta)
+    return chunk
+
+
+def chat_response(rid: str, model: str, text: str, last: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": last["finish_reason"], "logprobs": None}],
+            "usage": _usage(last)}
+
+
+def chat_chunk(rid: str, model: str, delta: dict | None) -> dict:
+    """delta None: the opening chunk that names the role."""
+    if delta is None:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    else:
+        choice = {"index": 0, "delta": {"content": delta["text"]} if delta["text"] else {},
+                  "finish_reason": delta["finish_reason"]}
+    chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+             "choices": [choice]}
+    if delta is not None and delta["finished"]:
+        chunk["usage"] = _usage(delta)
+    return chunk
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def error_body(message: str, field: str | None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": field, "code": None}}
