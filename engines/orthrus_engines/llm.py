@@ -19,8 +19,8 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt; tokenize() names what is wrong with a bad one
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompts):
                 raise OrthrusInputError("sampling_params", f"{len(sampling_params)} params for {len(prompts)} prompts")

@@ -50,4 +50,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures this small are greedy (dividing logits by them overflows float32)."""
+        return self.temperature < 1e-5
