@@ -44,11 +44,10 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for diffusion in (False, True):
-            torch.save(_forward(Path(model_dir), diffusion), f"{out_dir}/rank{rank}_{diffusion}.pt")
-    finally:
-        dist.destroy_process_group()
+    for diffusion in (False, True):
+        torch.save(_forward(Path(model_dir), diffusion), f"{out_dir}/rank{rank}_{diffusion}.pt")
+    dist.barrier()  # both ranks done before gloo tears down (its threads can abort a racing exit)
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -61,7 +60,16 @@ def _free_port() -> int:
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_two_ranks_match_one(tmp_path, family):
     model_dir = write_orthrus(tmp_path / "m", family, vocab_size=96)
-    mp.spawn(_worker, args=(2, _free_port(), str(model_dir), str(tmp_path)), nprocs=2, join=True)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(model_dir), str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    # Judge by the results each rank wrote; exit codes only explain a missing one.
+    missing = [f.name for f in (tmp_path / f"rank{r}_{d}.pt" for r in range(2) for d in (False, True)) if not f.exists()]
+    assert not missing, f"ranks did not finish: {missing}, exit codes {[p.exitcode for p in procs]}"
     for diffusion in (False, True):
         single = _forward(model_dir, diffusion)
         for rank in range(2):

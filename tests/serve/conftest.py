@@ -1,0 +1,85 @@
+"""Fixtures for the serving end-to-end tests (DESIGN.md §5).
+
+One local Ray cluster with Serve (gRPC and HTTP proxies on free loopback ports) for the whole
+session; applications are deployed per module with `serve_cluster.deploy(name, **config)` under
+their own route prefix and deleted afterwards. Replicas run a tiny random Orthrus checkpoint that
+carries the built-in model's tokenizer, so text prompts and chat work and every call is fast.
+"""
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from redis_server import RedisServer, free_port
+from serve_helpers import ServeCluster
+
+HERE = Path(__file__).parent
+VOCAB = 49152  # the built-in (SmolLM2) tokenizer's vocabulary
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def _tiny_models():
+    spec = importlib.util.spec_from_file_location("serve_tiny_models", HERE.parent / "engines" / "tiny_models.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, builtin_dir) -> Path:
+    """A tiny random Orthrus (Llama) checkpoint with the built-in model's tokenizer files."""
+    path = tmp_path_factory.mktemp("serve") / "tiny-orthrus"
+    path.mkdir()
+    _tiny_models().write_orthrus(path, "llama", seed=7, twin_noise=0.05, vocab_size=VOCAB)
+    for name in TOKENIZER_FILES:
+        if (Path(builtin_dir) / name).exists():
+            shutil.copy(Path(builtin_dir) / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(tiny_model_dir):
+    """A local Ray cluster with Serve's HTTP and gRPC proxies, shared by all serving tests."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from orthrus_serve.app import GRPC_SERVICER
+
+    # Logical CPUs: several applications' replicas (1 CPU each) fit at once; the host has fewer cores.
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=bool(os.environ.get("ORTHRUS_TEST_RAY_LOGS")))
+    try:
+        http_port, grpc_port = free_port(), free_port()
+        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+        yield ServeCluster(http_port, grpc_port, tiny_model_dir)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference_llm(tiny_model_dir):
+    """The engine alone, on the same model and engine arguments as the deployed replicas."""
+    from orthrus_engines import LLM
+
+    return LLM(str(tiny_model_dir), num_pages=64, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def redis_srv():
+    """A real redis-server on a free port; tests may stop() and start() it again."""
+    try:
+        server = RedisServer()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    server.start()
+    yield server
+    server.close()
+
+

@@ -1,0 +1,154 @@
+"""Helpers for the serving end-to-end tests: deployed applications, waiting, background load."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ENGINE = "OrthrusEngine"
+
+
+class Deployed:
+    """One deployed application: its addresses and helpers to reach its engine replicas."""
+
+    def __init__(self, cluster: "ServeCluster", name: str, config: dict):
+        self.cluster, self.name, self.config = cluster, name, config
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.cluster.grpc_port}"
+
+    @property
+    def http_base(self) -> str:
+        return f"http://127.0.0.1:{self.cluster.http_port}/{self.name}"
+
+    def client(self, timeout_s: float | None = 60.0):
+        from orthrus_serve.client import OrthrusClient
+
+        return OrthrusClient(self.grpc_address, application=self.name, timeout_s=timeout_s)
+
+    def engine_handle(self):
+        from ray import serve
+
+        return serve.get_deployment_handle(ENGINE, self.name)
+
+    def engine_stats(self) -> dict:
+        """Stats of one engine replica (the router picks which: use with one replica)."""
+        return self.engine_handle().stats.remote().result(timeout_s=30)
+
+    def replica_ids(self) -> set[str]:
+        """Unique ids of the live engine replica actors."""
+        import ray
+
+        prefix = f"SERVE_REPLICA::{self.name}#{ENGINE}#"
+        return {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(prefix)}
+
+    def stats_by_replica(self, expected: int, timeout_s: float = 30.0) -> dict[str, dict]:
+        """Stats from every engine replica: calls until `expected` distinct replicas answered."""
+        handle, seen = self.engine_handle(), {}
+        deadline = time.monotonic() + timeout_s
+        while len(seen) < expected:
+            assert time.monotonic() < deadline, f"only replicas {sorted(seen)} answered"
+            s = handle.stats.remote().result(timeout_s=30)
+            seen[s["replica_id"]] = s
+        return seen
+
+    def kill_replica(self, unique_id: str) -> None:
+        import ray
+
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{self.name}#{ENGINE}#{unique_id}", namespace="serve"),
+                 no_restart=True)
+
+    def engine_status(self):
+        from ray import serve
+
+        return serve.status().applications[self.name].deployments[ENGINE]
+
+    def running_replicas(self) -> int:
+        return self.engine_status().replica_states.get("RUNNING", 0)
+
+    def wait_healthy(self, replicas: int, timeout_s: float = 90.0) -> None:
+        wait_for(lambda: self.engine_status().status == "HEALTHY" and self.running_replicas() == replicas
+                 and len(self.replica_ids()) == replicas, timeout_s, f"{replicas} healthy replicas of {self.name}")
+
+    def wait_idle(self, timeout_s: float = 20.0) -> dict:
+        """One replica: poll until nothing runs or waits and every KV page is free."""
+        last = {}
+
+        def idle():
+            nonlocal last
+            last = self.engine_stats()
+            return last["num_running"] == 0 and last["num_waiting"] == 0 and last["num_free_pages"] == last["num_pages"]
+
+        wait_for(idle, timeout_s, lambda: f"an idle engine (last stats {last})")
+        return last
+
+
+class ServeCluster:
+    def __init__(self, http_port: int, grpc_port: int, model_dir: Path):
+        self.http_port, self.grpc_port, self.model_dir = http_port, grpc_port, model_dir
+
+    def config(self, name: str, **over) -> dict:
+        cfg = {"app_name": name, "model": str(self.model_dir), "engine": {"num_pages": 64, "max_model_len": 256}}
+        cfg.update(over)
+        return cfg
+
+    def deploy(self, name: str, **over) -> Deployed:
+        from ray import serve
+
+        from orthrus_serve.app import build_app
+
+        cfg = self.config(name, **over)
+        serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+        return Deployed(self, name, cfg)
+
+    def delete(self, name: str) -> None:
+        from ray import serve
+
+        serve.delete(name)
+
+
+def wait_for(cond, timeout_s: float, what, interval_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if cond():
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
+        time.sleep(interval_s)
+
+
+class Load:
+    """Background gRPC load: `threads` callers send requests until stopped; records outcomes."""
+
+    def __init__(self, app: Deployed, threads: int, **params):
+        self.app, self.params = app, params
+        self.stop_event = threading.Event()
+        self.ok = 0
+        self.errors: list = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        import grpc
+
+        with self.app.client() as c:
+            n = 0
+            while not self.stop_event.is_set():
+                try:
+                    c.generate(f"load {i} {n}: once upon a time", **self.params)
+                    self.ok += 1
+                except grpc.RpcError as e:
+                    self.errors.append((e.code(), e.details()))
+                n += 1
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=60)
