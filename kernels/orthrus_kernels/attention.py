@@ -20,9 +20,11 @@ class AttentionMetadata:
     q_lens: list[int]
     max_q: int
     uniform_q: bool  # every sequence has max_q new tokens (no padding of queries)
-    prefix_slots: torch.Tensor  # [B, max_prefix] cache slots of each cached prefix (padding: 0)
+    # Keys per sequence, padded. Written pass: slots of positions [0, prefix + q) (the new K/V are
+    # in the cache by then). Transient pass: slots of the cached prefix only; the new K/V follow.
+    key_slots: torch.Tensor  # [B, max_keys] (padding: slot 0, masked out)
     write_slots: torch.Tensor | None  # [T] slots that receive the new K/V; None = transient
-    mask: torch.Tensor | None  # [B, 1, max_q, max_prefix + max_q] bool; None: see is_causal
+    mask: torch.Tensor | None  # [B, 1, max_q, keys] bool; None: see is_causal
     pad_index: torch.Tensor | None  # [T] row of each new token in the padded [B * max_q] layout
     is_causal: bool = False  # no mask: plain top-left causal (True) or everything visible (False)
 
@@ -38,14 +40,15 @@ def build_attention_metadata(
 ) -> AttentionMetadata:
     B, max_q, max_p = len(q_lens), max(q_lens), max(prefix_lens)
     uniform = all(q == max_q for q in q_lens)
-    # Cache slots of every cached prefix position, padded to max_p.
-    prefix_slots = torch.zeros(B, max_p, dtype=torch.long)
+    totals = [p + q for p, q in zip(prefix_lens, q_lens)]
+    max_keys = max(totals) if write_kv else max_p
+    key_slots = torch.zeros(B, max_keys, dtype=torch.long)
     write: list[int] = []
     for b, (p, q, table) in enumerate(zip(prefix_lens, q_lens, block_tables)):
         pos = torch.arange(p + q)
-        pages = torch.tensor(table, dtype=torch.long)[pos // page_size]
-        slots = pages * page_size + pos % page_size
-        prefix_slots[b, :p] = slots[:p]
+        slots = torch.tensor(table, dtype=torch.long)[pos // page_size] * page_size + pos % page_size
+        n = p + q if write_kv else p
+        key_slots[b, :n] = slots[:n]
         write.extend(slots[p:].tolist())
     write_slots = torch.tensor(write, dtype=torch.long, device=device) if write_kv else None
 
@@ -62,13 +65,18 @@ def build_attention_metadata(
         pl = torch.tensor(prefix_lens).view(B, 1, 1)
         ql = torch.tensor(q_lens).view(B, 1, 1)
         i = torch.arange(max_q).view(1, max_q, 1)
-        j = torch.arange(max_q).view(1, 1, max_q)
-        prefix_ok = torch.arange(max_p).view(1, 1, max_p) < pl
-        block_ok = (j < ql) & ((j <= i) if causal else True)
-        mask = torch.cat([prefix_ok.expand(B, max_q, max_p), block_ok.expand(B, max_q, max_q)], dim=2)
-        mask[:, :, max_p] |= True  # padded query rows must see at least one key (their output is dropped)
+        if write_kv:  # keys are positions 0..p+q-1 of each sequence
+            j = torch.arange(max_keys).view(1, 1, max_keys)
+            mask = (j < pl + ql) & ((j <= pl + i) if causal else True)
+        else:  # keys are [prefix (padded to max_p) | the new block (padded to max_q)]
+            j = torch.arange(max_q).view(1, 1, max_q)
+            prefix_ok = torch.arange(max_p).view(1, 1, max_p) < pl
+            block_ok = (j < ql) & ((j <= i) if causal else True)
+            mask = torch.cat([prefix_ok.expand(B, max_q, max_p), block_ok.expand(B, max_q, max_q)], dim=2)
+        mask = mask.expand(B, max_q, mask.shape[-1]).clone()
+        mask[:, :, 0 if write_kv else max_p] = True  # padded query rows need one visible key (dropped later)
         mask = mask.unsqueeze(1).to(device)
-    return AttentionMetadata(list(q_lens), max_q, uniform, prefix_slots.to(device), write_slots, mask, pad_index,
+    return AttentionMetadata(list(q_lens), max_q, uniform, key_slots.to(device), write_slots, mask, pad_index,
                              is_causal)
 
 
@@ -82,6 +90,11 @@ def _pad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     return out.view(B, meta.max_q, *x.shape[1:])
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[B, L] slots -> [B, L, H, D] (index_select is much faster than advanced indexing on CPU)."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -92,13 +105,16 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
+    qp = _pad(q, meta)
     if meta.write_slots is not None:
         k_cache.index_copy_(0, meta.write_slots, k)
         v_cache.index_copy_(0, meta.write_slots, v)
-    qp, kp, vp = _pad(q, meta), _pad(k, meta), _pad(v, meta)
-    if meta.prefix_slots.shape[1] > 0:
-        kp = torch.cat([k_cache[meta.prefix_slots], kp], dim=1)
-        vp = torch.cat([v_cache[meta.prefix_slots], vp], dim=1)
+        kp, vp = _gather(k_cache, meta.key_slots), _gather(v_cache, meta.key_slots)
+    else:
+        kp, vp = _pad(k, meta), _pad(v, meta)
+        if meta.key_slots.shape[1] > 0:
+            kp = torch.cat([_gather(k_cache, meta.key_slots), kp], dim=1)
+            vp = torch.cat([_gather(v_cache, meta.key_slots), vp], dim=1)
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2),
         kp.transpose(1, 2),
