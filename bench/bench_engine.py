@@ -71,8 +71,10 @@ def bench_forward_time(llm, sizes: list[int], repeats: int = 5) -> dict[int, flo
     engine = llm.engine
     out = {}
     for T in sizes:
-        seq = engine.add_request(f"fwd-{T}", list(range(100, 165)), SamplingParams(max_tokens=1))
-        while seq.in_prefill or seq.status.value == "waiting":
+        # A prompt no earlier request shares (no prefix-cache hit), stopped right after its prefill.
+        prompt = list(range(1000 + 100 * len(out), 1065 + 100 * len(out)))
+        seq = engine.add_request(f"fwd-{T}", prompt, SamplingParams(max_tokens=1000, ignore_eos=True))
+        while seq.status.value != "running" or seq.in_prefill:
             engine.step()
         engine.blocks.ensure(seq, seq.num_cached + T)
         block = [[seq.token_ids[-1]] + [200] * (T - 1)]
