@@ -15,8 +15,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     num_forward_passes: int = 0  # every pass this request took part in: prefill, draft, verify
-    num_drafted_tokens: int = 0
-    num_accepted_tokens: int = 0
+    num_drafted_tokens: int = 0  # draft tokens proposed by the diffusion view
+    num_accepted_tokens: int = 0  # drafts the AR view accepted (counted before a stop cuts the block)
     num_output_tokens: int = 0
 
     @property
