@@ -4,3 +4,7 @@ class OrthrusInputError(ValueError):
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.problem = problem
+
+    def __reduce__(self):  # picklable, so it crosses process boundaries (Ray) intact
+        return type(self), (self.field, self.problem)
