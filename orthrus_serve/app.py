@@ -37,7 +37,10 @@ def engine_options(cfg: ServeConfig) -> dict:
             "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
             "initial_replicas": max(a.min_replicas, 1), "metrics_interval_s": a.metrics_interval_s,
             "look_back_period_s": max(2 * a.metrics_interval_s, 2.0),
-            "policy": {"policy_function": "orthrus_serve.autoscaling:throughput_policy",
+            # Ray 2.60 also applies its own delays around a custom policy (defaults 30 s / 600 s;
+            # both sets together never agree on a change): the policy's delays are the ones.
+            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+            "policy": {"policy_function": "orthrus_serve.autoscaling:ThroughputPolicy",
                        "policy_kwargs": {"target_tokens_per_s": a.target_tokens_per_s_per_replica,
                                          "upscale_delay_s": a.upscale_delay_s,
                                          "downscale_delay_s": a.downscale_delay_s}},

@@ -18,6 +18,7 @@ from orthrus_serve.config import ServeConfig
 from orthrus_serve.prefix_index import make_prefix_index
 
 log = logging.getLogger(__name__)
+RESYNC_S = 30.0  # how often a replica republishes its whole prefix-cache content to the index
 
 
 class ThroughputMeter:
@@ -84,7 +85,8 @@ class EngineServer:
                 "cached_blocks": sorted(self.cached_blocks)}
 
     async def _publish_loop(self) -> None:
-        last_beat = 0.0
+        last_beat, last_gc = 0.0, time.monotonic()
+        last_resync = last_gc
         while True:
             try:
                 events = self.engine.drain_prefix_events()
@@ -99,8 +101,14 @@ class EngineServer:
                 if now - last_beat >= self.config.index.heartbeat_s:
                     await asyncio.to_thread(self.index.heartbeat, self.replica_id)
                     last_beat = now
+                if now - last_resync >= RESYNC_S:  # heals what an index outage dropped
+                    events = [("cleared", []), ("stored", sorted(self.cached_blocks))]
+                    last_resync = now
                 if events:
                     await asyncio.to_thread(self.index.publish, self.replica_id, events)
+                if now - last_gc >= self.config.index.heartbeat_timeout_s:  # entries of lapsed replicas
+                    await asyncio.to_thread(self.index.collect_garbage)
+                    last_gc = now
             except Exception:  # the index is best effort: never take the replica down
                 log.exception("prefix index publish failed")
             await asyncio.sleep(0.05)

@@ -4,7 +4,7 @@ import asyncio
 import logging
 
 import grpc
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from orthrus_engines import OrthrusInputError
@@ -12,6 +12,11 @@ from orthrus_serve.api import orthrus_pb2 as pb
 
 log = logging.getLogger(__name__)
 REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def message(e: BaseException) -> str:
+    """The error's own message (str() of an error re-raised by Ray is the remote traceback)."""
+    return str(e.cause) if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else str(e)
 
 
 def copy_counters(msg: pb.GenerateResponse, delta: dict) -> None:
@@ -27,7 +32,7 @@ def copy_counters(msg: pb.GenerateResponse, delta: dict) -> None:
 def set_error(ctx, e: BaseException) -> None:
     if isinstance(e, OrthrusInputError):
         ctx.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-        ctx.set_details(str(e))
+        ctx.set_details(message(e))
     elif isinstance(e, BackPressureError):
         ctx.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
         ctx.set_details("the server is at capacity; retry later")

@@ -129,7 +129,10 @@ class Ingress:
                 yield msg
         except Exception as e:  # noqa: BLE001
             grpc_api.set_error(grpc_context, e)
-            raise
+            # A stream ends with the status set above only if the method raises; raise a builtin
+            # error, since the gRPC proxy unpickles it (it may not import our modules, and an
+            # OrthrusInputError does not survive pickling).
+            raise RuntimeError(grpc_api.message(e)) from None
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
         await self.ready()

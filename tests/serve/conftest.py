@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from redis_server import RedisServer, free_port
-from serve_helpers import ServeCluster
+from serve_helpers import ENGINE_ARGS, ServeCluster
 
 HERE = Path(__file__).parent
 VOCAB = 49152  # the built-in (SmolLM2) tokenizer's vocabulary
@@ -68,7 +68,7 @@ def reference_llm(tiny_model_dir):
     """The engine alone, on the same model and engine arguments as the deployed replicas."""
     from orthrus_engines import LLM
 
-    return LLM(str(tiny_model_dir), num_pages=64, max_model_len=256)
+    return LLM(str(tiny_model_dir), **ENGINE_ARGS)
 
 
 @pytest.fixture(scope="module")

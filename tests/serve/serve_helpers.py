@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 ENGINE = "OrthrusEngine"
+ENGINE_ARGS = {"num_pages": 64, "max_model_len": 256}  # replicas and the reference engine alike
 
 
 class Deployed:
@@ -14,6 +15,7 @@ class Deployed:
 
     def __init__(self, cluster: "ServeCluster", name: str, config: dict):
         self.cluster, self.name, self.config = cluster, name, config
+        self._handle = None
 
     @property
     def grpc_address(self) -> str:
@@ -31,7 +33,9 @@ class Deployed:
     def engine_handle(self):
         from ray import serve
 
-        return serve.get_deployment_handle(ENGINE, self.name)
+        if self._handle is None:  # one handle (one router) for all the test's calls
+            self._handle = serve.get_deployment_handle(ENGINE, self.name)
+        return self._handle
 
     def engine_stats(self) -> dict:
         """Stats of one engine replica (the router picks which: use with one replica)."""
@@ -45,21 +49,23 @@ class Deployed:
         return {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith(prefix)}
 
-    def stats_by_replica(self, expected: int, timeout_s: float = 30.0) -> dict[str, dict]:
-        """Stats from every engine replica: calls until `expected` distinct replicas answered."""
-        handle, seen = self.engine_handle(), {}
-        deadline = time.monotonic() + timeout_s
-        while len(seen) < expected:
-            assert time.monotonic() < deadline, f"only replicas {sorted(seen)} answered"
-            s = handle.stats.remote().result(timeout_s=30)
-            seen[s["replica_id"]] = s
-        return seen
+    def replica_actor(self, unique_id: str):
+        import ray
+
+        return ray.get_actor(f"SERVE_REPLICA::{self.name}#{ENGINE}#{unique_id}", namespace="serve")
+
+    def routing_stats(self) -> dict[str, dict]:
+        """Every live engine replica's `record_routing_stats()` (num_running, num_waiting,
+        cached_blocks), asked of each replica actor directly rather than through the router."""
+        import ray
+
+        ids = sorted(self.replica_ids())
+        return dict(zip(ids, ray.get([self.replica_actor(r).record_routing_stats.remote() for r in ids], timeout=30)))
 
     def kill_replica(self, unique_id: str) -> None:
         import ray
 
-        ray.kill(ray.get_actor(f"SERVE_REPLICA::{self.name}#{ENGINE}#{unique_id}", namespace="serve"),
-                 no_restart=True)
+        ray.kill(self.replica_actor(unique_id), no_restart=True)
 
     def engine_status(self):
         from ray import serve
@@ -91,7 +97,7 @@ class ServeCluster:
         self.http_port, self.grpc_port, self.model_dir = http_port, grpc_port, model_dir
 
     def config(self, name: str, **over) -> dict:
-        cfg = {"app_name": name, "model": str(self.model_dir), "engine": {"num_pages": 64, "max_model_len": 256}}
+        cfg = {"app_name": name, "model": str(self.model_dir), "engine": dict(ENGINE_ARGS)}
         cfg.update(over)
         return cfg
 

@@ -1,0 +1,87 @@
+"""Prometheus metrics of an engine replica, through Ray's metrics API (exported by every Ray node's
+metrics agent, scraped like the rest of Ray Serve's metrics).
+
+`RequestMetrics` turns one request's stream of deltas into metric updates; the metric objects are
+passed in, so the accounting is testable without a Ray cluster.
+"""
+
+import time
+from dataclasses import dataclass
+
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+
+
+@dataclass
+class EngineMetrics:
+    generated: object  # counters
+    drafted: object
+    accepted: object
+    prompt_tokens: object
+    cached_prompt_tokens: object
+    ttft: object  # histograms (seconds)
+    itl: object
+    queue_depth: object  # gauges
+    kv_usage: object
+    prefix_hit_rate: object
+
+    @classmethod
+    def create(cls, model: str) -> "EngineMetrics":
+        from ray.serve import metrics as m
+
+        def tagged(metric):
+            metric.set_default_tags({"model": model})
+            return metric
+
+        tags = ("model",)
+        return cls(
+            generated=tagged(m.Counter("orthrus_generated_tokens", "Tokens generated", tags)),
+            drafted=tagged(m.Counter("orthrus_drafted_tokens", "Draft tokens proposed by the diffusion view", tags)),
+            accepted=tagged(m.Counter("orthrus_accepted_tokens", "Draft tokens accepted by the AR view", tags)),
+            prompt_tokens=tagged(m.Counter("orthrus_prompt_tokens", "Prompt tokens of finished requests", tags)),
+            cached_prompt_tokens=tagged(m.Counter("orthrus_cached_prompt_tokens",
+                                                  "Prompt tokens served from the prefix cache", tags)),
+            ttft=tagged(m.Histogram("orthrus_time_to_first_token_seconds", "Time to first token",
+                                    LATENCY_BUCKETS_S, tags)),
+            itl=tagged(m.Histogram("orthrus_inter_token_latency_seconds", "Time between streamed tokens",
+                                   LATENCY_BUCKETS_S, tags)),
+            queue_depth=tagged(m.Gauge("orthrus_queue_depth", "Requests waiting for admission", tags)),
+            kv_usage=tagged(m.Gauge("orthrus_kv_cache_usage", "Fraction of KV pages in use", tags)),
+            prefix_hit_rate=tagged(m.Gauge("orthrus_prefix_hit_rate",
+                                           "Cached / total prompt tokens since start", tags)),
+        )
+
+
+class RequestMetrics:
+    """Feeds one request's deltas into the replica's metrics."""
+
+    def __init__(self, metrics: EngineMetrics, totals: dict, now: float | None = None):
+        self.m = metrics
+        self.totals = totals  # replica-wide prompt / cached counts, for the hit-rate gauge
+        self.start = self.last = now if now is not None else time.monotonic()
+        self.first = True
+        self.drafted = self.accepted = 0
+
+    def on_delta(self, delta: dict, now: float | None = None) -> None:
+        now = now if now is not None else time.monotonic()
+        n = len(delta["token_ids"])
+        if n:
+            self.m.generated.inc(n)
+            if self.first:
+                self.m.ttft.observe(now - self.start)
+                self.first = False
+            else:
+                self.m.itl.observe((now - self.last) / n)  # a chunk of n tokens: per-token latency
+            self.last = now
+        if delta["num_drafted_tokens"] > self.drafted:
+            self.m.drafted.inc(delta["num_drafted_tokens"] - self.drafted)
+            self.drafted = delta["num_drafted_tokens"]
+        if delta["num_accepted_tokens"] > self.accepted:
+            self.m.accepted.inc(delta["num_accepted_tokens"] - self.accepted)
+            self.accepted = delta["num_accepted_tokens"]
+        if delta["finished"]:
+            self.m.prompt_tokens.inc(delta["num_prompt_tokens"])
+            if delta["num_cached_prompt_tokens"]:
+                self.m.cached_prompt_tokens.inc(delta["num_cached_prompt_tokens"])
+            self.totals["prompt"] = self.totals.get("prompt", 0) + delta["num_prompt_tokens"]
+            self.totals["cached"] = self.totals.get("cached", 0) + delta["num_cached_prompt_tokens"]
+            self.m.prefix_hit_rate.set(self.totals["cached"] / max(1, self.totals["prompt"]))

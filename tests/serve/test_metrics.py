@@ -1,0 +1,40 @@
+"""Metric accounting of one request's deltas (the Ray metric objects replaced by recorders)."""
+
+from orthrus_serve.metrics import EngineMetrics, RequestMetrics
+
+
+class Recorder:
+    def __init__(self):
+        self.calls: list[float] = []
+
+    def inc(self, v=1.0):
+        self.calls.append(v)
+
+    def observe(self, v):
+        self.calls.append(v)
+
+    def set(self, v):
+        self.calls.append(v)
+
+
+def delta(tokens, drafted, accepted, finished=False, prompt=40, cached=32):
+    return {"token_ids": tokens, "num_drafted_tokens": drafted, "num_accepted_tokens": accepted,
+            "finished": finished, "num_prompt_tokens": prompt, "num_cached_prompt_tokens": cached}
+
+
+def test_ttft_itl_counters_and_hit_rate():
+    m = EngineMetrics(*(Recorder() for _ in range(10)))
+    totals: dict = {}
+    r = RequestMetrics(m, totals, now=0.0)
+    r.on_delta(delta([], 0, 0), now=0.5)  # no tokens yet: nothing timed
+    r.on_delta(delta([1, 2, 3], 7, 2), now=1.0)  # first tokens at 1.0 s
+    r.on_delta(delta([4, 5], 14, 3), now=1.4)  # 2 tokens 0.4 s later: 0.2 s each
+    r.on_delta(delta([6], 21, 3, finished=True), now=1.5)
+    assert m.ttft.calls == [1.0]
+    assert [round(x, 6) for x in m.itl.calls] == [0.2, 0.1]
+    assert sum(m.generated.calls) == 6
+    assert sum(m.drafted.calls) == 21 and sum(m.accepted.calls) == 3
+    assert m.prompt_tokens.calls == [40] and m.cached_prompt_tokens.calls == [32]
+    assert m.prefix_hit_rate.calls == [0.8]
+    RequestMetrics(m, totals, now=0.0).on_delta(delta([9], 0, 0, finished=True, prompt=40, cached=0), now=0.1)
+    assert m.prefix_hit_rate.calls[-1] == 32 / 80  # replica-wide, not per request

@@ -1,0 +1,318 @@
+"""The serving layer end to end (DESIGN.md §5) with one engine replica: gRPC and HTTP return what the
+engine alone returns; the official OpenAI client works; cancelled streams free the engine; bad input
+gets INVALID_ARGUMENT / HTTP 400 naming the field and the server keeps serving."""
+
+import json
+
+import grpc
+import httpx
+import pytest
+from serve_helpers import ENGINE_ARGS
+
+from orthrus_engines import SamplingParams
+from orthrus_serve.api import orthrus_pb2 as pb
+
+pytestmark = pytest.mark.slow
+
+APP = "basic"
+MODEL = "tiny-orthrus"  # the served name: the model directory's name
+VOCAB = 49152
+WINDOW = ENGINE_ARGS["max_model_len"]
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n"]
+MAX_TOKENS = 12
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def app(serve_cluster):
+    deployed = serve_cluster.deploy(APP)
+    yield deployed
+    serve_cluster.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with app.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def http(app):
+    with httpx.Client(base_url=app.http_base, timeout=60) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def oai(app):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{app.http_base}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def refs(reference_llm):
+    """The engine alone: greedy results for every prompt (text and token ids) and for the chat."""
+    sp = SamplingParams(max_tokens=MAX_TOKENS)
+    out = {p: reference_llm.generate(p, sp)[0] for p in PROMPTS}  # one at a time, as the tests send them
+    out["chat"] = reference_llm.chat(CHAT, sp)[0]
+    return out
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def assert_good_request_works(client) -> None:
+    r = client.generate(PROMPTS[0], max_tokens=2)
+    assert r.completion_tokens == 2 and len(r.token_ids) == 2
+
+
+# -- results equal the engine's ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_grpc_unary_and_stream_equal_the_engine(client, reference_llm, refs, prompt):
+    ref = refs[prompt]
+    r = client.generate(prompt, max_tokens=MAX_TOKENS)
+    assert list(r.token_ids) == ref.token_ids and r.text == ref.text
+    assert r.finish_reason == ref.finish_reason and r.request_id
+    assert (r.prompt_tokens, r.completion_tokens) == (ref.num_prompt_tokens, len(ref.token_ids))
+    assert r.forward_passes > 0
+
+    msgs = list(client.generate_stream(prompt, max_tokens=MAX_TOKENS))
+    assert [t for m in msgs for t in m.token_ids] == ref.token_ids
+    assert "".join(m.text for m in msgs) == ref.text
+    assert msgs[-1].finish_reason == ref.finish_reason and all(not m.finish_reason for m in msgs[:-1])
+    assert msgs[-1].completion_tokens == len(ref.token_ids)
+    assert len({m.request_id for m in msgs}) == 1
+
+    ids = reference_llm.tokenizer(prompt)["input_ids"]  # the same request as token ids
+    r = client.generate(ids, max_tokens=MAX_TOKENS, request_id="my-request-1")
+    assert list(r.token_ids) == ref.token_ids and r.text == ref.text and r.request_id == "my-request-1"
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_http_completions_equal_the_engine(http, reference_llm, refs, prompt):
+    ref = refs[prompt]
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    assert body["choices"][0]["text"] == ref.text and body["choices"][0]["finish_reason"] == ref.finish_reason
+    assert body["usage"]["completion_tokens"] == len(ref.token_ids)
+    assert body["usage"]["prompt_tokens"] == ref.num_prompt_tokens
+
+    ids = reference_llm.tokenizer(prompt)["input_ids"]
+    r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": MAX_TOKENS})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text
+
+    with http.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == ref.finish_reason
+    assert chunks[-1]["usage"]["completion_tokens"] == len(ref.token_ids)
+
+
+def test_openai_client_completions(oai, refs):
+    for prompt in PROMPTS:
+        ref = refs[prompt]
+        c = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        assert c.choices[0].text == ref.text and c.choices[0].finish_reason == ref.finish_reason
+        assert c.usage.completion_tokens == len(ref.token_ids)
+        stream = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+        assert "".join(ch.choices[0].text for ch in stream) == ref.text
+
+
+def test_openai_client_chat(oai, refs):
+    ref = refs["chat"]
+    c = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
+    assert c.object == "chat.completion"
+    assert c.choices[0].message.role == "assistant" and c.choices[0].message.content == ref.text
+    assert c.choices[0].finish_reason == ref.finish_reason
+    assert c.usage.prompt_tokens == ref.num_prompt_tokens and c.usage.completion_tokens == len(ref.token_ids)
+
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                              stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ref.text
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+
+
+def test_models_and_model_info(oai, http, client, reference_llm):
+    assert [m.id for m in oai.models.list()] == [MODEL]
+    r = http.get("/v1/models")
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL
+
+    info = client.model_info()
+    core = reference_llm.engine
+    assert info.model == MODEL
+    assert (info.block_size, info.max_model_len, info.page_size, info.vocab_size) == (
+        core.block_size, WINDOW, core.page_size, VOCAB)
+    assert info.prefix_fingerprint == core.fingerprint
+
+
+# -- cancellation frees the engine ------------------------------------------------------------
+
+LONG = {"max_tokens": 240, "ignore_eos": True, "block_size": 1}  # plain AR: hundreds of steps
+
+
+def test_grpc_cancel_mid_stream_aborts_in_the_engine(app, client):
+    before = app.wait_idle()
+    call = client.generate_stream("Tell me a very long story about two-headed dogs.", **LONG)
+    first = next(call)
+    assert not first.finish_reason
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in call:
+            pass
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    after = app.wait_idle(timeout_s=10)
+    # aborted: the request stopped well short of its budget and holds no KV pages
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] < LONG["max_tokens"]
+    assert_good_request_works(client)
+
+
+def test_http_disconnect_mid_sse_aborts_in_the_engine(app, client):
+    before = app.wait_idle()
+    body = {"prompt": "Tell me a very long story about two-headed dogs.", "stream": True, **LONG}
+    with httpx.Client(base_url=app.http_base, timeout=30) as h:
+        with h.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    assert json.loads(line[6:])["choices"][0]["finish_reason"] is None
+                    break
+    # leaving both blocks closed the connection mid-stream
+    after = app.wait_idle(timeout_s=10)
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] < LONG["max_tokens"]
+    assert_good_request_works(client)
+
+
+def test_grpc_deadline_aborts_in_the_engine(app):
+    before = app.wait_idle()
+    with app.client(timeout_s=0.3) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("Tell me a very long story about two-headed dogs.", **LONG)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    after = app.wait_idle(timeout_s=10)
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] < LONG["max_tokens"]
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+GRPC_BAD = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 1_000_000}, "max_tokens"),
+    ({"prompt": "hi", "top_p": 2.0}, "top_p"),
+    ({"prompt": "hi", "temperature": -1.0}, "temperature"),
+    ({"prompt": "hi", "top_k": -5}, "top_k"),
+    ({"prompt": "hi", "block_size": 0}, "block_size"),
+    ({"prompt": "hi", "stop": [""]}, "stop"),
+    ({"prompt": "hi", "stop_token_ids": [VOCAB + 3]}, "stop_token_ids"),
+    ({"prompt": "word " * (WINDOW + 10)}, "prompt"),  # over the model's window
+    ({"prompt": [1, 2, VOCAB]}, "prompt_token_ids"),
+    ({"prompt": [5, -1]}, "prompt_token_ids"),
+    ({"prompt": list(range(1, WINDOW + 1))}, "prompt_token_ids"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("kwargs,field", GRPC_BAD, ids=[f"{f}-{i}" for i, (_, f) in enumerate(GRPC_BAD)])
+def test_grpc_bad_input_is_invalid_argument(client, kwargs, field, stream):
+    kwargs = dict(kwargs)
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(grpc.RpcError) as e:
+        if stream:
+            list(client.generate_stream(prompt, **kwargs))
+        else:
+            client.generate(prompt, **kwargs)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert e.value.details().startswith(f"{field}:"), e.value.details()
+    assert_good_request_works(client)
+
+
+def test_grpc_prompt_and_token_ids_together_is_invalid_argument(client):
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Generate(pb.GenerateRequest(prompt="hi", prompt_token_ids=[1, 2]), metadata=client.metadata,
+                             timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("prompt:")
+    assert_good_request_works(client)
+
+
+def test_grpc_duplicate_running_request_id_is_invalid_argument(app, client):
+    """Caught by the engine replica, not the ingress: the error crosses a deployment boundary."""
+    call = client.generate_stream("Tell me a very long story.", request_id="dup-1", **LONG)
+    try:
+        next(call)
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate("hi", request_id="dup-1", max_tokens=2)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert e.value.details().startswith("request_id:"), e.value.details()
+    finally:
+        call.cancel()
+    app.wait_idle(timeout_s=10)
+    assert_good_request_works(client)
+
+
+HTTP_BAD = [
+    ("completions", {}, "prompt"),
+    ("completions", {"prompt": ""}, "prompt"),
+    ("completions", {"prompt": 5}, "prompt"),
+    ("completions", {"prompt": {"text": "hi"}}, "prompt"),
+    ("completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("completions", {"prompt": [1, 2, VOCAB + 10]}, "prompt"),
+    ("completions", {"prompt": [1, True]}, "prompt"),
+    ("completions", {"prompt": "word " * (WINDOW + 10)}, "prompt"),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+    ("completions", {"prompt": "hi", "max_tokens": 10**12}, "max_tokens"),
+    ("completions", {"prompt": "hi", "max_tokens": 2.5}, "max_tokens"),
+    ("completions", {"prompt": "hi", "top_p": 2}, "top_p"),
+    ("completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": "hi", "stop": 5}, "stop"),
+    ("completions", {"prompt": "hi", "seed": "x"}, "seed"),
+    ("completions", {"prompt": "hi", "n": 2}, "n"),
+    ("completions", {"prompt": "hi", "logprobs": 3}, "logprobs"),
+    ("completions", {"prompt": "", "stream": True}, "prompt"),
+    ("chat/completions", {}, "messages"),
+    ("chat/completions", {"messages": "hi"}, "messages"),
+    ("chat/completions", {"messages": []}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user"}]}, "messages[0]"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, "max_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    ("completions", b'{"prompt": "caf\xe9 \xff\xfe", "max_tokens": 4}', "body"),  # not UTF-8
+    ("completions", b'{"prompt": "hi", "max_tokens": ', "body"),  # malformed JSON
+    ("completions", b"", "body"),
+    ("completions", b"[1, 2, 3]", "body"),  # JSON, but not an object
+    ("chat/completions", b"{'messages': []}", "body"),
+]
+
+
+@pytest.mark.parametrize("path,body,field", HTTP_BAD, ids=[f"{p}-{f}-{i}" for i, (p, _, f) in enumerate(HTTP_BAD)])
+def test_http_bad_input_is_400(http, client, path, body, field):
+    if isinstance(body, bytes):
+        r = http.post(f"/v1/{path}", content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(f"/v1/{path}", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["message"].startswith(f"{field}:"), err
+    assert err["type"] == "invalid_request_error"
+    r = http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_openai_client_sees_bad_request(oai):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=MODEL, prompt="hi", max_tokens=10**9)
+    assert "max_tokens" in str(e.value)
