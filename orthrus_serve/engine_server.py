@@ -15,6 +15,7 @@ from ray import serve
 
 from orthrus_engines import AsyncEngine, SamplingParams
 from orthrus_serve.config import ServeConfig
+from orthrus_serve.metrics import EngineMetrics, RequestMetrics
 from orthrus_serve.prefix_index import make_prefix_index
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,20 @@ class EngineServer:
         self.index = make_prefix_index(self.config.index.redis_url, self.config.index_namespace,
                                        self.config.index.heartbeat_timeout_s)
         self.meter = ThroughputMeter()
+        self.metrics = EngineMetrics.create(self.config.served_model_name)
+        self.prompt_totals: dict = {}  # for the prefix hit-rate gauge
         self.cached_blocks: set[str] = set()  # what this replica holds, for the in-process index
         self._publisher = asyncio.get_event_loop().create_task(self._publish_loop())
 
     async def generate(self, request_id: str, prompt: str | list[int], params: dict,
                        block_hashes: list[str] | None = None) -> AsyncIterator[dict]:
         """Deltas of one request as dicts (RequestOutput fields). `block_hashes` is for the router."""
+        rm = RequestMetrics(self.metrics, self.prompt_totals)
         async for out in self.engine.generate(request_id, prompt, SamplingParams(**params)):
             self.meter.add(len(out.token_ids))
-            yield dataclasses.asdict(out)
+            delta = dataclasses.asdict(out)
+            rm.on_delta(delta)
+            yield delta
 
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -101,6 +107,9 @@ class EngineServer:
                 if now - last_beat >= self.config.index.heartbeat_s:
                     await asyncio.to_thread(self.index.heartbeat, self.replica_id)
                     last_beat = now
+                    stats = self.engine.stats()
+                    self.metrics.queue_depth.set(stats["num_waiting"])
+                    self.metrics.kv_usage.set(stats["kv_usage"])
                 if now - last_resync >= RESYNC_S:  # heals what an index outage dropped
                     events = [("cleared", []), ("stored", sorted(self.cached_blocks))]
                     last_resync = now
