@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench clean protos
+.PHONY: setup run generate test test-fast bench clean protos
 
 $(STAMP): pyproject.toml engines/pyproject.toml kernels/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml engines/pyproject.toml kernels/pyproject.toml
 
 setup: $(STAMP)
 
-run: setup
+run: setup  # serves the built-in model on localhost: gRPC :9000, HTTP :8000 (Ctrl-C stops)
+	$(VENV)/bin/orthrus-serve up
+
+generate: setup  # one generation from the command line, no server
 	$(VENV)/bin/orthrus generate "Write a haiku about two-headed dogs." --chat --max-tokens 64
 
 test: setup

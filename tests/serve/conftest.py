@@ -50,12 +50,14 @@ def serve_cluster(tiny_model_dir):
     from orthrus_serve.app import GRPC_SERVICER
 
     # Logical CPUs: several applications' replicas (1 CPU each) fit at once; the host has fewer cores.
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=bool(os.environ.get("ORTHRUS_TEST_RAY_LOGS")))
+    metrics_port = free_port()  # Ray's Prometheus endpoint, reporting every second for the metrics test
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=bool(os.environ.get("ORTHRUS_TEST_RAY_LOGS")),
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     try:
         http_port, grpc_port = free_port(), free_port()
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
-        yield ServeCluster(http_port, grpc_port, tiny_model_dir)
+        yield ServeCluster(http_port, grpc_port, tiny_model_dir, metrics_port)
     finally:
         try:
             serve.shutdown()

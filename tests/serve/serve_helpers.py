@@ -93,8 +93,9 @@ class Deployed:
 
 
 class ServeCluster:
-    def __init__(self, http_port: int, grpc_port: int, model_dir: Path):
+    def __init__(self, http_port: int, grpc_port: int, model_dir: Path, metrics_port: int | None = None):
         self.http_port, self.grpc_port, self.model_dir = http_port, grpc_port, model_dir
+        self.metrics_port = metrics_port  # Ray's Prometheus endpoint
 
     def config(self, name: str, **over) -> dict:
         cfg = {"app_name": name, "model": str(self.model_dir), "engine": dict(ENGINE_ARGS)}
