@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from orthrus_serve.bench import add_arguments as add_bench_arguments
+
 
 def _up(args) -> int:
     import ray
@@ -58,7 +60,7 @@ def _generate(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orthrus-serve")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="serve on a local Ray cluster (or RAY_ADDRESS)")
@@ -74,7 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--stream", action="store_true")
     gen.add_argument("--json", action="store_true")
-    args = p.parse_args(argv if argv is not None else sys.argv[1:])
+    bench = sub.add_parser("bench", help="benchmark a running server (gRPC, or HTTP with --http)")
+    add_bench_arguments(bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv if argv is not None else sys.argv[1:])
+    if args.command == "bench":
+        from orthrus_serve.bench import main as bench_main
+        return bench_main(args)
     return _up(args) if args.command == "up" else _generate(args)
 
 
