@@ -54,11 +54,12 @@ async def engine_alone(prompts: list[str], concurrency: int) -> dict:
     return {"ttft_ms_p50": 1000 * statistics.median(ttfts.values()), "output_tok_s": tokens / wall}
 
 
-def through_server(http: str | None, grpc_address: str, app: str, prompts_file: str, concurrency: int) -> dict:
+def through_server(http: str | None, grpc_address: str, app: str, prompts_file: str, concurrency: int,
+                   num_requests: int = NUM_REQUESTS) -> dict:
     from orthrus_serve.bench import run_bench, summarize
 
     args = SimpleNamespace(http=http, address=grpc_address, application=app, prompt_file=prompts_file,
-                           num_requests=NUM_REQUESTS, concurrency=concurrency, request_rate=None,
+                           num_requests=num_requests, concurrency=concurrency, request_rate=None,
                            max_tokens=MAX_TOKENS, temperature=0.0, seed=0, ignore_eos=True)
     records, wall = asyncio.run(run_bench(args))
     s = summarize(records, wall)
@@ -70,6 +71,7 @@ def through_server(http: str | None, grpc_address: str, app: str, prompts_file: 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/bench_serving.json")
+    ap.add_argument("--only", choices=["overhead", "routing"], help="run one part (the other is kept from --out)")
     a = ap.parse_args()
     import ray
     from ray import serve
@@ -80,12 +82,18 @@ def main() -> None:
     prompts = [f"Question {i}: explain topic number {i} of European history briefly." for i in range(NUM_REQUESTS)]
     with open("/tmp/orthrus_bench_prompts.txt", "w") as f:
         f.write("\n".join(prompts))
-    shared = [SYSTEM + f"Question {i}: who was ruler number {i}?" for i in range(NUM_REQUESTS)]
+    # 8 long prefixes (different system prompts), 3 requests each, interleaved: a router that
+    # remembers where each prefix went can send the 2nd and 3rd request of a group to its holder.
+    shared = [f"[Course {g}] " + SYSTEM + f"Question {r}: who was ruler number {g * 3 + r}?"
+              for r in range(3) for g in range(8)]
     with open("/tmp/orthrus_bench_shared.txt", "w") as f:
         f.write("\n".join(shared))
 
     res: dict = {"max_tokens": MAX_TOKENS, "requests": NUM_REQUESTS, "engine_args": ENGINE, "overhead": []}
-    for c in (1, 8):
+    if a.only == "routing":
+        with open(a.out) as f:
+            res = json.load(f)
+    for c in (1, 8) if a.only != "routing" else ():
         res["overhead"].append({"concurrency": c, "path": "engine", **asyncio.run(engine_alone(prompts, c))})
         print(res["overhead"][-1], flush=True)
 
@@ -96,7 +104,7 @@ def main() -> None:
     grpc_address, base = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
     serve.run(build_app({"app_name": "one", "engine": ENGINE}), name="one", route_prefix="/one")
     through_server(None, grpc_address, "one", "/tmp/orthrus_bench_prompts.txt", 1)  # warm up
-    for c in (1, 8):
+    for c in (1, 8) if a.only != "routing" else ():
         for path, http in (("grpc", None), ("http", base + "/one")):
             r = through_server(http, grpc_address, "one", "/tmp/orthrus_bench_prompts.txt", c)
             eng = next(o for o in res["overhead"] if o["concurrency"] == c and o["path"] == "engine")
@@ -106,12 +114,13 @@ def main() -> None:
     serve.delete("one")
 
     res["routing"] = []
-    for kind in ("prefix", "pow2"):
+    for kind in ("prefix", "pow2") if a.only != "overhead" else ():
         name = f"r{kind}"
         serve.run(build_app({"app_name": name, "engine": ENGINE, "num_replicas": 2, "router": {"kind": kind}}),
                   name=name, route_prefix=f"/{name}")
         time.sleep(3)  # routing stats reach the router
-        r = through_server(None, grpc_address, name, "/tmp/orthrus_bench_shared.txt", 4)
+        args = dict(num_requests=len(shared))
+        r = through_server(None, grpc_address, name, "/tmp/orthrus_bench_shared.txt", 2, **args)
         res["routing"].append({"router": kind, **r})
         print(res["routing"][-1], flush=True)
         serve.delete(name)
