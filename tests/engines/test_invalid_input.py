@@ -14,13 +14,7 @@ VOCAB = 96
 WINDOW = 64  # max_model_len engine argument
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Small ops only: one intra-op thread is much faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ VOCAB = 96
 K = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Small ops only: one intra-op thread is much faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
