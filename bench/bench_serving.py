@@ -82,10 +82,12 @@ def main() -> None:
     prompts = [f"Question {i}: explain topic number {i} of European history briefly." for i in range(NUM_REQUESTS)]
     with open("/tmp/orthrus_bench_prompts.txt", "w") as f:
         f.write("\n".join(prompts))
-    # 8 long prefixes (different system prompts), 3 requests each, interleaved: a router that
+    # 7 long prefixes (different system prompts), 3 requests each, interleaved: a router that
     # remembers where each prefix went can send the 2nd and 3rd request of a group to its holder.
+    # An odd number of groups: with an even one, plain alternation over 2 replicas would put every
+    # request of a group on the same replica by accident.
     shared = [f"[Course {g}] " + SYSTEM + f"Question {r}: who was ruler number {g * 3 + r}?"
-              for r in range(3) for g in range(8)]
+              for r in range(3) for g in range(7)]
     with open("/tmp/orthrus_bench_shared.txt", "w") as f:
         f.write("\n".join(shared))
 
