@@ -4,6 +4,7 @@ hashes), streams from an engine replica chosen by the prefix-aware router, and m
 bad input -> INVALID_ARGUMENT / 400, a lost replica -> UNAVAILABLE / 503."""
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -35,8 +36,6 @@ class Ingress:
         """Model facts come from an engine replica the first time they are needed."""
         if self.preparer is None:
             self.info = await self.engine.model_info.remote()
-            from pathlib import Path
-
             self.preparer = RequestPreparer(load_tokenizer(Path(self.info["model"])), self.info)
         return self.preparer
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from orthrus_engines import OrthrusInputError, SamplingParams
 from orthrus_engines.prefix_hash import block_hashes
-from orthrus_engines.validation import check_budget, check_token_ids
+from orthrus_engines.validation import check_budget, check_stop_token_ids, check_token_ids
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "block_size", "use_diffusion")
@@ -58,9 +58,7 @@ class RequestPreparer:
         except TypeError as e:
             raise OrthrusInputError("params", str(e)) from None
         check_budget(len(ids), sp.max_tokens, self.max_model_len)
-        bad = [t for t in sp.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise OrthrusInputError("stop_token_ids", f"token id {bad[0]} is outside the vocabulary")
+        check_stop_token_ids(sp.stop_token_ids, self.vocab_size)
         # The engine caches all but the last prompt token: those are the blocks a replica can hold.
         hashes = block_hashes(ids[:-1], self.page_size, self.fingerprint)
         return PreparedRequest(request_id or uuid.uuid4().hex, ids, params, hashes)

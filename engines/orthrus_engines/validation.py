@@ -20,3 +20,9 @@ def check_budget(num_prompt_tokens: int, max_tokens: int, max_model_len: int) ->
     if num_prompt_tokens + max_tokens > max_model_len:
         raise OrthrusInputError(
             "max_tokens", f"prompt ({num_prompt_tokens}) + max_tokens ({max_tokens}) exceeds the window of {max_model_len}")
+
+
+def check_stop_token_ids(ids: list[int], vocab_size: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise OrthrusInputError("stop_token_ids", f"token id {bad[0]} is outside the vocabulary")

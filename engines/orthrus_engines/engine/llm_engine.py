@@ -18,7 +18,7 @@ from orthrus_engines.models.loader import model_dir, resolve_model
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.prefix_hash import model_fingerprint
 from orthrus_engines.sampling_params import SamplingParams
-from orthrus_engines.validation import check_budget, check_token_ids
+from orthrus_engines.validation import check_budget, check_stop_token_ids, check_token_ids
 
 log = logging.getLogger(__name__)
 Prompt = str | list[int] | dict
@@ -112,9 +112,7 @@ class LLMEngine:
         check_budget(len(ids), params.max_tokens, self.max_model_len)
         if params.stop and self.tokenizer is None:
             raise OrthrusInputError("stop", "stop strings need a tokenizer")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise OrthrusInputError("stop_token_ids", f"token id {bad[0]} is outside the vocabulary")
+        check_stop_token_ids(params.stop_token_ids, self.vocab_size)
         k = 1 if not params.use_diffusion else (params.block_size or self.block_size)
         detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
         seq = Sequence(request_id, ids, params, k, detok)
