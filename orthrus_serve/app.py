@@ -13,7 +13,8 @@ GRPC_SERVICER = "orthrus_serve.api.orthrus_pb2_grpc.add_OrthrusServicer_to_serve
 
 def engine_options(cfg: ServeConfig) -> dict:
     opts: dict = {
-        "ray_actor_options": {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},
+        "ray_actor_options": {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus,
+                              **({"resources": dict(cfg.replica_resources)} if cfg.replica_resources else {})},
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "health_check_period_s": 2.0,
         "graceful_shutdown_timeout_s": 10.0,
@@ -26,6 +27,7 @@ def engine_options(cfg: ServeConfig) -> dict:
                 "imbalance_threshold": cfg.router.imbalance_threshold,
                 "min_match_blocks": cfg.router.min_match_blocks,
                 "heartbeat_timeout_s": cfg.index.heartbeat_timeout_s,
+                "redis_password_env": cfg.index.redis_password_env,
             },
             request_routing_stats_period_s=1.0,
         )

@@ -29,6 +29,9 @@ class RouterSettings(_Strict):
 
 class IndexSettings(_Strict):
     redis_url: str | None = None  # None: the in-process index (single node)
+    # An environment variable that holds the Redis password (on Kubernetes, from a Secret). It is
+    # read by each process that connects, so the password appears in no config or dashboard.
+    redis_password_env: str | None = None
     heartbeat_s: float = Field(1.0, gt=0)
     heartbeat_timeout_s: float = Field(5.0, gt=0)
 
@@ -44,6 +47,7 @@ class ServeConfig(_Strict):
     index: IndexSettings = Field(default_factory=IndexSettings)
     replica_num_cpus: float = Field(1.0, ge=0)
     replica_num_gpus: float = Field(0.0, ge=0)
+    replica_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per replica
     max_ongoing_requests: int = Field(64, ge=1)
     host: str = "127.0.0.1"
     http_port: int = 8000

@@ -46,7 +46,7 @@ class EngineServer:
         self.engine = AsyncEngine(self.config.model, head=self.config.head, **self.config.engine)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.index = make_prefix_index(self.config.index.redis_url, self.config.index_namespace,
-                                       self.config.index.heartbeat_timeout_s)
+                                       self.config.index.heartbeat_timeout_s, self.config.index.redis_password_env)
         self.meter = ThroughputMeter()
         self.metrics = EngineMetrics.create(self.config.served_model_name)
         self.prompt_totals: dict = {}  # for the prefix hit-rate gauge

@@ -34,6 +34,7 @@ heartbeat or publish for it first clears all its entries: the index is again a s
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Iterable, Protocol
@@ -185,6 +186,7 @@ class RedisPrefixIndex:
         block_ttl_s: float | None = None,
         retry_interval_s: float = 1.0,
         warn_interval_s: float = 30.0,
+        password: str | None = None,  # when the URL has none
     ):
         import redis
         from redis.backoff import NoBackoff
@@ -202,6 +204,7 @@ class RedisPrefixIndex:
         # one retry on a fresh connection covers pooled connections left stale by a server restart
         self._redis = redis.Redis.from_url(
             url,
+            password=password,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
             retry=Retry(NoBackoff(), 1),
@@ -343,8 +346,15 @@ class RedisPrefixIndex:
             log.warning("prefix index: Redis unavailable (%s); %s skipped, routing falls back to load", reason, what)
 
 
-def make_prefix_index(redis_url: str | None, namespace: str, heartbeat_timeout_s: float) -> PrefixIndex:
-    """Redis when a URL is configured (the cluster case), else the in-process index."""
+def make_prefix_index(redis_url: str | None, namespace: str, heartbeat_timeout_s: float,
+                      password_env: str | None = None) -> PrefixIndex:
+    """Redis when a URL is configured (the cluster case), else the in-process index. The password,
+    if any, comes from the environment variable `password_env` of this process."""
     if redis_url:
-        return RedisPrefixIndex(redis_url, namespace, heartbeat_timeout_s=heartbeat_timeout_s)
+        password = None
+        if password_env:
+            password = os.environ.get(password_env)
+            if password is None:
+                log.warning("prefix index: %s is not set; connecting to Redis without a password", password_env)
+        return RedisPrefixIndex(redis_url, namespace, heartbeat_timeout_s=heartbeat_timeout_s, password=password)
     return LocalPrefixIndex(heartbeat_timeout_s=heartbeat_timeout_s)
