@@ -6,39 +6,11 @@ their own route prefix and deleted afterwards. Replicas run a tiny random Orthru
 carries the built-in model's tokenizer, so text prompts and chat work and every call is fast.
 """
 
-import importlib.util
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 from redis_server import RedisServer, free_port
 from serve_helpers import ENGINE_ARGS, ServeCluster
-
-HERE = Path(__file__).parent
-VOCAB = 49152  # the built-in (SmolLM2) tokenizer's vocabulary
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
-
-
-def _tiny_models():
-    spec = importlib.util.spec_from_file_location("serve_tiny_models", HERE.parent / "engines" / "tiny_models.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, builtin_dir) -> Path:
-    """A tiny random Orthrus (Llama) checkpoint with the built-in model's tokenizer files."""
-    path = tmp_path_factory.mktemp("serve") / "tiny-orthrus"
-    path.mkdir()
-    _tiny_models().write_orthrus(path, "llama", seed=7, twin_noise=0.05, vocab_size=VOCAB)
-    for name in TOKENIZER_FILES:
-        if (Path(builtin_dir) / name).exists():
-            shutil.copy(Path(builtin_dir) / name, path / name)
-    return path
-
 
 @pytest.fixture(scope="session")
 def serve_cluster(tiny_model_dir):
