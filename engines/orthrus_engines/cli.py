@@ -24,11 +24,104 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--block-size", type=int, help="draft block length K (1 = plain AR)")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+    d = sub.add_parser("gen-data", help="generate training data: the model's own responses to a prompt file")
+    d.add_argument("--prompts", help="one prompt per line (default: the packaged prompts_train.txt)")
+    d.add_argument("--out", required=True, help="output .jsonl (prompt and response token ids)")
+    d.add_argument("--model", help="local base model directory (default: the built-in model)")
+    d.add_argument("--samples-per-prompt", type=int, default=1, help="responses per prompt (needs a temperature > 0)")
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    d.add_argument("--max-tokens", type=int, default=256)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-num-seqs", type=int, default=64)
+
+    from orthrus_engines.training.trainer import TrainArgs
+
+    t = sub.add_parser("train", help="train the twins (diffusion view) of a base model; the AR view stays frozen")
+    defaults = TrainArgs(out="")
+    t.add_argument("--out", required=True, help="run directory (checkpoint.pt, head.safetensors, train_log.jsonl); "
+                                                "an existing run there resumes")
+    t.add_argument("--data", action="append", required=True, help="*.jsonl from gen-data, or a text/code file or "
+                                                                  "folder (repeatable)")
+    t.add_argument("--model", help="base or Orthrus checkpoint directory (default: the built-in model)")
+    t.add_argument("--head", help="continue from this head (full-rank twins: use --rank 0)")
+    for name, typ, help_ in (
+        ("block_size", int, "K: block length drafted in one pass"),
+        ("anchors", int, "blocks per training window"),
+        ("seq_len", int, "training window length"),
+        ("batch_size", int, "windows per step"),
+        ("lr", float, "peak learning rate (AdamW)"),
+        ("steps", int, "total optimizer steps"),
+        ("warmup", float, "warm-up fraction of the steps"),
+        ("clip", float, "gradient-norm clip"),
+        ("weight_decay", float, "AdamW weight decay"),
+        ("rank", int, "rank of the twins' low-rank deltas; 0 = full-rank twins"),
+        ("seed", int, "makes a run repeatable"),
+        ("save_every", int, "checkpoint every N steps"),
+        ("max_minutes", float, "stop and save after this much wall time"),
+        ("max_text_tokens", int, "cap on tokens read from text/code sources"),
+    ):
+        t.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(defaults, name), help=help_)
+    t.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="TPF, accepted drafts per cycle and acceptance by position on held-out prompts")
+    e.add_argument("--model", help="local model directory (default: the built-in model)")
+    e.add_argument("--head", help="head to evaluate (default: the built-in model's shipped head; 'none' = untrained)")
+    e.add_argument("--prompts", help="one prompt per line (default: the packaged held-out prompts_eval.txt)")
+    e.add_argument("--out", help="write the report here (JSON)")
+    e.add_argument("--plot", help="write the acceptance-by-position plot here (PNG)")
+    e.add_argument("--temperature", type=float, action="append", help="repeatable (default: 0)")
+    e.add_argument("--max-tokens", type=int, default=256)
+    e.add_argument("--block-size", type=int, help="K to draft (default: the head's)")
     return p
+
+
+def gen_data(args) -> int:
+    from orthrus_engines import LLM
+    from orthrus_engines.training.data import generate_samples, packaged_prompts, read_prompts, write_samples
+
+    prompts = read_prompts(args.prompts or packaged_prompts("prompts_train.txt"))
+    llm = LLM(model=args.model, block_size=1, max_num_seqs=args.max_num_seqs)
+    start = time.perf_counter()
+    samples = generate_samples(llm, prompts, args.samples_per_prompt, args.temperature, args.max_tokens, args.seed)
+    write_samples(samples, args.out)
+    n = sum(len(s["output_ids"]) for s in samples)
+    print(f"{len(samples)} responses, {n} tokens in {time.perf_counter() - start:.0f} s -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def train(args) -> int:
+    from orthrus_engines.training.trainer import Trainer, TrainArgs
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__}
+    result = Trainer(TrainArgs(**fields, progress=not args.no_progress)).run()
+    print(json.dumps(result), file=sys.stderr)
+    return 0
+
+
+def evaluate(args) -> int:
+    from orthrus_engines.training.evaluate import run_eval
+
+    result = run_eval(args.model, args.head, args.prompts, args.out, args.plot, args.temperature or [0.0],
+                      args.max_tokens, args.block_size)
+    for label, r in result["reports"].items():
+        rates = " ".join(f"{x:.2f}" for x in r["acceptance_by_position"] if x is not None)
+        print(f"{label}: TPF {r['tpf']:.3f}, accepted/cycle {r['accepted_per_cycle']:.3f}, "
+              f"{r['output_tokens']} tokens, acceptance by position: {rates}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "generate":
+        from orthrus_engines.errors import OrthrusInputError
+
+        try:
+            return {"gen-data": gen_data, "train": train, "eval": evaluate}[args.command](args)
+        except OrthrusInputError as e:
+            print(f"orthrus {args.command}: {e}", file=sys.stderr)
+            return 2
     if (args.prompt is None) == (args.prompt_file is None):
         print("orthrus generate: give a prompt or --prompt-file (one of them)", file=sys.stderr)
         return 2

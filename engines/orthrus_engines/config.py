@@ -8,9 +8,9 @@ class EngineArgs:
     """Engine settings. Everything has a default that runs on the machine at hand."""
 
     model: str | None = None  # local directory; None = the built-in default
-    head: str | None = None  # an Orthrus head (twin tensors) applied to `model`
+    head: str | None = None  # an Orthrus head applied to `model`; the built-in model's shipped one by default; "none"
     tokenizer: str | None = None  # defaults to the model directory
-    block_size: int | None = None  # K; None = the model's; 1 = plain AR
+    block_size: int | str | None = None  # "auto"/None: the auto policy up to the model's K; an int: fixed K; 1: AR
     page_size: int = 16
     num_pages: int | None = None  # KV cache pages; None = from kv_cache_gb
     kv_cache_gb: float | None = None  # None: 1 GiB on CPU, 40% of free memory on CUDA

@@ -151,14 +151,14 @@ def test_head_stored_apart_equals_full_checkpoint(orthrus, tmp_path):
     """save_head + LLM(model=base, head=...) reproduces the full checkpoint: twins, draft logits,
     greedy and sampled outputs, and the speculative counters."""
     family, d, kw = orthrus
-    full = LLM(model=str(d), num_pages=64)
+    full = LLM(model=str(d), num_pages=64, block_size=8)  # fixed K: the counters are deterministic
     src = full.engine.source
     head = tmp_path / "head.safetensors"
     save_head(full.engine.runner.model, head, src.block_size, src.mask_token_id)
     with safe_open(str(head), "pt") as st:
         assert all("_diff." in k for k in st.keys())  # only the twins are stored
     base_dir = write_base(tmp_path / "base", family, seed=SEED, **kw)  # the same base weights, written afresh
-    apart = LLM(model=str(base_dir), head=str(head), num_pages=64)
+    apart = LLM(model=str(base_dir), head=str(head), num_pages=64, block_size=8)
     assert apart.engine.block_size == full.engine.block_size
     assert apart.engine.source.mask_token_id == src.mask_token_id
     a, b = twin_state_dict(full.engine.runner.model), twin_state_dict(apart.engine.runner.model)

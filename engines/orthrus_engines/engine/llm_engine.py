@@ -1,6 +1,7 @@
 """The synchronous engine: requests in, one batched Orthrus step at a time, output deltas out."""
 
 import logging
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -9,12 +10,14 @@ import torch
 from orthrus_engines.config import EngineArgs
 from orthrus_engines.engine.block_manager import BlockManager
 from orthrus_engines.engine.detokenizer import Detokenizer
+from orthrus_engines.engine.draft_policy import AcceptanceStats, AutoDraftPolicy, ForwardTimes
 from orthrus_engines.engine.model_runner import ModelRunner
 from orthrus_engines.engine.sampler import greedy_accept, probs_from_logits, sample, speculative_accept
 from orthrus_engines.engine.scheduler import DecodeBatch, PrefillBatch, Scheduler
 from orthrus_engines.engine.sequence import Sequence, Status
 from orthrus_engines.errors import OrthrusInputError
-from orthrus_engines.models.loader import model_dir, resolve_model
+from orthrus_engines.models.builtin import default_head
+from orthrus_engines.models.loader import model_dir, read_head_metadata, resolve_model
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.prefix_hash import model_fingerprint
 from orthrus_engines.sampling_params import SamplingParams
@@ -37,11 +40,13 @@ class LLMEngine:
         self.args = args
         path = model_dir(args.model)
         self.tokenizer = load_tokenizer(Path(args.tokenizer).expanduser() if args.tokenizer else path)
-        src = resolve_model(path, args.head, self.tokenizer)
+        src = resolve_model(path, default_head(args.model, args.head), self.tokenizer)
         self.source = src
-        if args.block_size is not None and (not isinstance(args.block_size, int) or args.block_size < 1):
-            raise OrthrusInputError("block_size", f"must be an integer >= 1, got {args.block_size!r}")
-        self.block_size = args.block_size or src.block_size
+        bs = args.block_size
+        auto = bs is None or bs == "auto"
+        if not auto and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
+            raise OrthrusInputError("block_size", f"must be 'auto' or an integer >= 1, got {bs!r}")
+        self.block_size = src.block_size if auto else bs  # the longest block drafted
         self.device = args.resolve_device()
         self.dtype = args.resolve_dtype(self.device)
         self.vocab_size = src.hf_config.vocab_size
@@ -59,6 +64,15 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_pages, args.page_size, fingerprint, args.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len)
+        prior = read_head_metadata(src.head_path).get("acceptance_by_position") if src.head_path else None
+        self.acceptance = AcceptanceStats(self.block_size, prior)
+        self.policy: AutoDraftPolicy | None = None
+        if auto and self.block_size > 1:
+            top = min(args.max_num_batched_tokens, args.max_num_seqs * self.block_size, num_pages * args.page_size, 512)
+            ladder = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= top} | {top})
+            times = ForwardTimes({n: self.runner.time_forward(n) for n in ladder})
+            self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance)
+            self.scheduler.choose_k = self.policy.choose
         self.eos_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
         self.num_generated_tokens = 0
@@ -114,8 +128,9 @@ class LLMEngine:
             raise OrthrusInputError("stop", "stop strings need a tokenizer")
         check_stop_token_ids(params.stop_token_ids, self.vocab_size)
         k = 1 if not params.use_diffusion else (params.block_size or self.block_size)
+        auto_k = self.policy is not None and params.use_diffusion and params.block_size is None
         detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        seq = Sequence(request_id, ids, params, k, detok)
+        seq = Sequence(request_id, ids, params, k, detok, auto_k)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -153,6 +168,7 @@ class LLMEngine:
             return outs
 
     def _decode(self, batch: DecodeBatch) -> list[RequestOutput]:
+        start = time.perf_counter()
         seqs, ks = batch.seqs, batch.ks
         drafts: list[list[int]] = [[] for _ in seqs]
         q_probs: list[torch.Tensor | None] = [None] * len(seqs)
@@ -184,6 +200,8 @@ class LLMEngine:
             row += k
             seq.num_drafted += k - 1
             seq.num_accepted += len(new) - 1
+            if k > 1:
+                self.acceptance.record(k - 1, len(new) - 1)
             seq.num_cached += len(new)  # the anchor and the accepted drafts now hold valid KV
             self._commit(seq, new)
             seq.num_cached = min(seq.num_cached, len(seq.token_ids) - 1)  # a stop inside the block
@@ -193,6 +211,8 @@ class LLMEngine:
             else:
                 self.blocks.trim(seq)
                 outs.append(self._delta(seq))
+        if self.policy is not None:
+            self.policy.observe_step(sum(ks), bool(drafting), time.perf_counter() - start)
         return outs
 
     def _commit(self, seq: Sequence, tokens: list[int]) -> None:

@@ -6,6 +6,8 @@
 - verify:  AR view over `[anchor, d_1..d_{k-1}]`, causal, writes KV for all k; logits at all k slots.
 """
 
+import time
+
 import torch
 from orthrus_kernels import build_attention_metadata
 
@@ -66,3 +68,23 @@ class ModelRunner:
         """[sum(k), V] AR logits for `[anchor, drafts...]` of each sequence; writes their KV."""
         rows = list(range(sum(len(b) for b in blocks)))
         return self._forward(seqs, blocks, [s.num_cached for s in seqs], True, True, False, rows)
+
+    @torch.inference_mode()
+    def time_forward(self, n: int, repeats: int = 2) -> float:
+        """Seconds for one verify-like pass over n tokens (logits for all). Start-up only: it writes
+        scratch K/V into the first pages, which hold nothing yet."""
+        table = list(range(-(-n // self.page_size)))
+        meta = build_attention_metadata([n], [0], [table], self.page_size, True, True, self.device)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device)
+        best = float("inf")
+        for i in range(repeats + 1):  # the first run warms up
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self.model.logits(self.model(ids, positions, meta, self.kv_cache))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                best = min(best, time.perf_counter() - t0)
+        return best

@@ -6,6 +6,7 @@ waiting, steps alternate, so a stream of long prompts cannot stall running reque
 """
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from orthrus_engines.engine.block_manager import BlockManager
@@ -34,6 +35,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._last_was_prefill = False
+        self.choose_k: Callable[[int], int] | None = None  # the draft-length policy: batch size -> K
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -50,11 +52,13 @@ class Scheduler:
         self.blocks.free_all(seq)
         seq.status = Status.FINISHED
 
-    def block_length(self, seq: Sequence) -> int:
-        """K for this step: the request's K, no more than it may still emit or the window allows."""
+    def block_length(self, seq: Sequence, policy_k: int | None = None) -> int:
+        """K for this step: the policy's K (or the request's), no more than it may still emit or the
+        window allows."""
+        k = min(policy_k, seq.block_size) if policy_k is not None and seq.auto_k else seq.block_size
         remaining = seq.params.max_tokens - seq.num_output_tokens
         window = self.max_model_len - len(seq.token_ids) + 1
-        return max(1, min(seq.block_size, remaining, window))
+        return max(1, min(k, remaining, window))
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -96,11 +100,13 @@ class Scheduler:
         self._last_was_prefill = False
         if not decodes:
             return None
+        num_auto = sum(s.auto_k for s in decodes)
+        policy_k = self.choose_k(num_auto) if self.choose_k is not None and num_auto else None
         batch, ks, budget = [], [], self.max_num_batched_tokens
         for s in sorted(decodes, key=lambda s: s.arrival):
             if s.status != Status.RUNNING:
                 continue  # preempted below
-            k = self.block_length(s)
+            k = self.block_length(s, policy_k)
             if batch and k > budget:
                 break
             while not self.blocks.ensure(s, s.num_cached + k):

@@ -24,12 +24,13 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, block_size: int,
-                 detokenizer: Detokenizer | None):
+                 detokenizer: Detokenizer | None, auto_k: bool = False):
         self.request_id = request_id
         self.params = params
         self.token_ids: list[int] = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
-        self.block_size = block_size  # K for this request (1 = plain AR)
+        self.block_size = block_size  # K for this request (1 = plain AR), the most the policy may pick
+        self.auto_k = auto_k  # the engine's draft-length policy picks K each step
         self.status = Status.WAITING
         self.arrival = next(_arrival)
         # Paged KV state.

@@ -13,6 +13,19 @@ BUILTIN_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+SHIPPED_HEAD = Path(__file__).resolve().parent.parent / "heads" / "smollm2-135m-instruct.safetensors"
+
+
+def default_head(model, head):
+    """The head to apply: `head` as given; for the built-in model without one, the shipped head;
+    "none" = no head (the twins stay copies of the AR view)."""
+    if head == "none":
+        return None
+    if head is None and model is None and SHIPPED_HEAD.is_file():
+        return SHIPPED_HEAD
+    return head
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("ORTHRUS_CACHE", "~/.cache/orthrus")).expanduser()
 

@@ -185,10 +185,33 @@ def read_head_metadata(path: Path) -> dict:
 
 
 def apply_head(model: OrthrusModel, path: Path) -> None:
+    """Full twins under official names, or low-rank deltas (`*_diff.lora_{A,B}`) relative to the AR view."""
     with safe_open(path, "pt") as st:
-        filled = load_tensors(model, ((k, st.get_tensor(k)) for k in st.keys()), only_twins=True)
-    if not filled:
+        tensors = {k: st.get_tensor(k) for k in st.keys()}
+    lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    if lora:
+        model.copy_ar_to_twins()
+        _add_lowrank(model, lora)
+    filled = load_tensors(model, ((k, v) for k, v in tensors.items() if ".lora_" not in k), only_twins=True)
+    if not filled and not lora:
         raise OrthrusInputError("head", f"{path} holds no Orthrus twin tensors (*_diff)")
+
+
+@torch.no_grad()
+def _add_lowrank(model: OrthrusModel, lora: dict[str, torch.Tensor]) -> None:
+    s = model.shape
+    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    for i, layer in enumerate(model.layers):
+        d = layer.self_attn.diff
+        pre = f"model.layers.{i}.self_attn."
+        for name, param, parts in (("qkv_proj_diff", d.qkv.weight, [q, kv, kv]), ("o_proj_diff", d.o.weight, None)):
+            if f"{pre}{name}.lora_A" not in lora:
+                raise OrthrusInputError("head", f"low-rank head lacks {pre}{name}.lora_A")
+            delta = (lora[f"{pre}{name}.lora_B"].float() @ lora[f"{pre}{name}.lora_A"].float()).to(param.dtype)
+            for shard, chunk in enumerate(delta.split(parts) if parts else [delta]):
+                local = torch.zeros_like(param)
+                param.weight_loader(local, chunk.to(param.device), shard)  # this rank's slice of the delta
+                param.add_(local)
 
 
 def twin_state_dict(model: OrthrusModel) -> dict[str, torch.Tensor]:
@@ -211,6 +234,8 @@ def twin_state_dict(model: OrthrusModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def save_head(model: OrthrusModel, path: str | Path, block_size: int, mask_token_id: int) -> None:
-    meta = {"orthrus": json.dumps({"block_size": block_size, "mask_token_id": mask_token_id})}
-    save_file(twin_state_dict(model), str(path), metadata=meta)
+def save_head(model: OrthrusModel, path: str | Path, block_size: int, mask_token_id: int,
+              tensors: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> None:
+    """A head file: the twins (default: in full) plus metadata (block size, mask token, `extra`)."""
+    meta = {"orthrus": json.dumps({"block_size": block_size, "mask_token_id": mask_token_id, **(extra or {})})}
+    save_file(tensors if tensors is not None else twin_state_dict(model), str(path), metadata=meta)

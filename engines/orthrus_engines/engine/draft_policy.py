@@ -1,0 +1,114 @@
+"""The `auto` draft-length policy: before each decode step, pick the block length K (K = 1 is plain
+AR) that maximises expected committed tokens per second for the running batch.
+
+  tokens(K) = B * (1 + sum_{i<K} r_i)        r_i: rate at which draft position i is accepted
+  time(K)   = T(B)            for K = 1      (one verify pass of the anchors)
+            = T(B K) + T(B K) for K > 1      (a draft pass and a verify pass of B blocks)
+
+`r_i` is measured online with exponentially decaying counts (a head may carry a prior measured at
+evaluation). T(n), the forward time over n batched tokens, is measured at start-up on this machine
+and refined with every decode step's wall time. When drafting has not been tried for a while, one
+step drafts at the full K to refresh the acceptance estimate.
+"""
+
+import bisect
+
+
+class AcceptanceStats:
+    """Per draft position i (1-based): how often it was drafted and accepted. Cumulative totals
+    (for reports) and decayed counts (for the policy)."""
+
+    def __init__(self, max_k: int, prior: list[float] | None = None, prior_weight: float = 4.0, decay: float = 0.998):
+        self.max_k = max_k
+        self.decay = decay
+        n = max(0, max_k - 1)
+        self.proposed, self.accepted = [0] * n, [0] * n
+        self.cycles = 0
+        prior = (prior or [0.5**i for i in range(1, n + 1)])[:n] + [0.0] * max(0, n - len(prior or []))
+        self._p = [prior_weight] * n
+        self._a = [prior_weight * r for r in prior]
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """One sequence's cycle: `drafted` = K - 1 drafts, the first `accepted` of them accepted."""
+        self.cycles += 1
+        for arr in (self.proposed, self.accepted, self._p, self._a):  # a request may draft more than max_k
+            arr.extend([0] * (drafted - len(arr)))
+        for i in range(drafted):
+            self.proposed[i] += 1
+            self._p[i] += 1
+            if i < accepted:
+                self.accepted[i] += 1
+                self._a[i] += 1
+
+    def tick(self) -> None:
+        """One decode step passed: old evidence fades."""
+        self._p = [p * self.decay for p in self._p]
+        self._a = [a * self.decay for a in self._a]
+
+    @property
+    def evidence(self) -> float:
+        return self._p[0] if self._p else 0.0
+
+    def rates(self) -> list[float]:
+        """Decayed estimate of r_i, non-increasing in i (a draft is accepted only after its predecessors)."""
+        out, prev = [], 1.0
+        for p, a in zip(self._p[: self.max_k - 1], self._a):
+            prev = min(prev, a / p if p > 0 else 0.0)
+            out.append(prev)
+        return out
+
+    def snapshot(self) -> tuple[int, list[int], list[int]]:
+        """Cumulative (cycles, drafted by position, accepted by position)."""
+        return self.cycles, list(self.proposed), list(self.accepted)
+
+
+class ForwardTimes:
+    """T(n): seconds for one forward pass over n batched tokens, piecewise linear between measured n."""
+
+    def __init__(self, measured: dict[int, float], smoothing: float = 0.2):
+        self.ns = sorted(measured)
+        self.ts = [measured[n] for n in self.ns]
+        self.smoothing = smoothing
+
+    def __call__(self, n: int) -> float:
+        ns, ts = self.ns, self.ts
+        if len(ns) == 1:
+            return ts[0] * n / ns[0]
+        i = min(max(bisect.bisect_left(ns, n), 1), len(ns) - 1)
+        n0, n1, t0, t1 = ns[i - 1], ns[i], ts[i - 1], ts[i]
+        return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), 1e-9)
+
+    def observe(self, n: int, seconds: float) -> None:
+        i = bisect.bisect_left(self.ns, n)
+        if i < len(self.ns) and self.ns[i] == n:
+            self.ts[i] += self.smoothing * (seconds - self.ts[i])
+        else:
+            self.ns.insert(i, n)
+            self.ts.insert(i, seconds)
+
+
+class AutoDraftPolicy:
+    def __init__(self, max_k: int, times: ForwardTimes, stats: AcceptanceStats, min_evidence: float = 4.0):
+        self.max_k = max_k
+        self.times = times
+        self.stats = stats
+        self.min_evidence = min_evidence
+
+    def expected_rate(self, k: int, batch: int) -> float:
+        """Expected committed tokens per second with block length k for `batch` sequences."""
+        tokens = batch * (1 + sum(self.stats.rates()[: k - 1]))
+        seconds = self.times(batch) if k == 1 else 2 * self.times(batch * k)
+        return tokens / seconds
+
+    def choose(self, batch: int) -> int:
+        if batch < 1 or self.max_k == 1:
+            return 1
+        self.stats.tick()
+        best = max(range(1, self.max_k + 1), key=lambda k: self.expected_rate(k, batch))
+        if best == 1 and self.stats.evidence < self.min_evidence:
+            return self.max_k  # explore: re-measure acceptance now and then
+        return best
+
+    def observe_step(self, tokens_per_pass: int, drafted: bool, seconds: float) -> None:
+        """A decode step's wall time: one pass (AR) or two passes of about the same size (draft + verify)."""
+        self.times.observe(tokens_per_pass, seconds / 2 if drafted else seconds)

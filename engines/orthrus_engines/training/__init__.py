@@ -1,0 +1,1 @@
+"""Training the diffusion view (the twins) of an Orthrus model; the AR view stays frozen."""

@@ -1,0 +1,95 @@
+"""`orthrus eval`: how well a head drafts, on held-out chat prompts.
+
+Reports TPF (generated tokens / all forward passes: prefill, draft and verify), mean accepted drafts
+per cycle (one cycle = a draft pass and a verify pass), and the acceptance rate by draft position
+(the fraction of cycles whose draft at position i was accepted, i.e. positions 1..i all were), as
+JSON and as a PNG plot.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from orthrus_engines.training.data import packaged_prompts, read_prompts
+
+
+def evaluate(llm, prompts: list[str] | list[list[int]], max_tokens: int = 256, temperature: float = 0.0,
+             seed: int = 0) -> dict:
+    """Chat prompts (strings, templated) or raw token-id prompts."""
+    from orthrus_engines.sampling_params import SamplingParams
+
+    eng = llm.engine
+    ids = [p if isinstance(p, list) else list(llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for p in prompts]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i) for i in range(len(ids))]
+    c0, d0, a0 = eng.acceptance.snapshot()
+    start = time.perf_counter()
+    outs = llm.generate(ids, params)
+    seconds = time.perf_counter() - start
+    c1, d1, a1 = eng.acceptance.snapshot()
+    tokens = sum(o.num_output_tokens for o in outs)
+    passes = sum(o.num_forward_passes for o in outs)
+    cycles = c1 - c0
+    accepted = sum(o.num_accepted_tokens for o in outs)
+    pad = lambda xs: xs + [0] * (len(d1) - len(xs))  # noqa: E731
+    drafted_by_pos = [x - y for x, y in zip(d1, pad(d0))]
+    accepted_by_pos = [x - y for x, y in zip(a1, pad(a0))]
+    return {
+        "prompts": len(prompts),
+        "block_size": eng.block_size,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "output_tokens": tokens,
+        "forward_passes": passes,
+        "tpf": tokens / max(passes, 1),
+        "cycles": cycles,
+        "accepted_per_cycle": accepted / max(cycles, 1),
+        "acceptance_by_position": [a / d if d else None for a, d in zip(accepted_by_pos, drafted_by_pos)],
+        "seconds": round(seconds, 2),
+    }
+
+
+def plot_acceptance(reports: dict[str, dict], path: str | Path) -> None:
+    """One line per report: acceptance rate against draft position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, r in reports.items():
+        rates = [x for x in r["acceptance_by_position"] if x is not None]
+        ax.plot(range(1, len(rates) + 1), rates, marker="o",
+                label=f"{label}: TPF {r['tpf']:.2f}, {r['accepted_per_cycle']:.2f} acc/cycle")
+    ax.set_xlabel("draft position i")
+    ax.set_ylabel("fraction of cycles accepting drafts 1..i")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_eval(model: str | None, head: str | None, prompts_file: str | None, out: str | None, plot: str | None,
+             temperatures: list[float], max_tokens: int, block_size: int | None, max_num_seqs: int = 32) -> dict:
+    from orthrus_engines import LLM
+
+    prompts = read_prompts(prompts_file or packaged_prompts("prompts_eval.txt"))
+    llm = LLM(model=model, head=head, block_size=block_size or llm_block_size(model, head), max_num_seqs=max_num_seqs)
+    reports = {f"T={t:g}": evaluate(llm, prompts, max_tokens, t) for t in temperatures}
+    result = {"model": model or "builtin", "head": head, "reports": reports}
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+    if plot:
+        plot_acceptance(reports, plot)
+    return result
+
+
+def llm_block_size(model: str | None, head: str | None) -> int:
+    """The head's (or model's) trained K: evaluation drafts the full block every cycle."""
+    from orthrus_engines.models.builtin import default_head
+    from orthrus_engines.models.loader import model_dir, resolve_model
+
+    return resolve_model(model_dir(model), default_head(model, head)).block_size
