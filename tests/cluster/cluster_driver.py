@@ -6,7 +6,9 @@ one JSON answer a line on stdout, after the marker `@@ ` (Ray prints its own mes
     {"op": "replicas", "app": "orthrus"} -> {replica_id: {"node_id", "num_running", "num_waiting",
                                                           "cached_blocks"}} of the live engine replicas
 
-Run as `python cluster_driver.py <gcs address>` with the cluster's RAY_AUTH_* environment.
+Run as `python cluster_driver.py <gcs address> <dashboard URL>` with the cluster's RAY_AUTH_*
+environment. Every call names this cluster: with no address, Ray's state API looks for "the" local
+cluster and fails when the serving tests' cluster runs beside this one.
 """
 
 import json
@@ -22,11 +24,11 @@ def nodes() -> list[dict]:
              "resources": n.get("Resources", {})} for n in ray.nodes()]
 
 
-def replicas(app: str) -> dict:
+def replicas(app: str, dashboard: str) -> dict:
     from ray.util.state import list_actors
 
     prefix = f"SERVE_REPLICA::{app}#{ENGINE}#"
-    alive = {a.name: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+    alive = {a.name: a.node_id for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=10_000)
              if a.name and a.name.startswith(prefix)}
     out = {}
     for name, node_id in alive.items():
@@ -48,7 +50,7 @@ def main() -> None:
             if cmd["op"] == "nodes":
                 answer = nodes()
             elif cmd["op"] == "replicas":
-                answer = replicas(cmd.get("app", "orthrus"))
+                answer = replicas(cmd.get("app", "orthrus"), sys.argv[2])
             else:
                 raise ValueError(f"unknown op {cmd['op']!r}")
             print("@@", json.dumps({"ok": answer}), flush=True)

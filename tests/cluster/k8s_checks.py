@@ -16,7 +16,6 @@ from pathlib import Path
 import yaml
 
 CRDS = Path(__file__).parent / "crds"
-K8S_VERSION = "1.37.0"  # the newest schemas kubernetes-validate ships
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -102,8 +101,8 @@ def _cel(schema: dict, value, path: str) -> list[str]:
 def validate_builtin(obj: dict) -> list[str]:
     import kubernetes_validate
 
-    try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    try:  # the newest Kubernetes whose schemas the package ships
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
         return []
     except kubernetes_validate.ValidationError as e:
         first = str(e).strip().splitlines()[0]

@@ -203,7 +203,8 @@ class Driver:
     """cluster_driver.py in a subprocess: a Ray driver connected to this cluster."""
 
     def __init__(self, nodes: RayNodes, timeout_s: float = 60):
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cluster_driver.py")), nodes.address],
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cluster_driver.py")), nodes.address,
+                                      nodes.dashboard_url],
                                      env=nodes.env, cwd=nodes.dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=(nodes.dir / "driver.log").open("w"), text=True)
         self.timeout_s = timeout_s
