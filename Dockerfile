@@ -3,17 +3,18 @@
 # built-in model, converted at build time. It runs as the Ray image's non-root user `ray` (uid 1000, gid 100).
 #   docker build -t orthrus-serve:0.1.0 .
 #   docker run --gpus all -p 8000:8000 -p 9000:9000 orthrus-serve:0.1.0      # one GPU machine
-# On Kubernetes, cluster/kuberay/rayservice.yaml runs it (KubeRay starts Ray in each pod itself).
+# On Kubernetes, cluster/kuberay/base/rayservice.yaml runs it (KubeRay starts Ray in each pod itself).
 FROM rayproject/ray:2.60.0-py311-gpu
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV ORTHRUS_CACHE=/home/ray/.cache/orthrus \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 USER 1000:100
-WORKDIR /home/ray/orthrus-serve
 
-# torch first, pinned as in the Makefile (from PyPI: the CUDA build), then the packages bottom-up
-RUN pip install --no-cache-dir torch==2.13.0
+# torch first, pinned as in the Makefile (from PyPI: the CUDA build), then the packages bottom-up.
+# The source directory is made by `ray` (a WORKDIR alone may be made by root): pip builds in it.
+RUN pip install --no-cache-dir torch==2.13.0 && mkdir -p /home/ray/orthrus-serve
+WORKDIR /home/ray/orthrus-serve
 COPY --chown=1000:100 kernels/ kernels/
 COPY --chown=1000:100 engines/ engines/
 COPY --chown=1000:100 pyproject.toml ./

@@ -157,4 +157,7 @@ def test_runs_as_non_root_and_its_command_exists():
     exposed = {int(p) for e in args_of("EXPOSE") for p in e.split()}
     assert {serve["http_options"]["port"], serve["grpc_options"]["port"]} <= exposed
     (workdir,) = args_of("WORKDIR")
-    assert workdir.startswith("/")
+    assert workdir.startswith("/home/ray/")
+    # pip builds in the source directory: the non-root user makes it (WORKDIR may make it as root)
+    before = instructions()[:names.index("WORKDIR")]
+    assert any(i == "RUN" and f"mkdir -p {workdir}" in a for i, a in before)
