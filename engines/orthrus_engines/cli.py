@@ -83,11 +83,15 @@ def gen_data(args) -> int:
 
     prompts = read_prompts(args.prompts or packaged_prompts("prompts_train.txt"))
     llm = LLM(model=args.model, block_size=1, max_num_seqs=args.max_num_seqs)
-    start = time.perf_counter()
-    samples = generate_samples(llm, prompts, args.samples_per_prompt, args.temperature, args.max_tokens, args.seed)
-    write_samples(samples, args.out)
-    n = sum(len(s["output_ids"]) for s in samples)
-    print(f"{len(samples)} responses, {n} tokens in {time.perf_counter() - start:.0f} s -> {args.out}", file=sys.stderr)
+    start, n, chunk = time.perf_counter(), 0, 2 * args.max_num_seqs
+    open(args.out, "w").close()
+    for i in range(0, len(prompts), chunk):  # written as it goes: progress shows, an interruption keeps the rest
+        samples = generate_samples(llm, prompts[i : i + chunk], args.samples_per_prompt, args.temperature,
+                                   args.max_tokens, args.seed + i * args.samples_per_prompt)
+        write_samples(samples, args.out, append=True)
+        n += sum(len(s["output_ids"]) for s in samples)
+        print(f"{min(i + chunk, len(prompts))}/{len(prompts)} prompts, {n} tokens, "
+              f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return 0
 
 

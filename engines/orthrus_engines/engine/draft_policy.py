@@ -18,7 +18,7 @@ class AcceptanceStats:
     """Per draft position i (1-based): how often it was drafted and accepted. Cumulative totals
     (for reports) and decayed counts (for the policy)."""
 
-    def __init__(self, max_k: int, prior: list[float] | None = None, prior_weight: float = 4.0, decay: float = 0.998):
+    def __init__(self, max_k: int, prior: list[float] | None = None, prior_weight: float = 1.0, decay: float = 0.998):
         self.max_k = max_k
         self.decay = decay
         n = max(0, max_k - 1)
@@ -79,8 +79,10 @@ class ForwardTimes:
         return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), 1e-9)
 
     def observe(self, n: int, seconds: float) -> None:
+        """Blend a measured pass into T(n); a single outlier (a stall) moves it by at most 3x."""
         i = bisect.bisect_left(self.ns, n)
         if i < len(self.ns) and self.ns[i] == n:
+            seconds = min(max(seconds, self.ts[i] / 3), self.ts[i] * 3)
             self.ts[i] += self.smoothing * (seconds - self.ts[i])
         else:
             self.ns.insert(i, n)
@@ -88,7 +90,7 @@ class ForwardTimes:
 
 
 class AutoDraftPolicy:
-    def __init__(self, max_k: int, times: ForwardTimes, stats: AcceptanceStats, min_evidence: float = 4.0):
+    def __init__(self, max_k: int, times: ForwardTimes, stats: AcceptanceStats, min_evidence: float = 1.0):
         self.max_k = max_k
         self.times = times
         self.stats = stats

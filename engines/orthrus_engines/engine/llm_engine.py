@@ -68,7 +68,7 @@ class LLMEngine:
         self.acceptance = AcceptanceStats(self.block_size, prior)
         self.policy: AutoDraftPolicy | None = None
         if auto and self.block_size > 1:
-            top = min(args.max_num_batched_tokens, args.max_num_seqs * self.block_size, num_pages * args.page_size, 512)
+            top = min(args.max_num_batched_tokens, args.max_num_seqs * self.block_size, self.max_model_len, 512)
             ladder = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= top} | {top})
             times = ForwardTimes({n: self.runner.time_forward(n) for n in ladder})
             self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance)

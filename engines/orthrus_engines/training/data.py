@@ -49,8 +49,8 @@ def generate_samples(llm, prompts: list[str], samples_per_prompt: int, temperatu
     return [{"prompt_ids": ids, "output_ids": o.token_ids} for ids, o in zip(jobs, outs)]
 
 
-def write_samples(samples: list[dict], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+def write_samples(samples: list[dict], path: str | Path, append: bool = False) -> None:
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
         for s in samples:
             f.write(json.dumps(s) + "\n")
 

@@ -1,0 +1,89 @@
+"""`auto` draft length against plain AR, side by side in one engine on the built-in model (greedy).
+
+  .venv/bin/python bench/bench_auto.py [--tokens 128] [--rounds 2] [--out docs/bench_auto.json]
+
+One LLM with the shipped head and block_size="auto"; AR requests are the same engine with
+SamplingParams(block_size=1). For concurrency 1, 4 and 16 it runs waves of that many held-out chat
+prompts, alternating AR and auto waves so drift hits both alike, and reports output tokens/s, TPF
+and the K the policy chose. Also reports fixed K = 8 for reference.
+"""
+
+import argparse
+import json
+import platform
+import time
+from collections import Counter
+
+import torch
+
+
+def run_wave(llm, prompts: list[list[int]], tokens: int, block_size: int | None) -> dict:
+    from orthrus_engines import SamplingParams
+
+    chosen = Counter()
+    sched = llm.engine.scheduler
+    original = sched.choose_k
+
+    def spy(batch: int) -> int:
+        k = original(batch)
+        chosen[k] += 1
+        return k
+
+    sched.choose_k = spy if original is not None else None
+    params = SamplingParams(max_tokens=tokens, block_size=block_size)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    sched.choose_k = original
+    return {"tokens": sum(o.num_output_tokens for o in outs), "seconds": seconds,
+            "passes": sum(o.num_forward_passes for o in outs), "chosen_k": dict(chosen)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2, help="waves per mode and concurrency")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--head", help="default: the shipped head")
+    ap.add_argument("--out", default="docs/bench_auto.json")
+    args = ap.parse_args()
+
+    from orthrus_engines import LLM
+    from orthrus_engines.training.data import packaged_prompts, read_prompts
+
+    llm = LLM(head=args.head, enable_prefix_cache=False)  # waves repeat prompts: no mode may reuse KV
+    tok = llm.tokenizer
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"])
+               for p in read_prompts(packaged_prompts("prompts_eval.txt"))]
+    llm.generate(prompts[:2], None)  # warm-up
+    modes = {"ar": 1, "auto": None, "fixed8": 8}
+    results = {}
+    for c in args.concurrency:
+        acc = {m: {"tokens": 0, "seconds": 0.0, "passes": 0, "chosen_k": Counter()} for m in modes}
+        for r in range(args.rounds):
+            wave = [prompts[(r * c + i) % len(prompts)] for i in range(c)]
+            for m, k in modes.items():
+                w = run_wave(llm, wave, args.tokens, k)
+                a = acc[m]
+                a["tokens"] += w["tokens"]
+                a["seconds"] += w["seconds"]
+                a["passes"] += w["passes"]
+                a["chosen_k"].update(w["chosen_k"])
+        row = {m: {"tok_s": a["tokens"] / a["seconds"], "tpf": a["tokens"] / max(a["passes"], 1),
+                   "tokens": a["tokens"], "chosen_k": dict(sorted(a["chosen_k"].items()))} for m, a in acc.items()}
+        row["auto_vs_ar"] = row["auto"]["tok_s"] / row["ar"]["tok_s"]
+        row["fixed8_vs_ar"] = row["fixed8"]["tok_s"] / row["ar"]["tok_s"]
+        results[c] = row
+        print(f"c={c}: AR {row['ar']['tok_s']:.1f} tok/s, auto {row['auto']['tok_s']:.1f} "
+              f"({row['auto_vs_ar']:.2f}x, K chosen {row['auto']['chosen_k']}), "
+              f"K=8 {row['fixed8']['tok_s']:.1f} ({row['fixed8_vs_ar']:.2f}x, TPF {row['fixed8']['tpf']:.2f})", flush=True)
+    meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "tokens": args.tokens, "rounds": args.rounds, "head": args.head or "shipped",
+            "forward_times": dict(zip(llm.engine.policy.times.ns, llm.engine.policy.times.ts))}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

