@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, action="append", help="repeatable (default: 0)")
     e.add_argument("--max-tokens", type=int, default=256)
     e.add_argument("--block-size", type=int, help="K to draft (default: the head's)")
+    e.add_argument("--record-prior", action="store_true",
+                   help="store the first temperature's acceptance by position in the head file: the auto "
+                        "policy's starting estimate")
     return p
 
 
@@ -109,6 +112,13 @@ def evaluate(args) -> int:
 
     result = run_eval(args.model, args.head, args.prompts, args.out, args.plot, args.temperature or [0.0],
                       args.max_tokens, args.block_size)
+    if args.record_prior:
+        from orthrus_engines.models.builtin import default_head
+        from orthrus_engines.models.loader import update_head_metadata
+
+        first = next(iter(result["reports"].values()))
+        update_head_metadata(default_head(args.model, args.head),
+                             acceptance_by_position=[round(x or 0.0, 4) for x in first["acceptance_by_position"]])
     for label, r in result["reports"].items():
         rates = " ".join(f"{x:.2f}" for x in r["acceptance_by_position"] if x is not None)
         print(f"{label}: TPF {r['tpf']:.3f}, accepted/cycle {r['accepted_per_cycle']:.3f}, "

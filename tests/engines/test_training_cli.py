@@ -58,3 +58,16 @@ def test_bad_arguments_name_the_field(workdir, tiny_model_dir, capsys, monkeypat
     argv = argv[:1] + ["--model", str(tiny_model_dir)] + argv[1:]
     assert main(argv) == 2
     assert field in capsys.readouterr().err
+
+
+def test_record_prior_stores_acceptance_in_the_head(workdir, tiny_model_dir):
+    from orthrus_engines import LLM
+    from orthrus_engines.models.loader import read_head_metadata
+
+    head = workdir / "run" / "head.safetensors"  # written by test_gen_data_train_eval
+    assert main(["eval", "--model", str(tiny_model_dir), "--head", str(head), "--prompts", str(workdir / "prompts.txt"),
+                 "--max-tokens", "8", "--record-prior"]) == 0
+    prior = read_head_metadata(head)["acceptance_by_position"]
+    assert len(prior) == 3 and all(0 <= x <= 1 for x in prior)
+    eng = LLM(str(tiny_model_dir), head=str(head)).engine
+    assert eng.policy is not None and eng.acceptance.rates()[0] == pytest.approx(min(1.0, prior[0]), abs=1e-3)

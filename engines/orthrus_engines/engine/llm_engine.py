@@ -68,8 +68,9 @@ class LLMEngine:
         self.acceptance = AcceptanceStats(self.block_size, prior)
         self.policy: AutoDraftPolicy | None = None
         if auto and self.block_size > 1:
-            top = min(args.max_num_batched_tokens, args.max_num_seqs * self.block_size, self.max_model_len, 512)
-            ladder = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= top} | {top})
+            top = min(args.max_num_batched_tokens, args.max_num_seqs * self.block_size, self.max_model_len, 256)
+            ladder = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= top} | {top})
+            self.runner.time_forward(min(8, top))  # warm-up; larger n are extrapolated, and refined online
             times = ForwardTimes({n: self.runner.time_forward(n) for n in ladder})
             self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance)
             self.scheduler.choose_k = self.policy.choose

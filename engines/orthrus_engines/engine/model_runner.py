@@ -70,7 +70,7 @@ class ModelRunner:
         return self._forward(seqs, blocks, [s.num_cached for s in seqs], True, True, False, rows)
 
     @torch.inference_mode()
-    def time_forward(self, n: int, repeats: int = 2) -> float:
+    def time_forward(self, n: int, repeats: int = 1) -> float:
         """Seconds for one verify-like pass over n tokens (logits for all). Start-up only: it writes
         scratch K/V into the first pages, which hold nothing yet."""
         table = list(range(-(-n // self.page_size)))
@@ -78,13 +78,12 @@ class ModelRunner:
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         positions = torch.arange(n, device=self.device)
         best = float("inf")
-        for i in range(repeats + 1):  # the first run warms up
+        for _ in range(repeats):
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             self.model.logits(self.model(ids, positions, meta, self.kv_cache))
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            if i:
-                best = min(best, time.perf_counter() - t0)
+            best = min(best, time.perf_counter() - t0)
         return best

@@ -184,6 +184,14 @@ def read_head_metadata(path: Path) -> dict:
     return json.loads(meta.get("orthrus", "{}"))
 
 
+def update_head_metadata(path: str | Path, **fields) -> None:
+    """Add fields (e.g. the measured acceptance by position) to a head file's metadata."""
+    from safetensors.torch import load_file
+
+    meta = {**read_head_metadata(Path(path)), **fields}
+    save_file(load_file(str(path)), str(path), metadata={"orthrus": json.dumps(meta)})
+
+
 def apply_head(model: OrthrusModel, path: Path) -> None:
     """Full twins under official names, or low-rank deltas (`*_diff.lora_{A,B}`) relative to the AR view."""
     with safe_open(path, "pt") as st:
