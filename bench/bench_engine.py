@@ -102,7 +102,7 @@ def main() -> None:
     path = builtin_model_dir()
     tok = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    llm = LLM()
+    llm = LLM(head="none", block_size=8)  # untrained twins, fixed K (bench_auto.py measures the shipped head and auto)
     n = args.tokens
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                  "torch": torch.__version__, "new_tokens": n, "ar": [], "orthrus": []}

@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         ("clip", float, "gradient-norm clip"),
         ("weight_decay", float, "AdamW weight decay"),
         ("rank", int, "rank of the twins' low-rank deltas; 0 = full-rank twins"),
+        ("slot_decay", float, "loss weight of draft slot j is slot_decay**j (1 = uniform)"),
         ("seed", int, "makes a run repeatable"),
         ("save_every", int, "checkpoint every N steps"),
         ("max_minutes", float, "stop and save after this much wall time"),

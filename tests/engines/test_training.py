@@ -121,7 +121,7 @@ def test_continue_from_a_lowrank_head(base, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("block_size", 1), ("anchors", 0), ("lr", 0.0), ("warmup", 1.0),
-                                          ("data", []), ("seq_len", 2)])
+                                          ("data", []), ("seq_len", 2), ("slot_decay", 0.0)])
 def test_bad_settings_name_the_field(base, tmp_path, field, value):
     with pytest.raises(OrthrusInputError, match=field):
         Trainer(_args(base, tmp_path, **{field: value}))

@@ -88,12 +88,15 @@ def student_forward(model: OrthrusModel, tokens: torch.Tensor, positions: torch.
 
 
 def distillation_loss(model: OrthrusModel, ids: torch.Tensor, anchors: torch.Tensor, block_size: int,
-                      mask_token_id: int, trainable: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                      mask_token_id: int, trainable: torch.Tensor | None = None,
+                      slot_decay: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Forward KL(AR || diffusion) at every draft slot: slot j of the block at anchor p predicts token
     p+j+1, and the teacher is the frozen AR distribution at position p+j (teacher forcing).
 
     `trainable` [B, L] (optional) drops slots whose target token is not a training target.
-    Returns the mean KL per slot and stats (slots, greedy agreement by slot).
+    `slot_decay` < 1 weights slot j by slot_decay**j: a draft counts only if all before it are
+    accepted, so early slots matter most (1 = uniform, the paper's recipe).
+    Returns the weighted mean KL per slot and stats (slots, greedy agreement by slot).
     """
     B, L = ids.shape
     K = block_size
@@ -112,9 +115,11 @@ def distillation_loss(model: OrthrusModel, ids: torch.Tensor, anchors: torch.Ten
         t_logp = F.log_softmax(model.logits(t_rows[keep]), dim=-1)
     s_logp = F.log_softmax(model.logits(s_rows[keep]), dim=-1)
     kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1)
+    slot = torch.arange(K - 1, device=ids.device).expand(B, A, -1).flatten(1)[keep]
+    weight = slot_decay ** slot.float()
     with torch.no_grad():
         agree = (s_logp.argmax(-1) == t_logp.argmax(-1)).float()
-        slot = torch.arange(K - 1, device=ids.device).expand(B, A, -1).flatten(1)[keep]
         by_slot = torch.zeros(K - 1, device=ids.device).index_add_(0, slot, agree)
         count = torch.zeros(K - 1, device=ids.device).index_add_(0, slot, torch.ones_like(agree))
-    return kl.mean(), {"slots": int(keep.sum()), "agree_by_slot": (by_slot / count.clamp(min=1)).tolist()}
+    loss = (kl * weight).sum() / weight.sum()
+    return loss, {"slots": int(keep.sum()), "agree_by_slot": (by_slot / count.clamp(min=1)).tolist()}

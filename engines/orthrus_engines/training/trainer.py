@@ -48,6 +48,7 @@ class TrainArgs:
     clip: float = 1.0
     weight_decay: float = 0.0
     rank: int = 64  # low-rank deltas; 0 = full-rank twins
+    slot_decay: float = 1.0  # loss weight of draft slot j is slot_decay**j (1 = uniform)
     seed: int = 0
     save_every: int = 100
     log_every: int = 10
@@ -64,6 +65,8 @@ class TrainArgs:
             raise OrthrusInputError("block_size", f"{self.block_size} is longer than seq_len {self.seq_len}")
         if self.lr <= 0:
             raise OrthrusInputError("lr", f"must be > 0, got {self.lr}")
+        if not 0 < self.slot_decay <= 1:
+            raise OrthrusInputError("slot_decay", f"must be in (0, 1], got {self.slot_decay}")
         if not 0 <= self.warmup < 1:
             raise OrthrusInputError("warmup", f"must be in [0, 1), got {self.warmup}")
         if not self.data:
@@ -167,7 +170,8 @@ class Trainer:
         ids, anchors, trainable = ids.to(self.device), anchors.to(self.device), trainable.to(self.device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
-            loss, stats = distillation_loss(self.model, ids, anchors, a.block_size, self.src.mask_token_id, trainable)
+            loss, stats = distillation_loss(self.model, ids, anchors, a.block_size, self.src.mask_token_id, trainable,
+                                            a.slot_decay)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, a.clip)

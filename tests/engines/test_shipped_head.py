@@ -1,0 +1,29 @@
+"""The head shipped for the built-in model: small, loaded by default, and measurably trained."""
+
+import pytest
+import torch
+
+from orthrus_engines import LLM
+from orthrus_engines.models.builtin import SHIPPED_HEAD
+from orthrus_engines.models.loader import read_head_metadata
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+
+def test_shipped_head_is_small_and_described():
+    assert SHIPPED_HEAD.is_file()
+    assert SHIPPED_HEAD.stat().st_size <= 25 * 2**20
+    meta = read_head_metadata(SHIPPED_HEAD)
+    assert meta["block_size"] >= 2 and meta["rank"] > 0 and meta["blocks_seen"] > 0
+    assert len(meta["acceptance_by_position"]) == meta["block_size"] - 1  # the auto policy's prior
+
+
+def test_builtin_model_loads_the_shipped_head_by_default(builtin_dir):
+    default = LLM(block_size=8).engine
+    untrained = LLM(head="none", block_size=8).engine
+    assert default.source.head_path == SHIPPED_HEAD and untrained.source.head_path is None
+    assert default.block_size == read_head_metadata(SHIPPED_HEAD)["block_size"]
+    d, u = default.runner.model.layers[0].self_attn, untrained.runner.model.layers[0].self_attn
+    assert torch.equal(u.diff.qkv.weight, u.ar.qkv.weight)  # untrained twins are AR copies
+    assert not torch.equal(d.diff.qkv.weight, d.ar.qkv.weight)
+    assert torch.equal(d.ar.qkv.weight, u.ar.qkv.weight)  # the AR view is untouched
