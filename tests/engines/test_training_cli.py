@@ -66,7 +66,9 @@ def test_record_prior_stores_acceptance_in_the_head(workdir, tiny_model_dir):
 
     head = workdir / "run" / "head.safetensors"  # written by test_gen_data_train_eval
     assert main(["eval", "--model", str(tiny_model_dir), "--head", str(head), "--prompts", str(workdir / "prompts.txt"),
-                 "--max-tokens", "8", "--record-prior"]) == 0
+                 "--max-tokens", "8", "--record-prior", "--plot", str(workdir / "both.png"),
+                 "--plot-with", str(workdir / "report.json"), "--label", "again"]) == 0
+    assert (workdir / "both.png").read_bytes()[:4] == b"\x89PNG"
     prior = read_head_metadata(head)["acceptance_by_position"]
     assert len(prior) == 3 and all(0 <= x <= 1 for x in prior)
     eng = LLM(str(tiny_model_dir), head=str(head)).engine

@@ -73,17 +73,24 @@ def plot_acceptance(reports: dict[str, dict], path: str | Path) -> None:
 
 
 def run_eval(model: str | None, head: str | None, prompts_file: str | None, out: str | None, plot: str | None,
-             temperatures: list[float], max_tokens: int, block_size: int | None, max_num_seqs: int = 32) -> dict:
+             temperatures: list[float], max_tokens: int, block_size: int | None, max_num_seqs: int = 32,
+             plot_with: list[str] | None = None, label: str | None = None) -> dict:
+    """Evaluate one head; `plot_with` adds the lines of earlier reports (JSON files) to the plot."""
     from orthrus_engines import LLM
 
     prompts = read_prompts(prompts_file or packaged_prompts("prompts_eval.txt"))
     llm = LLM(model=model, head=head, block_size=block_size or llm_block_size(model, head), max_num_seqs=max_num_seqs)
     reports = {f"T={t:g}": evaluate(llm, prompts, max_tokens, t) for t in temperatures}
-    result = {"model": model or "builtin", "head": head, "reports": reports}
+    label = label or (Path(head).stem if head not in (None, "none") else "shipped head" if head is None else "untrained")
+    result = {"model": model or "builtin", "head": head, "label": label, "reports": reports}
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
     if plot:
-        plot_acceptance(reports, plot)
+        lines = {f"{label} {t}": r for t, r in reports.items()}
+        for other in plot_with or []:
+            o = json.loads(Path(other).read_text())
+            lines.update({f"{o.get('label', Path(other).stem)} {t}": r for t, r in o["reports"].items()})
+        plot_acceptance(lines, plot)
     return result
 
 
