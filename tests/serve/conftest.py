@@ -57,3 +57,10 @@ def redis_srv():
     server.close()
 
 
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    """A gRPC client of the module's own `app` fixture, open for the whole module."""
+    with app.client() as c:
+        yield c

@@ -30,12 +30,6 @@ def app(serve_cluster, redis_srv):
 
 
 @pytest.fixture(scope="module")
-def client(app):
-    with app.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def info(client):
     return client.model_info()
 

@@ -31,12 +31,6 @@ def app(serve_cluster):
 
 
 @pytest.fixture(scope="module")
-def client(app):
-    with app.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def http(app):
     with httpx.Client(base_url=app.http_base, timeout=60) as h:
         yield h

@@ -153,13 +153,7 @@ class Trainer:
 
         extra = {"rank": self.args.rank, "steps": self.step, "blocks_seen": self.blocks_seen,
                  "train_seconds": round(self.train_seconds, 1), "seq_len": self.args.seq_len}
-        tensors = lowrank_factors(self.model) if self.lowrank else None
-        if tensors is None:
-            from torch.nn.utils import parametrize
-
-            with parametrize.cached():
-                save_head(self.model, path, self.args.block_size, self.src.mask_token_id, extra=extra)
-            return
+        tensors = lowrank_factors(self.model) if self.lowrank else None  # None: the full twins
         save_head(self.model, path, self.args.block_size, self.src.mask_token_id, tensors=tensors, extra=extra)
 
     # -- the loop ---------------------------------------------------------------------------------
