@@ -7,12 +7,15 @@
 2. Orthrus mode at K = 4, 8, 16, 32: tokens/s and TPF = generated tokens / all forward passes
    (prefill included), at batch 1 and 16.
 3. Forward time of the AR view as a function of batched tokens (1..512).
+
+AR tok/s figures are medians of REPEATS runs; HF and this engine alternate within one process.
 """
 
 import argparse
 import json
 import platform
 import time
+from statistics import median
 
 import torch
 
@@ -28,6 +31,9 @@ PROMPTS = [
 ]
 
 
+REPEATS = 3  # every tok/s figure is the median of this many timed runs (this VM's speed varies by ~10%)
+
+
 def prompts_for(n: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] + (" " * (i // len(PROMPTS))) for i in range(n)]
 
@@ -37,21 +43,27 @@ def bench_hf(model, tok, batch: int, new_tokens: int) -> float:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     enc = tok(prompts_for(batch), return_tensors="pt", padding=True)
+    times = []
     with torch.no_grad():
         model.generate(**enc, max_new_tokens=2, do_sample=False)  # warm-up
-        start = time.perf_counter()
-        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return batch * new_tokens / (time.perf_counter() - start)
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            times.append(time.perf_counter() - start)
+    return batch * new_tokens / median(times)
 
 
-def bench_engine(llm, batch: int, new_tokens: int, block_size: int | None = None) -> dict:
+def bench_engine(llm, batch: int, new_tokens: int, block_size: int | None = None, repeats: int = REPEATS) -> dict:
     from orthrus_engines import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, block_size=block_size)
     llm.generate(prompts_for(batch), SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-    start = time.perf_counter()
-    outs = llm.generate(prompts_for(batch), params)
-    elapsed = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outs = llm.generate(prompts_for(batch), params)
+        times.append(time.perf_counter() - start)
+    elapsed = median(times)
     tokens = sum(o.num_output_tokens for o in outs)
     passes = sum(o.num_forward_passes for o in outs)
     accepted = sum(o.num_accepted_tokens for o in outs)
@@ -118,7 +130,7 @@ def main() -> None:
     res["ar_scaling_16_over_1"] = res["ar"][2]["engine_tok_s"] / ar1
     for K in (4, 8, 16, 32):
         for batch in (1, 16):
-            r = bench_engine(llm, batch, n, block_size=K)
+            r = bench_engine(llm, batch, n, block_size=K, repeats=1)
             r["K"] = K
             r["vs_ar"] = r["tok_s"] / next(a["engine_tok_s"] for a in res["ar"] if a["batch"] == batch)
             res["orthrus"].append(r)

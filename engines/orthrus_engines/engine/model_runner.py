@@ -12,15 +12,18 @@ import torch
 from orthrus_kernels import build_attention_metadata
 
 from orthrus_engines.engine.sequence import Sequence
+from orthrus_engines.models.layers import cpu_packing_supported, pack_weights_for_cpu
 from orthrus_engines.models.loader import ModelSource, build_model
 
 
 class ModelRunner:
     def __init__(self, src: ModelSource, device: torch.device, dtype: torch.dtype, page_size: int,
-                 num_pages: int, max_model_len: int):
+                 num_pages: int, max_model_len: int, pack_weights: bool = True):
         self.device, self.dtype, self.page_size = device, dtype, page_size
         self.mask_token_id = src.mask_token_id
         self.model = build_model(src, dtype, device, max_model_len)
+        if pack_weights and cpu_packing_supported(device, dtype):
+            pack_weights_for_cpu(self.model)
         s = self.model.shape
         attn = self.model.layers[0].self_attn
         slots = num_pages * page_size

@@ -12,6 +12,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None):
+    """y = x W^T + b, through oneDNN's pre-packed weight when there is one (see `pack_weights_for_cpu`)."""
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def pack_weights_for_cpu(model: nn.Module) -> None:
+    """Give every linear (LM head included) a copy of its weight in oneDNN's blocked layout, for inference.
+
+    On CPU, MKL's row-major GEMV/GEMM reaches about half the memory bandwidth at 1-16 rows; the
+    packed layout is 1.7-2.2x faster there (docs/BENCHMARKS.md). The plain weights stay, so the
+    model can still be read, saved and trained; the price is twice the weight memory.
+    """
+    for m in model.modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().contiguous(), None)
+
+
+def cpu_packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
 def tp_rank_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -30,6 +53,7 @@ class ColumnParallelLinear(nn.Module):
         self.local_parts = [p // self.world for p in part_sizes]
         self.weight = nn.Parameter(torch.empty(sum(self.local_parts), in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(self.local_parts)), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None
         for p in self.parameters():
             p.weight_loader = self.load_shard
 
@@ -39,7 +63,7 @@ class ColumnParallelLinear(nn.Module):
         param.data[start : start + size].copy_(full.narrow(0, self.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class RowParallelLinear(nn.Module):
@@ -51,6 +75,7 @@ class RowParallelLinear(nn.Module):
         self.local_in = in_features // self.world
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None
         self.weight.weight_loader = self.load_shard
         if self.bias is not None:
             self.bias.weight_loader = lambda p, full, shard=0: p.data.copy_(full)
@@ -59,7 +84,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(full.narrow(1, self.rank * self.local_in, self.local_in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight, None, self.packed)
         if self.world > 1:
             dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
@@ -94,9 +119,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, vocab_size: int, dim: int):
         super().__init__(vocab_size, dim)
         self.vocab_size = vocab_size
+        self.packed: torch.Tensor | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = F.linear(h, self.weight)
+        logits = linear(h, self.weight, None, self.packed)
         if self.world > 1:
             parts = [torch.empty_like(logits) for _ in range(self.world)]
             dist.all_gather(parts, logits)
@@ -111,10 +137,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """HF's `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`, computed in fp32 (few ops: this runs
+        twice per layer and is overhead-bound at decode sizes; torch's fused rms_norm is slower on CPU)."""
+        h = x.float()
+        h = h * torch.rsqrt(torch.mean(h * h, -1, keepdim=True).add_(self.eps))
+        return (h if x.dtype == torch.float32 else h.to(x.dtype)) * self.weight
 
 
 class RotaryEmbedding(nn.Module):
@@ -128,15 +155,17 @@ class RotaryEmbedding(nn.Module):
         inv_freq, scaling = hf_rope.inv_freq.float(), hf_rope.attention_scaling
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
+        sin = emb.sin() * scaling
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        # rotate_half's sign folded into the table: [-sin | sin] (see apply_rotary)
+        self.register_buffer("sin", torch.cat([-sin[:, : sin.shape[1] // 2], sin[:, sin.shape[1] // 2 :]], 1),
+                             persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for these positions, shaped [T, 1, head_dim] to broadcast over heads."""
+        """cos, signed sin for these positions, shaped [T, 1, head_dim] to broadcast over heads."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's `x * cos + rotate_half(x) * sin`, bit for bit: rotate_half(x) * sin = roll(x) * [-sin | sin]."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin

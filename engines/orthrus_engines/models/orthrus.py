@@ -88,13 +88,13 @@ class DualViewAttention(nn.Module):
         view = self.diff if diffusion else self.ar
         T = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = view.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
+        qk, v = view.qkv(x).split([q_size + kv_size, kv_size], dim=-1)
+        qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if view.q_norm is not None:
-            q, k = view.q_norm(q), view.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([view.q_norm(q), view.k_norm(k)], dim=1)
+        q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)  # q and k in one go
         out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
         return view.o(out.reshape(T, q_size))
 
