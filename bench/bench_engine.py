@@ -8,7 +8,7 @@
    (prefill included), at batch 1 and 16.
 3. Forward time of the AR view as a function of batched tokens (1..512).
 
-AR tok/s figures are medians of REPEATS runs; HF and this engine alternate within one process.
+AR figures are medians over ROUNDS alternating rounds of HF and this engine, in one process.
 """
 
 import argparse
@@ -31,7 +31,9 @@ PROMPTS = [
 ]
 
 
-REPEATS = 3  # every tok/s figure is the median of this many timed runs (this VM's speed varies by ~10%)
+# AR vs HF: ROUNDS rounds of (one HF run, one engine run); medians of each and of the per-round ratio.
+# This VM's speed drifts by up to 30% over minutes, so the two sides are measured side by side.
+ROUNDS = 5
 
 
 def prompts_for(n: int) -> list[str]:
@@ -43,17 +45,14 @@ def bench_hf(model, tok, batch: int, new_tokens: int) -> float:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     enc = tok(prompts_for(batch), return_tensors="pt", padding=True)
-    times = []
     with torch.no_grad():
         model.generate(**enc, max_new_tokens=2, do_sample=False)  # warm-up
-        for _ in range(REPEATS):
-            start = time.perf_counter()
-            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            times.append(time.perf_counter() - start)
-    return batch * new_tokens / median(times)
+        start = time.perf_counter()
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return batch * new_tokens / (time.perf_counter() - start)
 
 
-def bench_engine(llm, batch: int, new_tokens: int, block_size: int | None = None, repeats: int = REPEATS) -> dict:
+def bench_engine(llm, batch: int, new_tokens: int, block_size: int | None = None, repeats: int = 1) -> dict:
     from orthrus_engines import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, block_size=block_size)
@@ -119,18 +118,20 @@ def main() -> None:
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                  "torch": torch.__version__, "new_tokens": n, "ar": [], "orthrus": []}
     for batch in (1, 4, 16):
-        hf_tps = bench_hf(hf, tok, batch, n)
-        ours = bench_engine(llm, batch, n, block_size=1)
-        res["ar"].append({"batch": batch, "hf_tok_s": hf_tps, "engine_tok_s": ours["tok_s"],
-                          "ratio": ours["tok_s"] / hf_tps})
-        print(f"AR batch {batch:2d}: HF {hf_tps:7.1f} tok/s, engine {ours['tok_s']:7.1f} tok/s "
-              f"({ours['tok_s'] / hf_tps:.2f}x)", flush=True)
+        rounds = [(bench_hf(hf, tok, batch, n), bench_engine(llm, batch, n, block_size=1)["tok_s"])
+                  for _ in range(ROUNDS)]
+        hf_tps, ours = median(h for h, _ in rounds), median(e for _, e in rounds)
+        ratio = median(e / h for h, e in rounds)
+        res["ar"].append({"batch": batch, "hf_tok_s": hf_tps, "engine_tok_s": ours, "ratio": ratio,
+                          "rounds": [{"hf_tok_s": h, "engine_tok_s": e} for h, e in rounds]})
+        print(f"AR batch {batch:2d}: HF {hf_tps:7.1f} tok/s, engine {ours:7.1f} tok/s ({ratio:.2f}x; "
+              f"per round {', '.join(f'{e / h:.2f}' for h, e in rounds)})", flush=True)
     del hf
     ar1 = res["ar"][0]["engine_tok_s"]
     res["ar_scaling_16_over_1"] = res["ar"][2]["engine_tok_s"] / ar1
     for K in (4, 8, 16, 32):
         for batch in (1, 16):
-            r = bench_engine(llm, batch, n, block_size=K, repeats=1)
+            r = bench_engine(llm, batch, n, block_size=K)
             r["K"] = K
             r["vs_ar"] = r["tok_s"] / next(a["engine_tok_s"] for a in res["ar"] if a["batch"] == batch)
             res["orthrus"].append(r)

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from orthrus_serve.client import OrthrusClient
+from tests.serve.serve_helpers import stream_story
 
 pytestmark = pytest.mark.slow
 
@@ -91,21 +92,10 @@ def test_losing_a_worker_fails_only_its_calls_and_the_app_recovers(app):
             r = h.post("/v1/completions", json={"prompt": SHARED_PROMPT, **LONG})
             results["http"] = (r.status_code, r.json())
 
-    def stream(i: int):
-        with OrthrusClient(app.grpc_address, timeout_s=300) as c:
-            try:
-                n = 0
-                for msg in c.generate_stream(f"Stream {i}: tell me a long story.", **LONG):
-                    n += len(msg.token_ids)
-                    started[i].set()
-                results[i] = ("ok", n, msg.finish_reason)
-            except grpc.RpcError as e:
-                results[i] = (e.code(), e.details())
-            finally:
-                started[i].set()
-
+    client = lambda: OrthrusClient(app.grpc_address, timeout_s=300)
     threads = [threading.Thread(target=http_call, daemon=True)]
-    threads += [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(STREAMS)]
+    threads += [threading.Thread(target=stream_story, args=(client, i, LONG, results, started), daemon=True)
+                for i in range(STREAMS)]
     for t in threads:
         t.start()
     for ev in started:

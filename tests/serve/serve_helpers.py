@@ -127,6 +127,24 @@ def wait_for(cond, timeout_s: float, what, interval_s: float = 0.1):
         time.sleep(interval_s)
 
 
+def stream_story(client_factory, i: int, params: dict, results, started: list[threading.Event]) -> None:
+    """Stream one long completion (run it in a thread): `results[i]` becomes ("ok", tokens, finish_reason),
+    or (gRPC code, details) when the call fails; `started[i]` is set at the first token or on failure."""
+    import grpc
+
+    with client_factory() as c:
+        try:
+            n, msg = 0, None
+            for msg in c.generate_stream(f"Stream {i}: tell me a long story.", **params):
+                n += len(msg.token_ids)
+                started[i].set()
+            results[i] = ("ok", n, msg.finish_reason if msg else None)
+        except grpc.RpcError as e:
+            results[i] = (e.code(), e.details())
+        finally:
+            started[i].set()
+
+
 class Load:
     """Background gRPC load: `threads` callers send requests until stopped; records outcomes."""
 

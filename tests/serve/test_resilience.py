@@ -6,7 +6,7 @@ import time
 
 import grpc
 import pytest
-from serve_helpers import wait_for
+from serve_helpers import stream_story, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -31,20 +31,8 @@ def test_killing_a_replica_under_load(app):
     started = [threading.Event() for _ in range(STREAMS)]
     results: list = [None] * STREAMS
 
-    def stream(i: int) -> None:
-        with app.client() as c:
-            try:
-                n = 0
-                for msg in c.generate_stream(f"Stream {i}: tell me a long story.", **LONG):
-                    n += len(msg.token_ids)
-                    started[i].set()
-                results[i] = ("ok", n, msg.finish_reason)
-            except grpc.RpcError as e:
-                results[i] = (e.code(), e.details())
-            finally:
-                started[i].set()
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(STREAMS)]
+    threads = [threading.Thread(target=stream_story, args=(app.client, i, LONG, results, started), daemon=True)
+               for i in range(STREAMS)]
     for t in threads:
         t.start()
     for ev in started:

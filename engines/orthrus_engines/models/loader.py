@@ -205,17 +205,23 @@ def apply_head(model: OrthrusModel, path: Path) -> None:
         raise OrthrusInputError("head", f"{path} holds no Orthrus twin tensors (*_diff)")
 
 
+def lowrank_key(layer: int, proj: str, factor: str) -> str:
+    """Head tensor name of a low-rank twin factor: `proj` "qkv" (fused) or "o", `factor` "A" or "B";
+    the twin's weight is the AR weight plus B @ A."""
+    return f"model.layers.{layer}.self_attn.{proj}_proj_diff.lora_{factor}"
+
+
 @torch.no_grad()
 def _add_lowrank(model: OrthrusModel, lora: dict[str, torch.Tensor]) -> None:
     s = model.shape
     q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     for i, layer in enumerate(model.layers):
         d = layer.self_attn.diff
-        pre = f"model.layers.{i}.self_attn."
-        for name, param, parts in (("qkv_proj_diff", d.qkv.weight, [q, kv, kv]), ("o_proj_diff", d.o.weight, None)):
-            if f"{pre}{name}.lora_A" not in lora:
-                raise OrthrusInputError("head", f"low-rank head lacks {pre}{name}.lora_A")
-            delta = (lora[f"{pre}{name}.lora_B"].float() @ lora[f"{pre}{name}.lora_A"].float()).to(param.dtype)
+        for proj, param, parts in (("qkv", d.qkv.weight, [q, kv, kv]), ("o", d.o.weight, None)):
+            a, b = lowrank_key(i, proj, "A"), lowrank_key(i, proj, "B")
+            if a not in lora:
+                raise OrthrusInputError("head", f"low-rank head lacks {a}")
+            delta = (lora[b].float() @ lora[a].float()).to(param.dtype)
             for shard, chunk in enumerate(delta.split(parts) if parts else [delta]):
                 local = torch.zeros_like(param)
                 param.weight_loader(local, chunk.to(param.device), shard)  # this rank's slice of the delta

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from orthrus_engines.models.loader import load_tensors, lowrank_key, twin_state_dict
 from orthrus_engines.models.orthrus import OrthrusModel
 
 
@@ -60,15 +61,11 @@ def load_trainable_state(model: OrthrusModel, state: dict[str, torch.Tensor]) ->
 def lowrank_factors(model: OrthrusModel) -> dict[str, torch.Tensor]:
     """Head tensors of a low-rank run: `...qkv_proj_diff.lora_{A,B}`, `...o_proj_diff.lora_{A,B}`, and
     any full twin norms/biases under their official names."""
-    from orthrus_engines.models.loader import twin_state_dict
-
     out = {}
-    names = {"qkv": "qkv_proj_diff", "o": "o_proj_diff"}
     for i, kind, lin in _twin_linears(model):
         delta = lin.parametrizations.weight[0]
-        pre = f"model.layers.{i}.self_attn.{names[kind]}"
-        out[f"{pre}.lora_A"] = delta.lora_A.detach().cpu().contiguous()
-        out[f"{pre}.lora_B"] = delta.lora_B.detach().cpu().contiguous()
+        out[lowrank_key(i, kind, "A")] = delta.lora_A.detach().cpu().contiguous()
+        out[lowrank_key(i, kind, "B")] = delta.lora_B.detach().cpu().contiguous()
     with parametrize.cached():
         full = twin_state_dict(model)
     out.update({k: v for k, v in full.items() if "norm_diff" in k or k.endswith(".bias")})
@@ -87,12 +84,8 @@ def merge_lowrank(model: OrthrusModel) -> None:
 @torch.no_grad()
 def load_lowrank_factors(model: OrthrusModel, tensors: dict[str, torch.Tensor]) -> None:
     """The inverse of `lowrank_factors`: continue training from a low-rank head."""
-    names = {"qkv": "qkv_proj_diff", "o": "o_proj_diff"}
     for i, kind, lin in _twin_linears(model):
         delta = lin.parametrizations.weight[0]
-        pre = f"model.layers.{i}.self_attn.{names[kind]}"
-        delta.lora_A.copy_(tensors[f"{pre}.lora_A"])
-        delta.lora_B.copy_(tensors[f"{pre}.lora_B"])
-    from orthrus_engines.models.loader import load_tensors
-
+        delta.lora_A.copy_(tensors[lowrank_key(i, kind, "A")])
+        delta.lora_B.copy_(tensors[lowrank_key(i, kind, "B")])
     load_tensors(model, ((k, v) for k, v in tensors.items() if ".lora_" not in k), only_twins=True)
