@@ -158,12 +158,12 @@ class RotaryEmbedding(nn.Module):
         sin = emb.sin() * scaling
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         # rotate_half's sign folded into the table: [-sin | sin] (see apply_rotary)
-        self.register_buffer("sin", torch.cat([-sin[:, : sin.shape[1] // 2], sin[:, sin.shape[1] // 2 :]], 1),
+        self.register_buffer("signed_sin", torch.cat([-sin[:, : sin.shape[1] // 2], sin[:, sin.shape[1] // 2 :]], 1),
                              persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin for these positions, shaped [T, 1, head_dim] to broadcast over heads."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,9 @@ def _attend(attn: DualViewAttention, q, k, v, mask=None, causal=False):
 
 
 def _rope(model: OrthrusModel, positions: torch.Tensor, dtype):
-    """cos/sin for positions [..., T], shaped [..., T, 1, D] to broadcast over heads."""
-    return model.rotary.cos[positions].unsqueeze(-2).to(dtype), model.rotary.sin[positions].unsqueeze(-2).to(dtype)
+    """cos/signed sin (see apply_rotary) for positions [..., T], shaped [..., T, 1, D] to broadcast over heads."""
+    cos, signed_sin = model.rotary.cos[positions], model.rotary.signed_sin[positions]
+    return cos.unsqueeze(-2).to(dtype), signed_sin.unsqueeze(-2).to(dtype)
 
 
 @torch.no_grad()
