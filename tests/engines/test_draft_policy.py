@@ -130,15 +130,3 @@ def test_start_up_timing_fits_a_short_window(tmp_path):
     llm = LLM(str(write_base(tmp_path / "b", "llama", seed=2)), max_model_len=40, num_pages=4, page_size=16)
     assert llm.engine.policy is not None and max(llm.engine.policy.times.ns) <= 40
     assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))[0].num_output_tokens == 8
-
-
-def test_engine_refines_forward_times_with_each_pass(tmp_path):
-    """Online refinement uses the measured draft and verify passes: a start-up curve 10x too slow
-    falls towards the real times as the engine decodes, at the sizes it actually ran."""
-    llm = LLM(str(_always_accepting(tmp_path)))
-    times = llm.engine.policy.times
-    real = {n: times(n) for n in (1, 8)}
-    times.ts = [t * 10 for t in times.ts]
-    llm.generate([[3, 4, 5]], SamplingParams(max_tokens=40, ignore_eos=True))
-    assert 0 < llm.engine.runner.last_pass_seconds < 10 * real[8]
-    assert times(8) < 5 * real[8]  # the block size it drafted: pulled down by both passes of every step

@@ -7,8 +7,7 @@ AR) that maximises expected committed tokens per second for the running batch.
 
 `r_i` is measured online with exponentially decaying counts (a head may carry a prior measured at
 evaluation). T(n), the forward time over n batched tokens, is measured at start-up on this machine
-and refined with the measured time of every draft and verify pass (the same quantity: inputs to
-logits; the step's other work is about the same for every K and is left out). When drafting has not been tried for a while, one
+and refined with every decode step's wall time. When drafting has not been tried for a while, one
 step drafts at the full K to refresh the acceptance estimate.
 """
 
@@ -111,3 +110,7 @@ class AutoDraftPolicy:
         if best == 1 and self.stats.evidence < self.min_evidence:
             return self.max_k  # explore: re-measure acceptance now and then
         return best
+
+    def observe_step(self, tokens_per_pass: int, drafted: bool, seconds: float) -> None:
+        """A decode step's wall time: one pass (AR) or two passes of about the same size (draft + verify)."""
+        self.times.observe(tokens_per_pass, seconds / 2 if drafted else seconds)

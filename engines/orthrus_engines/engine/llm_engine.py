@@ -1,6 +1,7 @@
 """The synchronous engine: requests in, one batched Orthrus step at a time, output deltas out."""
 
 import logging
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -169,14 +170,13 @@ class LLMEngine:
             return outs
 
     def _decode(self, batch: DecodeBatch) -> list[RequestOutput]:
+        start = time.perf_counter()
         seqs, ks = batch.seqs, batch.ks
-        passes: list[tuple[int, float]] = []  # (batched tokens, seconds) of this step's forward passes
         drafts: list[list[int]] = [[] for _ in seqs]
         q_probs: list[torch.Tensor | None] = [None] * len(seqs)
         drafting = [i for i, k in enumerate(ks) if k > 1]
         if drafting:
             logits = self.runner.draft([seqs[i] for i in drafting], [ks[i] for i in drafting])
-            passes.append((sum(ks[i] for i in drafting), self.runner.last_pass_seconds))
             argmax = logits.argmax(-1).tolist()
             row = 0
             for i in drafting:
@@ -190,7 +190,6 @@ class LLMEngine:
                 row += n
         blocks = [[s.token_ids[-1]] + d for s, d in zip(seqs, drafts)]
         logits = self.runner.verify(seqs, blocks)
-        passes.append((sum(ks), self.runner.last_pass_seconds))
         argmax = logits.argmax(-1).tolist()
         outs, row = [], 0
         for i, seq in enumerate(seqs):
@@ -215,8 +214,7 @@ class LLMEngine:
                 self.blocks.trim(seq)
                 outs.append(self._delta(seq))
         if self.policy is not None:
-            for n, seconds in passes:
-                self.policy.times.observe(n, seconds)
+            self.policy.observe_step(sum(ks), bool(drafting), time.perf_counter() - start)
         return outs
 
     def _commit(self, seq: Sequence, tokens: list[int]) -> None:

@@ -20,7 +20,6 @@ class ModelRunner:
     def __init__(self, src: ModelSource, device: torch.device, dtype: torch.dtype, page_size: int,
                  num_pages: int, max_model_len: int, pack_weights: bool = True):
         self.device, self.dtype, self.page_size = device, dtype, page_size
-        self.last_pass_seconds = 0.0  # wall time of the latest forward pass (inputs to logits)
         self.mask_token_id = src.mask_token_id
         self.model = build_model(src, dtype, device, max_model_len)
         if pack_weights and cpu_packing_supported(device, dtype):
@@ -42,7 +41,6 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int], causal: bool,
                  write_kv: bool, diffusion: bool, logit_rows: list[int] | None) -> torch.Tensor | None:
-        start = time.perf_counter()
         q_lens = [len(t) for t in tokens]
         ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
         positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens)])
@@ -51,11 +49,9 @@ class ModelRunner:
         hidden = self.model(ids.to(self.device), positions.to(self.device), meta, self.kv_cache, diffusion)
         for s in seqs:
             s.num_forward_passes += 1
-        logits = None if logit_rows is None else self.model.logits(hidden[torch.tensor(logit_rows, device=self.device)])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()  # the sampler waits for these logits next anyway
-        self.last_pass_seconds = time.perf_counter() - start
-        return logits
+        if logit_rows is None:
+            return None
+        return self.model.logits(hidden[torch.tensor(logit_rows, device=self.device)])
 
     def prefill(self, seqs: list[Sequence], ends: list[int]) -> None:
         """Cache positions [num_cached, end) of each sequence."""
