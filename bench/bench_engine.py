@@ -52,17 +52,14 @@ def bench_hf(model, tok, batch: int, new_tokens: int) -> float:
     return batch * new_tokens / (time.perf_counter() - start)
 
 
-def bench_engine(llm, batch: int, new_tokens: int, block_size: int | None = None, repeats: int = 1) -> dict:
+def bench_engine(llm, batch: int, new_tokens: int, block_size: int | None = None) -> dict:
     from orthrus_engines import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, block_size=block_size)
     llm.generate(prompts_for(batch), SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outs = llm.generate(prompts_for(batch), params)
-        times.append(time.perf_counter() - start)
-    elapsed = median(times)
+    start = time.perf_counter()
+    outs = llm.generate(prompts_for(batch), params)
+    elapsed = time.perf_counter() - start
     tokens = sum(o.num_output_tokens for o in outs)
     passes = sum(o.num_forward_passes for o in outs)
     accepted = sum(o.num_accepted_tokens for o in outs)

@@ -27,7 +27,7 @@ def pack_weights_for_cpu(model: nn.Module) -> None:
     model can still be read, saved and trained; the price is twice the weight memory.
     """
     for m in model.modules():
-        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+        if isinstance(m, PACKABLE):
             m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().contiguous(), None)
 
 
@@ -130,6 +130,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits[..., : self.vocab_size]
 
 
+PACKABLE = (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)  # the layers `pack_weights_for_cpu` packs
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -154,12 +157,10 @@ class RotaryEmbedding(nn.Module):
         hf_rope = LlamaRotaryEmbedding(hf_config)  # resolves rope_type / scaling exactly like HF
         inv_freq, scaling = hf_rope.inv_freq.float(), hf_rope.attention_scaling
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        sin = emb.sin() * scaling
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+        self.register_buffer("cos", torch.cat([cos, cos], dim=-1), persistent=False)
         # rotate_half's sign folded into the table: [-sin | sin] (see apply_rotary)
-        self.register_buffer("signed_sin", torch.cat([-sin[:, : sin.shape[1] // 2], sin[:, sin.shape[1] // 2 :]], 1),
-                             persistent=False)
+        self.register_buffer("signed_sin", torch.cat([-sin, sin], dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin for these positions, shaped [T, 1, head_dim] to broadcast over heads."""
