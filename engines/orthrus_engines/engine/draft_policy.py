@@ -1,14 +1,16 @@
 """The `auto` draft-length policy: before each decode step, pick the block length K (K = 1 is plain
 AR) that maximises expected committed tokens per second for the running batch.
 
-  tokens(K) = B * (1 + sum_{i<K} r_i)        r_i: rate at which draft position i is accepted
-  time(K)   = T(B)            for K = 1      (one verify pass of the anchors)
-            = T(B K) + T(B K) for K > 1      (a draft pass and a verify pass of B blocks)
+  tokens(K) = B * (1 + sum_{i<K} r_i)             r_i: rate at which draft position i is accepted
+  time(K)   = O_ar    + T(B)            for K = 1  (one verify pass of the anchors)
+            = O_draft + T(B K) + T(B K) for K > 1  (a draft pass and a verify pass of B blocks)
 
 `r_i` is measured online with exponentially decaying counts (a head may carry a prior measured at
-evaluation). T(n), the forward time over n batched tokens, is measured at start-up on this machine
-and refined with every decode step's wall time. When drafting has not been tried for a while, one
-step drafts at the full K to refresh the acceptance estimate.
+evaluation). T(n), the time of one forward pass over n batched tokens, is measured at start-up on
+this machine and refined with every pass the engine runs. O, the rest of a step (scheduling,
+acceptance, detokenization), is learnt online from each step's wall time minus its passes, apart
+for plain and drafting steps. When drafting has not been tried for a while, one step drafts at the
+full K to refresh the acceptance estimate.
 """
 
 import bisect
@@ -79,28 +81,43 @@ class ForwardTimes:
         return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), 1e-9)
 
     def observe(self, n: int, seconds: float) -> None:
-        """Blend a measured pass into T(n); a single outlier (a stall) moves it by at most 3x."""
-        i = bisect.bisect_left(self.ns, n)
-        if i < len(self.ns) and self.ns[i] == n:
-            seconds = min(max(seconds, self.ts[i] / 3), self.ts[i] * 3)
-            self.ts[i] += self.smoothing * (seconds - self.ts[i])
-        else:
-            self.ns.insert(i, n)
+        """Blend a measured pass into T(n). Inside the measured range, the two points around n move
+        (in proportion to their weight in T(n)), so the curve stays as smooth as its ladder; a
+        single outlier (a stall) counts as at most 3x the current estimate. Outside it, n joins."""
+        ns = self.ns
+        if not ns[0] <= n <= ns[-1]:
+            i = bisect.bisect_left(ns, n)
+            ns.insert(i, n)
             self.ts.insert(i, seconds)
+            return
+        i = bisect.bisect_left(ns, n)
+        if ns[i] == n:
+            weights = {i: 1.0}
+        else:
+            w = (n - ns[i - 1]) / (ns[i] - ns[i - 1])
+            weights = {i - 1: 1 - w, i: w}
+        predicted = self(n)
+        error = min(max(seconds, predicted / 3), predicted * 3) - predicted
+        norm = sum(w * w for w in weights.values())
+        for j, w in weights.items():  # T(n) moves by smoothing * error
+            self.ts[j] = max(self.ts[j] + self.smoothing * error * w / norm, 1e-9)
 
 
 class AutoDraftPolicy:
-    def __init__(self, max_k: int, times: ForwardTimes, stats: AcceptanceStats, min_evidence: float = 1.0):
+    def __init__(self, max_k: int, times: ForwardTimes, stats: AcceptanceStats, min_evidence: float = 1.0,
+                 smoothing: float = 0.2):
         self.max_k = max_k
         self.times = times
         self.stats = stats
         self.min_evidence = min_evidence
+        self.smoothing = smoothing
+        self.overhead = {False: 0.0, True: 0.0}  # seconds per step outside the passes, by "drafted"
 
     def expected_rate(self, k: int, batch: int) -> float:
         """Expected committed tokens per second with block length k for `batch` sequences."""
         tokens = batch * (1 + sum(self.stats.rates()[: k - 1]))
-        seconds = self.times(batch) if k == 1 else 2 * self.times(batch * k)
-        return tokens / seconds
+        passes = self.times(batch) if k == 1 else 2 * self.times(batch * k)
+        return tokens / (self.overhead[k > 1] + passes)
 
     def choose(self, batch: int) -> int:
         if batch < 1 or self.max_k == 1:
@@ -111,6 +128,11 @@ class AutoDraftPolicy:
             return self.max_k  # explore: re-measure acceptance now and then
         return best
 
-    def observe_step(self, tokens_per_pass: int, drafted: bool, seconds: float) -> None:
-        """A decode step's wall time: one pass (AR) or two passes of about the same size (draft + verify)."""
-        self.times.observe(tokens_per_pass, seconds / 2 if drafted else seconds)
+    def observe_step(self, passes: list[tuple[int, float]], step_seconds: float) -> None:
+        """A decode step: (tokens, seconds) of each pass (verify, or draft and verify) and the
+        step's whole wall time."""
+        for n, s in passes:
+            self.times.observe(n, s)
+        drafted = len(passes) > 1
+        rest = max(step_seconds - sum(s for _, s in passes), 0.0)
+        self.overhead[drafted] += self.smoothing * (rest - self.overhead[drafted])

@@ -72,7 +72,7 @@ class LLMEngine:
             top = min(args.max_num_batched_tokens, args.max_num_seqs * self.block_size, self.max_model_len, 256)
             ladder = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= top} | {top})
             self.runner.time_forward(min(8, top))  # warm-up; larger n are extrapolated, and refined online
-            times = ForwardTimes({n: self.runner.time_forward(n) for n in ladder})
+            times = ForwardTimes({n: self.runner.time_forward(n, repeats=3) for n in ladder})  # min of 3: no stall
             self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance)
             self.scheduler.choose_k = self.policy.choose
         self.eos_ids = self._eos_ids()
@@ -175,9 +175,11 @@ class LLMEngine:
         drafts: list[list[int]] = [[] for _ in seqs]
         q_probs: list[torch.Tensor | None] = [None] * len(seqs)
         drafting = [i for i, k in enumerate(ks) if k > 1]
+        passes: list[tuple[int, float]] = []  # (tokens, seconds up to logits on the host): the policy's T(n)
         if drafting:
             logits = self.runner.draft([seqs[i] for i in drafting], [ks[i] for i in drafting])
             argmax = logits.argmax(-1).tolist()
+            passes.append((sum(ks[i] for i in drafting), time.perf_counter() - start))
             row = 0
             for i in drafting:
                 n, seq = ks[i] - 1, seqs[i]
@@ -189,8 +191,10 @@ class LLMEngine:
                     drafts[i] = [sample(q[j], seq.generator) for j in range(n)]
                 row += n
         blocks = [[s.token_ids[-1]] + d for s, d in zip(seqs, drafts)]
+        verify_start = time.perf_counter()
         logits = self.runner.verify(seqs, blocks)
         argmax = logits.argmax(-1).tolist()
+        passes.append((sum(ks), time.perf_counter() - verify_start))
         outs, row = [], 0
         for i, seq in enumerate(seqs):
             k = ks[i]
@@ -214,7 +218,7 @@ class LLMEngine:
                 self.blocks.trim(seq)
                 outs.append(self._delta(seq))
         if self.policy is not None:
-            self.policy.observe_step(sum(ks), bool(drafting), time.perf_counter() - start)
+            self.policy.observe_step(passes, time.perf_counter() - start)
         return outs
 
     def _commit(self, seq: Sequence, tokens: list[int]) -> None:
