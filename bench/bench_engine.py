@@ -33,7 +33,7 @@ PROMPTS = [
 
 # AR vs HF: ROUNDS rounds of (one HF run, one engine run); medians of each and of the per-round ratio.
 # This VM's speed drifts by up to 30% over minutes, so the two sides are measured side by side.
-ROUNDS = 5
+ROUNDS = 7
 
 
 def prompts_for(n: int) -> list[str]:

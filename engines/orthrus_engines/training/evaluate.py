@@ -72,6 +72,12 @@ def plot_acceptance(reports: dict[str, dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def _default_label(head: str | None) -> str:
+    if head is None:
+        return "shipped head"
+    return "untrained" if head == "none" else Path(head).stem
+
+
 def run_eval(model: str | None, head: str | None, prompts_file: str | None, out: str | None, plot: str | None,
              temperatures: list[float], max_tokens: int, block_size: int | None, max_num_seqs: int = 32,
              plot_with: list[str] | None = None, label: str | None = None) -> dict:
@@ -81,7 +87,7 @@ def run_eval(model: str | None, head: str | None, prompts_file: str | None, out:
     prompts = read_prompts(prompts_file or packaged_prompts("prompts_eval.txt"))
     llm = LLM(model=model, head=head, block_size=block_size or llm_block_size(model, head), max_num_seqs=max_num_seqs)
     reports = {f"T={t:g}": evaluate(llm, prompts, max_tokens, t) for t in temperatures}
-    label = label or (Path(head).stem if head not in (None, "none") else "shipped head" if head is None else "untrained")
+    label = label or _default_label(head)
     result = {"model": model or "builtin", "head": head, "label": label, "reports": reports}
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
