@@ -86,6 +86,16 @@ def test_step_overhead_is_learnt_and_counted():
     assert p.choose(1) > 1
 
 
+@pytest.mark.parametrize("gain, drafts", [(1.03, False), (1.10, True)])
+def test_drafting_must_win_by_a_margin(gain, drafts):
+    """Flat T(n): a K = 8 cycle costs two AR steps and commits 1 + 7r tokens, so it is expected to be
+    (1 + 7r) / 2 times AR. A 3% edge is within the model's error and stays AR; 10% drafts."""
+    r = (2 * gain - 1) / 7
+    p = AutoDraftPolicy(8, ForwardTimes({1: 0.01, 64: 0.01}), AcceptanceStats(8, prior=[r] * 7, prior_weight=1000))
+    assert p.expected_rate(8, 1) == pytest.approx(gain * p.expected_rate(1, 1))
+    assert (p.choose(1) == 8) is drafts
+
+
 def test_forward_times_interpolate_and_learn():
     t = ForwardTimes({1: 1.0, 4: 4.0})
     assert t(2) == pytest.approx(2.0) and t(8) == pytest.approx(8.0)

@@ -121,8 +121,54 @@ def test_continue_from_a_lowrank_head(base, tmp_path):
         Trainer(_args(base, tmp_path / "c", head=str(tmp_path / "a" / HEAD), rank=4))
 
 
+def _twin_weights(model) -> dict[str, torch.Tensor]:
+    """The effective twin projection weights (low-rank deltas folded in)."""
+    with torch.no_grad():
+        return {f"layer {i} {name}": getattr(layer.self_attn.diff, name).weight.clone()
+                for i, layer in enumerate(model.layers) for name in ("qkv", "o")}
+
+
+def test_continue_at_a_higher_rank_keeps_the_twins(base, tmp_path):
+    """A rank-8 head continued at rank 16: the same twins at the start, and the new components train."""
+    t = Trainer(_args(base, tmp_path / "a"))
+    t.run()
+    grown = Trainer(_args(base, tmp_path / "b", head=str(tmp_path / "a" / HEAD), rank=16))
+    before = _twin_weights(t.model)
+    for n, w in _twin_weights(grown.model).items():
+        torch.testing.assert_close(w, before[n], rtol=0, atol=1e-6, msg=n)
+    grown.run()
+    meta = read_head_metadata(tmp_path / "b" / HEAD)
+    assert meta["rank"] == 16
+    delta = grown.model.layers[0].self_attn.diff.qkv.parametrizations.weight[0]
+    assert delta.lora_B[:, 8:].abs().sum() > 0  # the added components learnt something
+
+
+def test_bfloat16_head_is_half_the_size_and_loads(base, tmp_path):
+    path, _, held_out = base
+    full = Trainer(_args(base, tmp_path / "a"))
+    full.run()
+    half = Trainer(_args(base, tmp_path / "b", head_dtype="bfloat16"))
+    half.run()
+    size = lambda d: sum(t.numel() * t.element_size() for t in _lora_tensors(d / HEAD).values())
+    assert size(tmp_path / "b") * 2 == size(tmp_path / "a")
+    want = _twin_weights(half.model)
+    got = _twin_weights(LLM(str(path), head=str(tmp_path / "b" / HEAD), block_size=K).engine.runner.model)
+    ar = {f"layer {i} {name}": getattr(layer.self_attn.ar, name).weight for i, layer in enumerate(half.model.layers)
+          for name in ("qkv", "o")}
+    assert max((w - ar[n]).abs().max() for n, w in want.items()) > 2e-3  # the deltas are far above the tolerance
+    for n, w in want.items():  # the deltas are rounded to bf16, the AR weights under them are not
+        torch.testing.assert_close(got[n], w, rtol=0, atol=2e-4, msg=n)
+
+
+def _lora_tensors(head) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {n: t for n, t in load_file(str(head)).items() if ".lora_" in n}
+
+
 @pytest.mark.parametrize("field, value", [("block_size", 1), ("anchors", 0), ("lr", 0.0), ("warmup", 1.0),
-                                          ("data", []), ("seq_len", 2), ("slot_decay", 0.0)])
+                                          ("data", []), ("seq_len", 2), ("slot_decay", 0.0),
+                                          ("head_dtype", "float16")])
 def test_bad_settings_name_the_field(base, tmp_path, field, value):
     with pytest.raises(OrthrusInputError, match=field):
         Trainer(_args(base, tmp_path, **{field: value}))

@@ -10,7 +10,8 @@ evaluation). T(n), the time of one forward pass over n batched tokens, is measur
 this machine and refined with every pass the engine runs. O, the rest of a step (scheduling,
 acceptance, detokenization), is learnt online from each step's wall time minus its passes, apart
 for plain and drafting steps. When drafting has not been tried for a while, one step drafts at the
-full K to refresh the acceptance estimate.
+full K to refresh the acceptance estimate. Drafting must be expected to win by a margin
+(`min_gain`): near break-even, errors in the model decide, and plain AR is the safe side.
 """
 
 import bisect
@@ -105,12 +106,13 @@ class ForwardTimes:
 
 class AutoDraftPolicy:
     def __init__(self, max_k: int, times: ForwardTimes, stats: AcceptanceStats, min_evidence: float = 1.0,
-                 smoothing: float = 0.2):
+                 smoothing: float = 0.2, min_gain: float = 1.05):
         self.max_k = max_k
         self.times = times
         self.stats = stats
         self.min_evidence = min_evidence
         self.smoothing = smoothing
+        self.min_gain = min_gain  # draft only when the model expects at least this speed-up over AR
         self.overhead = {False: 0.0, True: 0.0}  # seconds per step outside the passes, by "drafted"
 
     def expected_rate(self, k: int, batch: int) -> float:
@@ -124,6 +126,8 @@ class AutoDraftPolicy:
             return 1
         self.stats.tick()
         best = max(range(1, self.max_k + 1), key=lambda k: self.expected_rate(k, batch))
+        if best > 1 and self.expected_rate(best, batch) < self.min_gain * self.expected_rate(1, batch):
+            best = 1  # near break-even the model's errors decide, and AR is the safe side
         if best == 1 and self.stats.evidence < self.min_evidence:
             return self.max_k  # explore: re-measure acceptance now and then
         return best

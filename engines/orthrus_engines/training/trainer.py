@@ -30,6 +30,7 @@ from orthrus_engines.training.twins import (
 CHECKPOINT = "checkpoint.pt"
 HEAD = "head.safetensors"
 LOG = "train_log.jsonl"
+HEAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainArgs:
     clip: float = 1.0
     weight_decay: float = 0.0
     rank: int = 64  # low-rank deltas; 0 = full-rank twins
+    head_dtype: str = "float32"  # dtype of the saved low-rank factors ("bfloat16" halves the head)
     slot_decay: float = 1.0  # loss weight of draft slot j is slot_decay**j (1 = uniform)
     seed: int = 0
     save_every: int = 100
@@ -71,6 +73,8 @@ class TrainArgs:
             raise OrthrusInputError("warmup", f"must be in [0, 1), got {self.warmup}")
         if not self.data:
             raise OrthrusInputError("data", "give at least one data source (--data)")
+        if self.head_dtype not in HEAD_DTYPES:
+            raise OrthrusInputError("head_dtype", f"must be one of {sorted(HEAD_DTYPES)}, got {self.head_dtype!r}")
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
@@ -104,8 +108,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(args.seed)
         head_rank = int(read_head_metadata(Path(args.head)).get("rank", 0)) if args.head else 0
-        if head_rank and head_rank != args.rank:
-            raise OrthrusInputError("rank", f"the head {args.head} has rank {head_rank}; continue it with --rank {head_rank}")
+        if head_rank and head_rank > args.rank:
+            raise OrthrusInputError("rank", f"the head {args.head} has rank {head_rank}; continue it with "
+                                            f"--rank {head_rank} or more")
         # A low-rank head continues as factors on the base; a full one is loaded as the twins' start.
         self.model, self.tokenizer, self.src = load_for_training(args, None if head_rank else args.head)
         self.device = next(self.model.parameters()).device
@@ -153,7 +158,7 @@ class Trainer:
 
         extra = {"rank": self.args.rank, "steps": self.step, "blocks_seen": self.blocks_seen,
                  "train_seconds": round(self.train_seconds, 1), "seq_len": self.args.seq_len}
-        tensors = lowrank_factors(self.model) if self.lowrank else None  # None: the full twins
+        tensors = lowrank_factors(self.model, HEAD_DTYPES[self.args.head_dtype]) if self.lowrank else None  # None: full twins
         save_head(self.model, path, self.args.block_size, self.src.mask_token_id, tensors=tensors, extra=extra)
 
     # -- the loop ---------------------------------------------------------------------------------

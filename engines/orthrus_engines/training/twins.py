@@ -58,14 +58,14 @@ def load_trainable_state(model: OrthrusModel, state: dict[str, torch.Tensor]) ->
             params[n].copy_(t)
 
 
-def lowrank_factors(model: OrthrusModel) -> dict[str, torch.Tensor]:
-    """Head tensors of a low-rank run: `...qkv_proj_diff.lora_{A,B}`, `...o_proj_diff.lora_{A,B}`, and
-    any full twin norms/biases under their official names."""
+def lowrank_factors(model: OrthrusModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Head tensors of a low-rank run: `...qkv_proj_diff.lora_{A,B}`, `...o_proj_diff.lora_{A,B}` (in
+    `dtype`: bf16 halves the file), and any full twin norms/biases under their official names."""
     out = {}
     for i, kind, lin in _twin_linears(model):
         delta = lin.parametrizations.weight[0]
-        out[lowrank_key(i, kind, "A")] = delta.lora_A.detach().cpu().contiguous()
-        out[lowrank_key(i, kind, "B")] = delta.lora_B.detach().cpu().contiguous()
+        out[lowrank_key(i, kind, "A")] = delta.lora_A.detach().to("cpu", dtype).contiguous()
+        out[lowrank_key(i, kind, "B")] = delta.lora_B.detach().to("cpu", dtype).contiguous()
     with parametrize.cached():
         full = twin_state_dict(model)
     out.update({k: v for k, v in full.items() if "norm_diff" in k or k.endswith(".bias")})
@@ -83,9 +83,11 @@ def merge_lowrank(model: OrthrusModel) -> None:
 
 @torch.no_grad()
 def load_lowrank_factors(model: OrthrusModel, tensors: dict[str, torch.Tensor]) -> None:
-    """The inverse of `lowrank_factors`: continue training from a low-rank head."""
+    """The inverse of `lowrank_factors`: continue training from a low-rank head. A head of lower rank
+    fills the first components; the others start as new ones do (B = 0), so the twins are unchanged."""
     for i, kind, lin in _twin_linears(model):
         delta = lin.parametrizations.weight[0]
-        delta.lora_A.copy_(tensors[lowrank_key(i, kind, "A")])
-        delta.lora_B.copy_(tensors[lowrank_key(i, kind, "B")])
+        a, b = tensors[lowrank_key(i, kind, "A")], tensors[lowrank_key(i, kind, "B")]
+        delta.lora_A[: a.shape[0]].copy_(a)
+        delta.lora_B[:, : b.shape[1]].copy_(b)
     load_tensors(model, ((k, v) for k, v in tensors.items() if ".lora_" not in k), only_twins=True)
