@@ -141,6 +141,14 @@ def test_continue_at_a_higher_rank_keeps_the_twins(base, tmp_path):
     assert meta["rank"] == 16
     delta = grown.model.layers[0].self_attn.diff.qkv.parametrizations.weight[0]
     assert delta.lora_B[:, 8:].abs().sum() > 0  # the added components learnt something
+    # Resuming the grown run: its checkpoint, not the starting head, decides where it continues.
+    first = Trainer(_args(base, tmp_path / "c", head=str(tmp_path / "a" / HEAD), rank=16, max_minutes=0.0))
+    first.run()
+    resumed = Trainer(_args(base, tmp_path / "c", head=str(tmp_path / "a" / HEAD), rank=16))
+    assert resumed.step == 1
+    resumed.run()
+    for (n, p), (_, q) in zip(grown.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), f"{n} differs after resume"
 
 
 def test_bfloat16_head_is_half_the_size_and_loads(base, tmp_path):
@@ -149,6 +157,8 @@ def test_bfloat16_head_is_half_the_size_and_loads(base, tmp_path):
     full.run()
     half = Trainer(_args(base, tmp_path / "b", head_dtype="bfloat16"))
     half.run()
+    with pytest.raises(OrthrusInputError, match="head_dtype"):  # full twins are saved as they are
+        Trainer(_args(base, tmp_path / "c", rank=0, head_dtype="bfloat16"))
     size = lambda d: sum(t.numel() * t.element_size() for t in _lora_tensors(d / HEAD).values())
     assert size(tmp_path / "b") * 2 == size(tmp_path / "a")
     want = _twin_weights(half.model)

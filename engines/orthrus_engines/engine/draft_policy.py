@@ -2,16 +2,17 @@
 AR) that maximises expected committed tokens per second for the running batch.
 
   tokens(K) = B * (1 + sum_{i<K} r_i)             r_i: rate at which draft position i is accepted
-  time(K)   = O_ar    + T(B)            for K = 1  (one verify pass of the anchors)
-            = O_draft + T(B K) + T(B K) for K > 1  (a draft pass and a verify pass of B blocks)
+  time(K)   = O + T(B)            for K = 1  (one verify pass of the anchors)
+            = O + T(B K) + T(B K) for K > 1  (a draft pass and a verify pass of B blocks)
 
 `r_i` is measured online with exponentially decaying counts (a head may carry a prior measured at
 evaluation). T(n), the time of one forward pass over n batched tokens, is measured at start-up on
 this machine and refined with every pass the engine runs. O, the rest of a step (scheduling,
-acceptance, detokenization), is learnt online from each step's wall time minus its passes, apart
-for plain and drafting steps. When drafting has not been tried for a while, one step drafts at the
-full K to refresh the acceptance estimate. Drafting must be expected to win by a margin
-(`min_gain`): near break-even, errors in the model decide, and plain AR is the safe side.
+acceptance, detokenization), is learnt online from each step's wall time minus its passes, plain
+and drafting steps alike, so that no estimate goes stale while the other kind of step runs. When
+drafting has not been tried for a while, one step drafts at the full K to refresh the acceptance
+estimate. Drafting must be expected to win by a margin (`min_gain`): near break-even, errors in
+the model decide, and plain AR is the safe side.
 """
 
 import bisect
@@ -75,22 +76,21 @@ class ForwardTimes:
 
     def __call__(self, n: int) -> float:
         ns, ts = self.ns, self.ts
-        if len(ns) == 1:
-            return ts[0] * n / ns[0]
+        if len(ns) == 1 or n > ns[-1]:  # beyond the ladder: proportional to its top (errs on the dear side)
+            return ts[-1] * n / ns[-1]
         i = min(max(bisect.bisect_left(ns, n), 1), len(ns) - 1)
         n0, n1, t0, t1 = ns[i - 1], ns[i], ts[i - 1], ts[i]
         return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), 1e-9)
 
     def observe(self, n: int, seconds: float) -> None:
-        """Blend a measured pass into T(n). Inside the measured range, the two points around n move
-        (in proportion to their weight in T(n)), so the curve stays as smooth as its ladder; a
-        single outlier (a stall) counts as at most 3x the current estimate. Outside it, n joins."""
+        """Blend a measured pass into T(n): the two ladder points around n move (in proportion to
+        their weight in T(n)), so the curve stays as smooth as its ladder; a pass beyond the top
+        informs the top point as T(top) = seconds * top / n. A single outlier (a stall) counts as
+        at most 3x the current estimate."""
         ns = self.ns
-        if not ns[0] <= n <= ns[-1]:
-            i = bisect.bisect_left(ns, n)
-            ns.insert(i, n)
-            self.ts.insert(i, seconds)
-            return
+        if n >= ns[-1]:
+            n, seconds = ns[-1], seconds * ns[-1] / n
+        n = max(n, ns[0])
         i = bisect.bisect_left(ns, n)
         if ns[i] == n:
             weights = {i: 1.0}
@@ -113,13 +113,13 @@ class AutoDraftPolicy:
         self.min_evidence = min_evidence
         self.smoothing = smoothing
         self.min_gain = min_gain  # draft only when the model expects at least this speed-up over AR
-        self.overhead = {False: 0.0, True: 0.0}  # seconds per step outside the passes, by "drafted"
+        self.overhead: float | None = None  # seconds per step outside its passes (None: not measured yet)
 
     def expected_rate(self, k: int, batch: int) -> float:
         """Expected committed tokens per second with block length k for `batch` sequences."""
         tokens = batch * (1 + sum(self.stats.rates()[: k - 1]))
         passes = self.times(batch) if k == 1 else 2 * self.times(batch * k)
-        return tokens / (self.overhead[k > 1] + passes)
+        return tokens / ((self.overhead or 0.0) + passes)
 
     def choose(self, batch: int) -> int:
         if batch < 1 or self.max_k == 1:
@@ -137,6 +137,9 @@ class AutoDraftPolicy:
         step's whole wall time."""
         for n, s in passes:
             self.times.observe(n, s)
-        drafted = len(passes) > 1
         rest = max(step_seconds - sum(s for _, s in passes), 0.0)
-        self.overhead[drafted] += self.smoothing * (rest - self.overhead[drafted])
+        if self.overhead is None:
+            self.overhead = rest
+        else:  # one stall counts as at most 3x the estimate (with a floor, so a zero estimate can grow)
+            rest = min(rest, 3 * self.overhead + 1e-3)
+            self.overhead += self.smoothing * (rest - self.overhead)

@@ -170,6 +170,8 @@ class LLMEngine:
             return outs
 
     def _decode(self, batch: DecodeBatch) -> list[RequestOutput]:
+        if self.policy is not None and self.device.type == "cuda":
+            torch.cuda.synchronize()  # the policy times this step's passes, not a prefill still running
         start = time.perf_counter()
         seqs, ks = batch.seqs, batch.ks
         drafts: list[list[int]] = [[] for _ in seqs]

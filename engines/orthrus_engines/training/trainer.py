@@ -75,6 +75,8 @@ class TrainArgs:
             raise OrthrusInputError("data", "give at least one data source (--data)")
         if self.head_dtype not in HEAD_DTYPES:
             raise OrthrusInputError("head_dtype", f"must be one of {sorted(HEAD_DTYPES)}, got {self.head_dtype!r}")
+        if self.head_dtype != "float32" and self.rank <= 0:
+            raise OrthrusInputError("head_dtype", "applies to low-rank factors only (--rank > 0)")
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
