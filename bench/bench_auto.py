@@ -58,13 +58,14 @@ def main() -> None:
                for p in read_prompts(packaged_prompts("prompts_eval.txt"))]
     llm.generate(prompts[:2], None)  # warm-up
     modes = {"ar": 1, "auto": None, "fixed8": 8}
+    order = list(modes.items())
     results = {}
     for c in args.concurrency:
         acc = {m: {"tokens": 0, "seconds": 0.0, "passes": 0, "chosen_k": Counter()} for m in modes}
         for r in range(args.rounds):
             wave = [prompts[(r * c + i) % len(prompts)] for i in range(c)]
-            order = list(modes.items())
-            for m, k in order[r % 3:] + order[: r % 3]:  # each mode takes each place in the round in turn
+            turn = r % len(order)  # each mode takes each place in the round in turn
+            for m, k in order[turn:] + order[:turn]:
                 w = run_wave(llm, wave, args.tokens, k)
                 a = acc[m]
                 a["tokens"] += w["tokens"]

@@ -121,10 +121,10 @@ def test_continue_from_a_lowrank_head(base, tmp_path):
         Trainer(_args(base, tmp_path / "c", head=str(tmp_path / "a" / HEAD), rank=4))
 
 
-def _twin_weights(model) -> dict[str, torch.Tensor]:
-    """The effective twin projection weights (low-rank deltas folded in)."""
+def _view_weights(model, view: str = "diff") -> dict[str, torch.Tensor]:
+    """The effective projection weights of one view ("diff": the twins, low-rank deltas folded in)."""
     with torch.no_grad():
-        return {f"layer {i} {name}": getattr(layer.self_attn.diff, name).weight.clone()
+        return {f"layer {i} {name}": getattr(getattr(layer.self_attn, view), name).weight.clone()
                 for i, layer in enumerate(model.layers) for name in ("qkv", "o")}
 
 
@@ -133,8 +133,8 @@ def test_continue_at_a_higher_rank_keeps_the_twins(base, tmp_path):
     t = Trainer(_args(base, tmp_path / "a"))
     t.run()
     grown = Trainer(_args(base, tmp_path / "b", head=str(tmp_path / "a" / HEAD), rank=16))
-    before = _twin_weights(t.model)
-    for n, w in _twin_weights(grown.model).items():
+    before = _view_weights(t.model)
+    for n, w in _view_weights(grown.model).items():
         torch.testing.assert_close(w, before[n], rtol=0, atol=1e-6, msg=n)
     grown.run()
     meta = read_head_metadata(tmp_path / "b" / HEAD)
@@ -161,10 +161,9 @@ def test_bfloat16_head_is_half_the_size_and_loads(base, tmp_path):
         Trainer(_args(base, tmp_path / "c", rank=0, head_dtype="bfloat16"))
     size = lambda d: sum(t.numel() * t.element_size() for t in _lora_tensors(d / HEAD).values())
     assert size(tmp_path / "b") * 2 == size(tmp_path / "a")
-    want = _twin_weights(half.model)
-    got = _twin_weights(LLM(str(path), head=str(tmp_path / "b" / HEAD), block_size=K).engine.runner.model)
-    ar = {f"layer {i} {name}": getattr(layer.self_attn.ar, name).weight for i, layer in enumerate(half.model.layers)
-          for name in ("qkv", "o")}
+    want = _view_weights(half.model)
+    got = _view_weights(LLM(str(path), head=str(tmp_path / "b" / HEAD), block_size=K).engine.runner.model)
+    ar = _view_weights(half.model, "ar")
     assert max((w - ar[n]).abs().max() for n, w in want.items()) > 2e-3  # the deltas are far above the tolerance
     for n, w in want.items():  # the deltas are rounded to bf16, the AR weights under them are not
         torch.testing.assert_close(got[n], w, rtol=0, atol=2e-4, msg=n)
