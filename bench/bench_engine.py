@@ -2,13 +2,14 @@
 
   .venv/bin/python bench/bench_engine.py [--tokens 64] [--out docs/bench_engine.json]
 
-1. AR mode of this engine (block_size=1) vs HF transformers `generate`: tokens/s at batch 1 and
-   aggregate tokens/s at 4 and 16 concurrent requests (HF: one padded batch).
+1. AR mode of this engine (block_size=1), eager and with `compile=True`, vs HF transformers
+   `generate`: tokens/s at batch 1 and aggregate tokens/s at 4 and 16 concurrent requests (HF: one
+   padded batch).
 2. Orthrus mode at K = 4, 8, 16, 32: tokens/s and TPF = generated tokens / all forward passes
    (prefill included), at batch 1 and 16.
 3. Forward time of the AR view as a function of batched tokens (1..512).
 
-AR figures are medians over ROUNDS alternating rounds of HF and this engine, in one process.
+AR figures are medians over ROUNDS rounds of (HF, eager engine, compiled engine), in one process.
 """
 
 import argparse
@@ -102,30 +103,40 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--out", default="docs/bench_engine.json")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from orthrus_engines import LLM
+    from orthrus_engines import LLM, SamplingParams
     from orthrus_engines.models.builtin import builtin_model_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = builtin_model_dir()
     tok = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = LLM(head="none", block_size=8)  # untrained twins, fixed K (bench_auto.py measures the shipped head and auto)
     n = args.tokens
+    start = time.perf_counter()
+    compiled = LLM(head="none", block_size=1, compile=True)
+    for batch in (1, 2):  # compile the prefill and decode graphs, for one sequence and for several
+        compiled.generate(prompts_for(batch), SamplingParams(max_tokens=3, ignore_eos=True))
+    compile_s = time.perf_counter() - start
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                 "torch": torch.__version__, "new_tokens": n, "ar": [], "orthrus": []}
+                 "torch": torch.__version__, "new_tokens": n, "compile_warm_up_s": compile_s, "ar": [], "orthrus": []}
+    print(f"compiled engine: load + compile {compile_s:.0f} s", flush=True)
     for batch in (1, 4, 16):
-        rounds = [(bench_hf(hf, tok, batch, n), bench_engine(llm, batch, n, block_size=1)["tok_s"])
-                  for _ in range(ROUNDS)]
-        hf_tps, ours = median(h for h, _ in rounds), median(e for _, e in rounds)
-        ratio = median(e / h for h, e in rounds)
-        res["ar"].append({"batch": batch, "hf_tok_s": hf_tps, "engine_tok_s": ours, "ratio": ratio,
-                          "rounds": [{"hf_tok_s": h, "engine_tok_s": e} for h, e in rounds]})
-        print(f"AR batch {batch:2d}: HF {hf_tps:7.1f} tok/s, engine {ours:7.1f} tok/s ({ratio:.2f}x; "
-              f"per round {', '.join(f'{e / h:.2f}' for h, e in rounds)})", flush=True)
+        rounds = [(bench_hf(hf, tok, batch, n), bench_engine(llm, batch, n, block_size=1)["tok_s"],
+                   bench_engine(compiled, batch, n)["tok_s"]) for _ in range(ROUNDS)]
+        row = {"batch": batch, "hf_tok_s": median(r[0] for r in rounds), "engine_tok_s": median(r[1] for r in rounds),
+               "compiled_tok_s": median(r[2] for r in rounds), "ratio": median(r[1] / r[0] for r in rounds),
+               "compiled_ratio": median(r[2] / r[0] for r in rounds),
+               "rounds": [{"hf_tok_s": h, "engine_tok_s": e, "compiled_tok_s": c} for h, e, c in rounds]}
+        res["ar"].append(row)
+        print(f"AR batch {batch:2d}: HF {row['hf_tok_s']:7.1f} tok/s, engine {row['engine_tok_s']:7.1f} "
+              f"({row['ratio']:.2f}x; per round {', '.join(f'{e / h:.2f}' for h, e, _ in rounds)}), compiled "
+              f"{row['compiled_tok_s']:7.1f} ({row['compiled_ratio']:.2f}x; per round "
+              f"{', '.join(f'{c / h:.2f}' for h, _, c in rounds)})", flush=True)
+    del compiled
     del hf
     ar1 = res["ar"][0]["engine_tok_s"]
     res["ar_scaling_16_over_1"] = res["ar"][2]["engine_tok_s"] / ar1
+    res["compiled_scaling_16_over_1"] = res["ar"][2]["compiled_tok_s"] / res["ar"][0]["compiled_tok_s"]
     for K in (4, 8, 16, 32):
         for batch in (1, 16):
             r = bench_engine(llm, batch, n, block_size=K)

@@ -21,6 +21,7 @@ class EngineArgs:
     device: str | None = None  # None: cuda if available, else cpu
     enable_prefix_cache: bool = True
     cpu_packed_weights: bool = True  # CPU fp32: oneDNN-packed copies of the linear weights (faster, 2x weight memory)
+    compile: bool = False  # torch.compile the model (inductor): less per-op overhead; each new pass shape compiles first
 
     def resolve_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))

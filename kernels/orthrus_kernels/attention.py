@@ -24,7 +24,7 @@ class AttentionMetadata:
     # in the cache by then). Transient pass: slots of the cached prefix only; the new K/V follow.
     key_slots: torch.Tensor  # [B, max_keys] (padding: slot 0, masked out)
     write_slots: torch.Tensor | None  # [T] slots that receive the new K/V; None = transient
-    mask: torch.Tensor | None  # [B, 1, max_q, keys] bool; None: see is_causal
+    mask: torch.Tensor | None  # [B, max_q, keys] bool; None: see is_causal
     pad_index: torch.Tensor | None  # [T] row of each new token in the padded [B * max_q] layout
     is_causal: bool = False  # no mask: plain top-left causal (True) or everything visible (False)
 
@@ -37,9 +37,13 @@ def build_attention_metadata(
     causal: bool,
     write_kv: bool,
     device: torch.device,
+    every_field: bool = False,
 ) -> AttentionMetadata:
+    """`every_field`: always build the mask and the padding index, never the shortcuts for one
+    sequence or equal query lengths, so that a compiled model sees one structure per kind of pass
+    (torch.compile makes a graph per structure; sizes stay symbolic)."""
     B, max_q, max_p = len(q_lens), max(q_lens), max(prefix_lens)
-    uniform = all(q == max_q for q in q_lens)
+    uniform = all(q == max_q for q in q_lens) and not every_field
     totals = [p + q for p, q in zip(prefix_lens, q_lens)]
     max_keys = max(totals) if write_kv else max_p
     key_slots = torch.zeros(B, max_keys, dtype=torch.long)
@@ -58,8 +62,8 @@ def build_attention_metadata(
 
     # One sequence needs no mask when every key is visible to every query (one query, or a
     # bidirectional block) or when plain top-left causal alignment is right (no cached prefix).
-    single_ok = B == 1 and (max_q == 1 or not causal or max_p == 0)
-    is_causal = B == 1 and causal and max_q > 1 and max_p == 0
+    single_ok = B == 1 and (max_q == 1 or not causal or max_p == 0) and not every_field
+    is_causal = B == 1 and causal and max_q > 1 and max_p == 0 and not every_field
     mask = None
     if not single_ok:
         pl = torch.tensor(prefix_lens).view(B, 1, 1)
@@ -75,19 +79,21 @@ def build_attention_metadata(
             mask = torch.cat([prefix_ok.expand(B, max_q, max_p), block_ok.expand(B, max_q, max_q)], dim=2)
         mask = mask.expand(B, max_q, mask.shape[-1]).clone()
         mask[:, :, 0 if write_kv else max_p] = True  # padded query rows need one visible key (dropped later)
-        mask = mask.unsqueeze(1).to(device)
+        mask = mask.to(device)
     return AttentionMetadata(list(q_lens), max_q, uniform, key_slots.to(device), write_slots, mask, pad_index,
                              is_causal)
 
 
 def _pad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """[T, H, D] flat tokens -> [B, max_q, H, D]."""
-    B = len(meta.q_lens)
+    # Sizes from tensors, not from q_lens / max_q: torch.compile keeps them symbolic.
+    B = meta.key_slots.shape[0]
     if meta.uniform_q:
-        return x.view(B, meta.max_q, *x.shape[1:])
-    out = x.new_zeros(B * meta.max_q, *x.shape[1:])
+        return x.view(B, -1, *x.shape[1:])
+    max_q = meta.mask.shape[1]  # padded queries imply several sequences, hence a mask
+    out = x.new_zeros(B * max_q, *x.shape[1:])
     out[meta.pad_index] = x
-    return out.view(B, meta.max_q, *x.shape[1:])
+    return out.view(B, max_q, *x.shape[1:])
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -119,7 +125,7 @@ def paged_attention(
         qp.transpose(1, 2),
         kp.transpose(1, 2),
         vp.transpose(1, 2),
-        attn_mask=meta.mask,
+        attn_mask=None if meta.mask is None else meta.mask.unsqueeze(1),  # broadcast over heads
         is_causal=meta.is_causal,
         scale=scale,
         enable_gqa=True,

@@ -24,6 +24,7 @@ CASES = {
     "single-prefill-no-prefix": ([0], [13]),
     "batch-no-prefix": ([0, 0], [5, 9]),
     "single-with-prefix": ([21], [6]),
+    "single-decode": ([40], [1]),
 }
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -64,7 +65,7 @@ def _dense_reference(q, k, v, k_cache, v_cache, prefix_lens, q_lens, tables, pag
 
 
 def _run_case(prefix_lens, q_lens, causal, write_kv, page_size, device, dtype=torch.float32, seed=0,
-              share_first_page=False):
+              share_first_page=False, every_field=False):
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     num_pages = sum(-(-(p + n) // page_size) + 1 for p, n in zip(prefix_lens, q_lens)) + 8  # some never used
@@ -81,11 +82,25 @@ def _run_case(prefix_lens, q_lens, causal, write_kv, page_size, device, dtype=to
                             prefix_lens, q_lens, tables, page_size, causal, scale)
     kc0, vc0 = k_cache.clone(), v_cache.clone()
 
-    meta = build_attention_metadata(q_lens, prefix_lens, tables, page_size, causal, write_kv, torch.device(device))
+    meta = build_attention_metadata(q_lens, prefix_lens, tables, page_size, causal, write_kv, torch.device(device),
+                                    every_field)
+    if every_field:
+        assert meta.mask is not None and meta.pad_index is not None and not meta.is_causal
     kc, vc = k_cache.to(device), v_cache.to(device)
     got = paged_attention(q.to(device), k.to(device), v.to(device), kc, vc, meta, scale)
     assert got.shape == (T, HQ, D) and got.dtype == dtype
     return got.cpu(), want, (kc.cpu(), vc.cpu()), (kc0, vc0), (k, v), tables
+
+
+@pytest.mark.parametrize("write_kv", [True, False], ids=["write", "transient"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_field_metadata_gives_the_same_attention(case, causal, write_kv):
+    """The structure a compiled model uses (mask and padding index always built, no shortcuts for one
+    sequence) computes the same attention as the shortcuts."""
+    prefix_lens, q_lens = CASES[case]
+    got, want, *_ = _run_case(prefix_lens, q_lens, causal, write_kv, 16, "cpu", every_field=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -56,7 +56,7 @@ class LLMEngine:
             1, args.kv_cache_bytes(self.device) // ModelRunner.bytes_per_page(src, self.dtype, args.page_size))
         self.max_model_len = min(self.max_model_len, num_pages * args.page_size)
         self.runner = ModelRunner(src, self.device, self.dtype, args.page_size, num_pages, self.max_model_len,
-                                  args.cpu_packed_weights)
+                                  args.cpu_packed_weights, args.compile)
         embed = self.runner.model.embed_tokens.weight
         fingerprint = model_fingerprint(
             src.hf_config.to_dict(),

@@ -18,12 +18,21 @@ from orthrus_engines.models.loader import ModelSource, build_model
 
 class ModelRunner:
     def __init__(self, src: ModelSource, device: torch.device, dtype: torch.dtype, page_size: int,
-                 num_pages: int, max_model_len: int, pack_weights: bool = True):
+                 num_pages: int, max_model_len: int, pack_weights: bool = True, compile: bool = False):
         self.device, self.dtype, self.page_size = device, dtype, page_size
         self.mask_token_id = src.mask_token_id
         self.model = build_model(src, dtype, device, max_model_len)
         if pack_weights and cpu_packing_supported(device, dtype):
             pack_weights_for_cpu(self.model)
+        # Compiled: one graph per kind of pass (prefill, decode, draft, verify; one sequence or several),
+        # sizes symbolic. Each kind compiles the first time it runs (about a minute for the built-in
+        # model on 2 CPU cores); the logits (one op) stay eager.
+        self.compiled = compile
+        self.forward_model = torch.compile(self.model, dynamic=True) if compile else self.model
+        if compile:
+            # One graph per kind of pass and masking (every_field metadata): no graphs for sizes that
+            # happen to be 1 in the first batch seen.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         s = self.model.shape
         attn = self.model.layers[0].self_attn
         slots = num_pages * page_size
@@ -45,8 +54,8 @@ class ModelRunner:
         ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
         positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens)])
         meta = build_attention_metadata(q_lens, starts, [s.block_table for s in seqs], self.page_size,
-                                        causal, write_kv, self.device)
-        hidden = self.model(ids.to(self.device), positions.to(self.device), meta, self.kv_cache, diffusion)
+                                        causal, write_kv, self.device, every_field=self.compiled)
+        hidden = self.forward_model(ids.to(self.device), positions.to(self.device), meta, self.kv_cache, diffusion)
         for s in seqs:
             s.num_forward_passes += 1
         if logit_rows is None:
@@ -77,7 +86,8 @@ class ModelRunner:
         """Seconds for one verify-like pass over n tokens (logits for all). Start-up only: it writes
         scratch K/V into the first pages, which hold nothing yet."""
         table = list(range(-(-n // self.page_size)))
-        meta = build_attention_metadata([n], [0], [table], self.page_size, True, True, self.device)
+        meta = build_attention_metadata([n], [0], [table], self.page_size, True, True, self.device,
+                                        every_field=self.compiled)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         positions = torch.arange(n, device=self.device)
         best = float("inf")
@@ -85,7 +95,7 @@ class ModelRunner:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            self.model.logits(self.model(ids, positions, meta, self.kv_cache))
+            self.model.logits(self.forward_model(ids, positions, meta, self.kv_cache))
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)

@@ -1,0 +1,39 @@
+"""`compile=True` runs the model through torch.compile (the packed CPU linears as an opaque op): the
+same greedy tokens as HF's fp32 `generate`, for plain AR and Orthrus drafting, and a bounded set of
+graphs: one per kind of pass, reused for every later batch size and prompt length."""
+
+import pytest
+import torch
+from orthrus_engines import LLM, SamplingParams
+from tiny_models import hf_greedy, hf_model, write_orthrus
+
+pytestmark = pytest.mark.slow  # each kind of pass compiles once (seconds each on 2 cores)
+
+NEW = 12
+WARM_UP = [[[5, 17, 3], [9] * 21, [40, 2, 33, 7, 7, 1, 60, 12, 8]], [[5, 17, 3]]]  # a mixed batch of 3, then 1
+LATER = [[[4] * 13, [7, 8]], [[3] * 30], [[1] * 5, [2] * 6, [3] * 7, [4] * 40]]  # new sizes and lengths
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = write_orthrus(tmp_path_factory.mktemp("compile") / "llama", "llama")
+    hf = hf_model(path, "llama")
+    oracle = {tuple(p): hf_greedy(hf, p, NEW) for batch in WARM_UP + LATER for p in batch}
+    return path, oracle
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_compiled_engine_matches_hf_greedy_with_a_bounded_set_of_graphs(setup, block_size):
+    path, oracle = setup
+    torch._dynamo.reset()
+    llm = LLM(str(path), block_size=block_size, num_pages=64, compile=True)
+    params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+    frames = torch._dynamo.utils.counters["frames"]
+    start = frames["ok"]
+    for batch in WARM_UP:
+        assert [o.token_ids for o in llm.generate(batch, params)] == [oracle[tuple(p)] for p in batch]
+    graphs = frames["ok"]
+    assert 0 < graphs - start <= 8  # prefill, decode (and draft, verify), each for one sequence and for several
+    for batch in LATER:
+        assert [o.token_ids for o in llm.generate(batch, params)] == [oracle[tuple(p)] for p in batch]
+    assert frames["ok"] == graphs  # nothing recompiled for new batch sizes or lengths
