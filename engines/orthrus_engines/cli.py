@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--block-size", type=int, help="draft block length K (1 = plain AR)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first passes)")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
     d = sub.add_parser("gen-data", help="generate training data: the model's own responses to a prompt file")
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
         )
-        llm = LLM(model=args.model, head=args.head, block_size=args.block_size)
+        llm = LLM(model=args.model, head=args.head, block_size=args.block_size, compile=args.compile)
         start = time.perf_counter()
         if args.chat:
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)

@@ -22,14 +22,14 @@ def setup(tmp_path_factory):
     return path, oracle
 
 
-@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("block_size", [1, 4, "auto"])  # auto also times passes at start-up
 def test_compiled_engine_matches_hf_greedy_with_a_bounded_set_of_graphs(setup, block_size):
     path, oracle = setup
     torch._dynamo.reset()
-    llm = LLM(str(path), block_size=block_size, num_pages=64, compile=True)
-    params = SamplingParams(max_tokens=NEW, ignore_eos=True)
     frames = torch._dynamo.utils.counters["frames"]
     start = frames["ok"]
+    llm = LLM(str(path), block_size=block_size, num_pages=64, compile=True)
+    params = SamplingParams(max_tokens=NEW, ignore_eos=True)
     for batch in WARM_UP:
         assert [o.token_ids for o in llm.generate(batch, params)] == [oracle[tuple(p)] for p in batch]
     graphs = frames["ok"]
@@ -37,3 +37,19 @@ def test_compiled_engine_matches_hf_greedy_with_a_bounded_set_of_graphs(setup, b
     for batch in LATER:
         assert [o.token_ids for o in llm.generate(batch, params)] == [oracle[tuple(p)] for p in batch]
     assert frames["ok"] == graphs  # nothing recompiled for new batch sizes or lengths
+
+
+def test_generate_command_compiles_on_request(tiny_model_dir, capsys):
+    from orthrus_engines.cli import main
+
+    torch._dynamo.reset()
+    frames = torch._dynamo.utils.counters["frames"]
+    runs = []
+    for flags in ([], ["--compile"]):
+        start = frames["ok"]
+        argv = ["generate", "Two-headed dogs", "--model", str(tiny_model_dir), "--block-size", "1",
+                "--max-tokens", "6", "--ignore-eos", "--json", *flags]
+        assert main(argv) == 0
+        runs.append((capsys.readouterr().out, frames["ok"] - start))
+    (eager, eager_graphs), (compiled, compiled_graphs) = runs
+    assert eager == compiled and eager_graphs == 0 and compiled_graphs > 0
