@@ -25,13 +25,11 @@ class ModelRunner:
         if pack_weights and cpu_packing_supported(device, dtype):
             pack_weights_for_cpu(self.model)
         # Compiled: one graph per kind of pass (prefill, decode, draft, verify; one sequence or several),
-        # sizes symbolic. Each kind compiles the first time it runs (about a minute for the built-in
-        # model on 2 CPU cores); the logits (one op) stay eager.
+        # sizes symbolic, thanks to `every_field` metadata. Each compiles the first time it runs (1-3
+        # minutes each for the built-in model on 2 CPU cores); the logits (one op) stay eager.
         self.compiled = compile
         self.forward_model = torch.compile(self.model, dynamic=True) if compile else self.model
-        if compile:
-            # One graph per kind of pass and masking (every_field metadata): no graphs for sizes that
-            # happen to be 1 in the first batch seen.
+        if compile:  # room for every kind of pass before torch.compile falls back to eager
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         s = self.model.shape
         attn = self.model.layers[0].self_attn
