@@ -13,6 +13,7 @@ import json
 import platform
 import time
 from collections import Counter
+from statistics import median
 
 import torch
 
@@ -62,11 +63,14 @@ def main() -> None:
     results = {}
     for c in args.concurrency:
         acc = {m: {"tokens": 0, "seconds": 0.0, "passes": 0, "chosen_k": Counter()} for m in modes}
+        per_round: list[dict[str, float]] = []  # tok/s of each mode on the same wave: paired, drift-robust
         for r in range(args.rounds):
             wave = [prompts[(r * c + i) % len(prompts)] for i in range(c)]
             turn = r % len(order)  # each mode takes each place in the round in turn
+            per_round.append({})
             for m, k in order[turn:] + order[:turn]:
                 w = run_wave(llm, wave, args.tokens, k)
+                per_round[-1][m] = w["tokens"] / w["seconds"]
                 a = acc[m]
                 a["tokens"] += w["tokens"]
                 a["seconds"] += w["seconds"]
@@ -76,9 +80,12 @@ def main() -> None:
                    "tokens": a["tokens"], "chosen_k": dict(sorted(a["chosen_k"].items()))} for m, a in acc.items()}
         row["auto_vs_ar"] = row["auto"]["tok_s"] / row["ar"]["tok_s"]
         row["fixed8_vs_ar"] = row["fixed8"]["tok_s"] / row["ar"]["tok_s"]
+        row["auto_vs_ar_by_round"] = [x["auto"] / x["ar"] for x in per_round]
+        row["auto_vs_ar_median_round"] = median(row["auto_vs_ar_by_round"])
         results[c] = row
         print(f"c={c}: AR {row['ar']['tok_s']:.1f} tok/s, auto {row['auto']['tok_s']:.1f} "
-              f"({row['auto_vs_ar']:.2f}x, K chosen {row['auto']['chosen_k']}), "
+              f"({row['auto_vs_ar']:.2f}x; median of rounds {row['auto_vs_ar_median_round']:.2f}x: "
+              f"{', '.join(f'{x:.2f}' for x in row['auto_vs_ar_by_round'])}; K chosen {row['auto']['chosen_k']}), "
               f"K=8 {row['fixed8']['tok_s']:.1f} ({row['fixed8_vs_ar']:.2f}x, TPF {row['fixed8']['tpf']:.2f})", flush=True)
     meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "tokens": args.tokens, "rounds": args.rounds, "head": args.head or "shipped",
