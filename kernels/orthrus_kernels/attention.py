@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionMetadata:
-    q_lens: list[int]
-    max_q: int
-    uniform_q: bool  # every sequence has max_q new tokens (no padding of queries)
+    # Sizes (B, max_q) are read from the tensors below, so that torch.compile keeps them symbolic.
+    uniform_q: bool  # every sequence has the same number of new tokens (no padding of queries)
     # Keys per sequence, padded. Written pass: slots of positions [0, prefix + q) (the new K/V are
     # in the cache by then). Transient pass: slots of the cached prefix only; the new K/V follow.
     key_slots: torch.Tensor  # [B, max_keys] (padding: slot 0, masked out)
@@ -63,7 +62,7 @@ def build_attention_metadata(
     # One sequence needs no mask when every key is visible to every query (one query, or a
     # bidirectional block) or when plain top-left causal alignment is right (no cached prefix).
     single_ok = B == 1 and (max_q == 1 or not causal or max_p == 0) and not every_field
-    is_causal = B == 1 and causal and max_q > 1 and max_p == 0 and not every_field
+    is_causal = single_ok and causal and max_q > 1  # implies max_p == 0
     mask = None
     if not single_ok:
         pl = torch.tensor(prefix_lens).view(B, 1, 1)
@@ -80,13 +79,11 @@ def build_attention_metadata(
         mask = mask.expand(B, max_q, mask.shape[-1]).clone()
         mask[:, :, 0 if write_kv else max_p] = True  # padded query rows need one visible key (dropped later)
         mask = mask.to(device)
-    return AttentionMetadata(list(q_lens), max_q, uniform, key_slots.to(device), write_slots, mask, pad_index,
-                             is_causal)
+    return AttentionMetadata(uniform, key_slots.to(device), write_slots, mask, pad_index, is_causal)
 
 
 def _pad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """[T, H, D] flat tokens -> [B, max_q, H, D]."""
-    # Sizes from tensors, not from q_lens / max_q: torch.compile keeps them symbolic.
     B = meta.key_slots.shape[0]
     if meta.uniform_q:
         return x.view(B, -1, *x.shape[1:])
