@@ -46,8 +46,11 @@ class Zoo:
         key = (kind, family, tie)
         if key not in self.paths:
             d = self.root / f"{kind}-{family}-{'tied' if tie else 'untied'}"
-            writer = write_orthrus if kind == "orthrus" else write_base
-            self.paths[key] = writer(d, family, seed=3 if tie else 0, tie=tie)
+            if kind == "orthrus-ar":  # same weights as "orthrus", anchors through the AR projections
+                self.paths[key] = write_orthrus(d, family, seed=3 if tie else 0, tie=tie, anchor_view="ar")
+            else:
+                writer = write_orthrus if kind == "orthrus" else write_base
+                self.paths[key] = writer(d, family, seed=3 if tie else 0, tie=tie)
         return self.paths[key]
 
     def oracle(self, kind: str, family: str, prompt: list[int], n: int, tie: bool = False) -> list[int]:
@@ -110,6 +113,19 @@ def test_batch_greedy_matches_hf(zoo, family, k, batch):
         assert accepted <= drafted
     if batch == 8 and k > 1:  # both the accept and the reject path ran in this batch
         assert 0 < accepted < drafted, (accepted, drafted)
+    _assert_drained(llm.engine)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("k", [2, 8])
+def test_anchor_view_ar_matches_hf(zoo, family, k):
+    """A model whose draft anchors use the AR projections (`anchor_view: "ar"`) is as lossless
+    (test_training_views checks that its drafts are what training taught)."""
+    llm = LLM(str(zoo.path("orthrus-ar", family)), block_size=k, num_pages=64)
+    assert llm.engine.runner.anchor_ar
+    outs = llm.generate(PROMPTS, [_params(n) for n in MAX_TOKENS])
+    _assert_exact(outs, PROMPTS, MAX_TOKENS, lambda p, n: zoo.oracle("orthrus", family, p, n))
+    assert 0 < sum(o.num_accepted_tokens for o in outs) < sum(o.num_drafted_tokens for o in outs)
     _assert_drained(llm.engine)
 
 

@@ -121,6 +121,23 @@ def test_continue_from_a_lowrank_head(base, tmp_path):
         Trainer(_args(base, tmp_path / "c", head=str(tmp_path / "a" / HEAD), rank=4))
 
 
+def test_anchor_view_is_stored_loaded_and_kept_on_resume(base, tmp_path):
+    """An `anchor_view="ar"` run records it in its head, the engine drafts with it, a resume must keep
+    it, and a head naming an unknown view is refused."""
+    from orthrus_engines.models.loader import update_head_metadata
+
+    path, _, _ = base
+    Trainer(_args(base, tmp_path / "a", anchor_view="ar")).run()
+    head = tmp_path / "a" / HEAD
+    assert read_head_metadata(head)["anchor_view"] == "ar"
+    assert LLM(str(path), head=str(head), block_size=K).engine.runner.anchor_ar
+    with pytest.raises(OrthrusInputError, match="anchor_view"):
+        Trainer(_args(base, tmp_path / "a", anchor_view="diffusion", steps=8))
+    update_head_metadata(head, anchor_view="sideways")
+    with pytest.raises(OrthrusInputError, match="head.*anchor_view"):
+        LLM(str(path), head=str(head), block_size=K)
+
+
 def _view_weights(model, view: str = "diff") -> dict[str, torch.Tensor]:
     """The effective projection weights of one view ("diff": the twins, low-rank deltas folded in)."""
     with torch.no_grad():
@@ -177,7 +194,7 @@ def _lora_tensors(head) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("field, value", [("block_size", 1), ("anchors", 0), ("lr", 0.0), ("warmup", 1.0),
                                           ("data", []), ("seq_len", 2), ("slot_decay", 0.0),
-                                          ("head_dtype", "float16")])
+                                          ("head_dtype", "float16"), ("anchor_view", "mask")])
 def test_bad_settings_name_the_field(base, tmp_path, field, value):
     with pytest.raises(OrthrusInputError, match=field):
         Trainer(_args(base, tmp_path, **{field: value}))

@@ -30,9 +30,10 @@ def test_teacher_matches_hf(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_student_block_matches_engine_draft(tmp_path, family):
+@pytest.mark.parametrize("anchor_view", ["diffusion", "ar"])
+def test_student_block_matches_engine_draft(tmp_path, family, anchor_view):
     K = 5
-    path = write_orthrus(tmp_path / family, family, seed=4, twin_noise=0.1)
+    path = write_orthrus(tmp_path / family, family, seed=4, twin_noise=0.1, anchor_view=anchor_view)
     llm = LLM(str(path), block_size=K, device="cpu", page_size=4)
     eng, model = llm.engine, llm.engine.runner.model
     mask_id = eng.runner.mask_token_id
@@ -41,8 +42,11 @@ def test_student_block_matches_engine_draft(tmp_path, family):
     _, kvs = teacher_forward(model, ids)
     tokens, positions = block_inputs(ids, anchors, K, mask_id)
     with torch.no_grad():
-        hidden = student_forward(model, tokens, positions, block_attention_mask(anchors, 30, K), kvs)
+        mask = block_attention_mask(anchors, 30, K)
+        hidden = student_forward(model, tokens, positions, mask, kvs, K, anchor_view == "ar")
+        other = student_forward(model, tokens, positions, mask, kvs, K, anchor_view != "ar")
     student = model.logits(hidden).view(4, K, -1)[:, : K - 1]
+    assert not torch.allclose(student, model.logits(other).view(4, K, -1)[:, : K - 1], atol=1e-3)  # the option matters
     for a, p in enumerate(anchors[0].tolist()):
         seq = eng.add_request(f"r{p}", ids[0, : p + 1].tolist(), SamplingParams(max_tokens=16))
         while seq.in_prefill:

@@ -42,9 +42,10 @@ def write_base(path: Path, family: str, seed: int = 0, **cfg_over) -> Path:
     return path
 
 
-def write_orthrus(path: Path, family: str, seed: int = 0, twin_noise: float = 0.05, **cfg_over) -> Path:
+def write_orthrus(path: Path, family: str, seed: int = 0, twin_noise: float = 0.05, anchor_view: str | None = None,
+                  **cfg_over) -> Path:
     """An official-format Orthrus checkpoint: the base plus `*_diff` twins (AR weights + noise),
-    `model_type: orthrus`, `block_size`, `mask_token_id`."""
+    `model_type: orthrus`, `block_size`, `mask_token_id` (and `anchor_view` if given)."""
     write_base(path, family, seed, **cfg_over)
     tensors = load_file(str(path / "model.safetensors"))
     g = torch.Generator().manual_seed(seed + 1)
@@ -57,6 +58,8 @@ def write_orthrus(path: Path, family: str, seed: int = 0, twin_noise: float = 0.
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     raw = json.loads((path / "config.json").read_text())
     raw.update(model_type="orthrus", base_model_type=family, block_size=8, mask_token_id=raw["vocab_size"] - 1)
+    if anchor_view is not None:
+        raw["anchor_view"] = anchor_view
     (path / "config.json").write_text(json.dumps(raw))
     return path
 
@@ -66,7 +69,8 @@ def hf_model(path: Path, family: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = json.loads((Path(path) / "config.json").read_text())
-    fields = {k: v for k, v in raw.items() if k not in ("model_type", "base_model_type", "architectures", "block_size", "mask_token_id")}
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "base_model_type", "architectures", "block_size", "mask_token_id",
+                                                    "anchor_view")}
     cfg = AutoConfig.for_model(family, **fields)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
     state = {k: v for k, v in load_file(str(Path(path) / "model.safetensors")).items() if "_diff." not in k}

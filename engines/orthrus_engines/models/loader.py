@@ -19,6 +19,9 @@ from orthrus_engines.models.orthrus import ModelShape, OrthrusModel
 
 FAMILIES = {"llama": False, "qwen3": True}  # model_type -> has q/k norms
 DEFAULT_BLOCK_SIZE = 8  # K for a base checkpoint that names none
+# Which projections a draft block's anchor row uses: the twins (the paper's diffusion view) or the
+# AR view's, the MASK rows using the twins either way. A head trained with one must run with it.
+ANCHOR_VIEWS = ("diffusion", "ar")
 
 
 @dataclass
@@ -30,6 +33,7 @@ class ModelSource:
     mask_token_id: int
     has_twins: bool  # the checkpoint carries *_diff tensors
     head_path: Path | None = None
+    anchor_view: str = "diffusion"  # one of ANCHOR_VIEWS
 
     @property
     def shape(self) -> ModelShape:
@@ -60,6 +64,7 @@ def resolve_model(path: Path, head: str | Path | None = None, tokenizer=None) ->
     has_twins = _checkpoint_has_twins(path)
     block_size = int(raw.get("block_size") or DEFAULT_BLOCK_SIZE)
     mask = raw.get("mask_token_id")
+    anchor_view = raw.get("anchor_view", "diffusion")
     if head is not None:
         head_path = Path(head).expanduser()
         if not head_path.is_file():
@@ -67,11 +72,15 @@ def resolve_model(path: Path, head: str | Path | None = None, tokenizer=None) ->
         meta = read_head_metadata(head_path)
         block_size = int(meta.get("block_size", block_size))
         mask = meta.get("mask_token_id", mask)
+        anchor_view = meta.get("anchor_view", "diffusion")
     else:
         head_path = None
+    if anchor_view not in ANCHOR_VIEWS:
+        raise OrthrusInputError("head" if head is not None else "model",
+                                f"anchor_view {anchor_view!r} is not one of {list(ANCHOR_VIEWS)}")
     if mask is None:
         mask = choose_mask_token(hf_config.vocab_size, tokenizer)
-    return ModelSource(path, hf_config, family, block_size, int(mask), has_twins, head_path)
+    return ModelSource(path, hf_config, family, block_size, int(mask), has_twins, head_path, anchor_view)
 
 
 def choose_mask_token(vocab_size: int, tokenizer) -> int:

@@ -84,19 +84,30 @@ class DualViewAttention(nn.Module):
         self.ar = AttentionView(s)
         self.diff = AttentionView(s)
 
-    def forward(self, x, rope, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor], diffusion: bool):
-        view = self.diff if diffusion else self.ar
+    def _project(self, view: AttentionView, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qk [T, H + Hkv, D] normed, not rotated; v [T, Hkv, D])."""
         T = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qk, v = view.qkv(x).split([q_size + kv_size, kv_size], dim=-1)
         qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
         if view.q_norm is not None:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat([view.q_norm(q), view.k_norm(k)], dim=1)
+        return qk, v.view(T, self.num_kv_heads, self.head_dim)
+
+    def forward(self, x, rope, meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor], diffusion: bool,
+                ar_rows: torch.Tensor | None = None):
+        """`ar_rows` (diffusion only): rows that use the AR projections, the anchors of an
+        `anchor_view: "ar"` head."""
+        view = self.diff if diffusion else self.ar
+        qk, v = self._project(view, x)
+        if ar_rows is not None:
+            ar_qk, ar_v = self._project(self.ar, x[ar_rows])
+            qk, v = qk.index_copy(0, ar_rows, ar_qk), v.index_copy(0, ar_rows, ar_v)
         q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)  # q and k in one go
-        out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
-        return view.o(out.reshape(T, q_size))
+        out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale).flatten(1)
+        y = view.o(out)
+        return y if ar_rows is None else y.index_copy(0, ar_rows, self.ar.o(out[ar_rows]))
 
 
 class MLP(nn.Module):
@@ -118,8 +129,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.mlp = MLP(s)
 
-    def forward(self, x, rope, meta, kv, diffusion: bool):
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv, diffusion)
+    def forward(self, x, rope, meta, kv, diffusion: bool, ar_rows: torch.Tensor | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv, diffusion, ar_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,12 +153,14 @@ class OrthrusModel(nn.Module):
         meta: AttentionMetadata,
         kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
         diffusion: bool = False,
+        ar_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Returns final hidden states [T, hidden] (normed); `logits()` maps chosen rows to vocab."""
+        """Returns final hidden states [T, hidden] (normed); `logits()` maps chosen rows to vocab.
+        `ar_rows`: rows of a diffusion pass that use the AR projections (see DualViewAttention)."""
         x = self.embed_tokens(ids)
         rope = self.rotary(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_cache):
-            x = layer(x, rope, meta, kv, diffusion)
+            x = layer(x, rope, meta, kv, diffusion, ar_rows)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

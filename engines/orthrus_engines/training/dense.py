@@ -4,7 +4,8 @@
   states and every layer's rotated K/V, which the diffusion view reads as its prefix.
 - `student_forward`: the diffusion view over A blocks per window, each `[anchor, MASK x (K-1)]` at
   positions p..p+K-1. A block query sees the AR keys before its anchor and all keys of its own block,
-  exactly what it sees at inference (DESIGN.md §1).
+  exactly what it sees at inference (DESIGN.md §1). With `anchor_ar`, the anchor rows use the AR
+  projections and only the MASK rows the twins (the head option `anchor_view: "ar"`).
 """
 
 import torch
@@ -74,36 +75,56 @@ def block_attention_mask(anchors: torch.Tensor, seq_len: int, block_size: int) -
     return torch.cat([prefix, own], dim=-1).unsqueeze(1)
 
 
+def _with_anchor_rows(block_rows: torch.Tensor, anchor_rows: torch.Tensor, K: int) -> torch.Tensor:
+    """[B, A*K, ...] rows with each block's slot 0 replaced by `anchor_rows` [B, A, ...]."""
+    B, A = anchor_rows.shape[:2]
+    rest = block_rows.view(B, A, K, *block_rows.shape[2:])[:, :, 1:]
+    return torch.cat([anchor_rows.unsqueeze(2), rest], dim=2).flatten(1, 2)
+
+
 def student_forward(model: OrthrusModel, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                    teacher_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """The diffusion view over the blocks; returns normed hidden states [B, A*K, H]."""
+                    teacher_kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int | None = None,
+                    anchor_ar: bool = False) -> torch.Tensor:
+    """The diffusion view over the blocks (of `block_size`, needed with `anchor_ar`); returns normed
+    hidden states [B, A*K, H]."""
     x = model.embed_tokens(tokens)
     cos, sin = _rope(model, positions, x.dtype)
+    K = block_size
+    if anchor_ar:
+        a_cos, a_sin = cos[:, ::K], sin[:, ::K]
     for layer, (pk, pv) in zip(model.layers, teacher_kv):
         attn = layer.self_attn
-        q, k, v = _project(attn, attn.diff, layer.input_layernorm(x), cos, sin)
+        h = layer.input_layernorm(x)
+        q, k, v = _project(attn, attn.diff, h, cos, sin)
+        if anchor_ar:
+            aq, ak, av = _project(attn, attn.ar, h[:, ::K], a_cos, a_sin)
+            q, k, v = (_with_anchor_rows(t, a, K) for t, a in ((q, aq), (k, ak), (v, av)))
         out = _attend(attn, q, torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1), mask=mask)
-        x = x + attn.diff.o(out)
+        y = attn.diff.o(out)
+        if anchor_ar:
+            y = _with_anchor_rows(y, attn.ar.o(out[:, ::K]), K)
+        x = x + y
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.norm(x)
 
 
 def distillation_loss(model: OrthrusModel, ids: torch.Tensor, anchors: torch.Tensor, block_size: int,
                       mask_token_id: int, trainable: torch.Tensor | None = None,
-                      slot_decay: float = 1.0) -> tuple[torch.Tensor, dict]:
+                      slot_decay: float = 1.0, anchor_ar: bool = False) -> tuple[torch.Tensor, dict]:
     """Forward KL(AR || diffusion) at every draft slot: slot j of the block at anchor p predicts token
     p+j+1, and the teacher is the frozen AR distribution at position p+j (teacher forcing).
 
     `trainable` [B, L] (optional) drops slots whose target token is not a training target.
     `slot_decay` < 1 weights slot j by slot_decay**j: a draft counts only if all before it are
-    accepted, so early slots matter most (1 = uniform, the paper's recipe).
+    accepted, so early slots matter most (1 = uniform, the paper's recipe). `anchor_ar`: see
+    `student_forward`.
     Returns the weighted mean KL per slot and stats (slots, greedy agreement by slot).
     """
     B, L = ids.shape
     K = block_size
     hidden_t, kvs = teacher_forward(model, ids)
     tokens, positions = block_inputs(ids, anchors, K, mask_token_id)
-    hidden_s = student_forward(model, tokens, positions, block_attention_mask(anchors, L, K), kvs)
+    hidden_s = student_forward(model, tokens, positions, block_attention_mask(anchors, L, K), kvs, K, anchor_ar)
     A = anchors.shape[1]
     slot_pos = positions.view(B, A, K)[:, :, : K - 1]  # draft slots 0..K-2
     valid = torch.ones_like(slot_pos, dtype=torch.bool)

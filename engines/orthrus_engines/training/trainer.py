@@ -18,7 +18,7 @@ import torch
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.training.data import load_stream, sample_batch
 from orthrus_engines.training.dense import distillation_loss
-from orthrus_engines.models.loader import read_head_metadata
+from orthrus_engines.models.loader import ANCHOR_VIEWS, read_head_metadata
 from orthrus_engines.training.twins import (
     load_lowrank_factors,
     load_trainable_state,
@@ -51,6 +51,7 @@ class TrainArgs:
     rank: int = 64  # low-rank deltas; 0 = full-rank twins
     head_dtype: str = "float32"  # dtype of the saved low-rank factors ("bfloat16" halves the head)
     slot_decay: float = 1.0  # loss weight of draft slot j is slot_decay**j (1 = uniform)
+    anchor_view: str = "diffusion"  # projections of each block's anchor row: "diffusion" (twins) or "ar"
     seed: int = 0
     save_every: int = 100
     log_every: int = 10
@@ -73,6 +74,8 @@ class TrainArgs:
             raise OrthrusInputError("warmup", f"must be in [0, 1), got {self.warmup}")
         if not self.data:
             raise OrthrusInputError("data", "give at least one data source (--data)")
+        if self.anchor_view not in ANCHOR_VIEWS:
+            raise OrthrusInputError("anchor_view", f"must be one of {list(ANCHOR_VIEWS)}, got {self.anchor_view!r}")
         if self.head_dtype not in HEAD_DTYPES:
             raise OrthrusInputError("head_dtype", f"must be one of {sorted(HEAD_DTYPES)}, got {self.head_dtype!r}")
         if self.head_dtype != "float32" and self.rank <= 0:
@@ -139,8 +142,9 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def _resume(self) -> None:
         ck = torch.load(self.out / CHECKPOINT, map_location=self.device, weights_only=False)
-        if ck["args"]["rank"] != self.args.rank or ck["args"]["block_size"] != self.args.block_size:
-            raise OrthrusInputError("out", f"{self.out} holds a run with different rank/block_size")
+        for name in ("rank", "block_size", "anchor_view"):
+            if ck["args"].get(name, "diffusion") != getattr(self.args, name):
+                raise OrthrusInputError("out", f"{self.out} holds a run with a different {name}")
         load_trainable_state(self.model, ck["trainable"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
@@ -159,7 +163,8 @@ class Trainer:
         from orthrus_engines.models.loader import save_head
 
         extra = {"rank": self.args.rank, "steps": self.step, "blocks_seen": self.blocks_seen,
-                 "train_seconds": round(self.train_seconds, 1), "seq_len": self.args.seq_len}
+                 "train_seconds": round(self.train_seconds, 1), "seq_len": self.args.seq_len,
+                 "anchor_view": self.args.anchor_view}
         tensors = lowrank_factors(self.model, HEAD_DTYPES[self.args.head_dtype]) if self.lowrank else None  # None: full twins
         save_head(self.model, path, self.args.block_size, self.src.mask_token_id, tensors=tensors, extra=extra)
 
@@ -172,7 +177,7 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
             loss, stats = distillation_loss(self.model, ids, anchors, a.block_size, self.src.mask_token_id, trainable,
-                                            a.slot_decay)
+                                            a.slot_decay, a.anchor_view == "ar")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, a.clip)
