@@ -17,7 +17,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import write_orthrus  # noqa: E402
 
 
-def _forward(model_dir: Path, diffusion: bool) -> torch.Tensor:
+# The three kinds of pass: AR, diffusion, and diffusion whose anchor rows use the AR projections.
+MODES = {"ar": (False, None), "diffusion": (True, None), "anchor_ar": (True, [0, 5])}
+
+
+def _forward(model_dir: Path, mode: str) -> torch.Tensor:
     from orthrus_kernels import build_attention_metadata
 
     from orthrus_engines.models.loader import build_model, model_dir as resolve_dir, resolve_model
@@ -29,13 +33,15 @@ def _forward(model_dir: Path, diffusion: bool) -> torch.Tensor:
     assert attn.num_heads == src.shape.num_heads // world  # really split
     kv = [(torch.zeros(64, attn.num_kv_heads, attn.head_dim), torch.zeros(64, attn.num_kv_heads, attn.head_dim))
           for _ in model.layers]
+    diffusion, ar_rows = MODES[mode]
     ids = torch.arange(3, 3 + 20) % src.shape.vocab_size
     # prefill 12 tokens, then a block of 8 through the chosen view on top of the cached prefix
     meta = build_attention_metadata([12], [0], [[0, 1, 2, 3]], 16, True, True, torch.device("cpu"))
     model(ids[:12], torch.arange(12), meta, kv, diffusion=False)
     meta = build_attention_metadata([8], [12], [[0, 1, 2, 3]], 16, not diffusion, not diffusion, torch.device("cpu"))
     with torch.no_grad():
-        return model.logits(model(ids[12:], torch.arange(12, 20), meta, kv, diffusion=diffusion))
+        rows = torch.tensor(ar_rows) if ar_rows is not None else None
+        return model.logits(model(ids[12:], torch.arange(12, 20), meta, kv, diffusion=diffusion, ar_rows=rows))
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
@@ -44,8 +50,8 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    for diffusion in (False, True):
-        torch.save(_forward(Path(model_dir), diffusion), f"{out_dir}/rank{rank}_{diffusion}.pt")
+    for mode in MODES:
+        torch.save(_forward(Path(model_dir), mode), f"{out_dir}/rank{rank}_{mode}.pt")
     dist.barrier()  # both ranks done before gloo tears down (its threads can abort a racing exit)
     dist.destroy_process_group()
 
@@ -68,10 +74,10 @@ def test_two_ranks_match_one(tmp_path, family):
     for p in procs:
         p.join(timeout=120)
     # Judge by the results each rank wrote; exit codes only explain a missing one.
-    missing = [f.name for f in (tmp_path / f"rank{r}_{d}.pt" for r in range(2) for d in (False, True)) if not f.exists()]
+    missing = [f.name for f in (tmp_path / f"rank{r}_{d}.pt" for r in range(2) for d in MODES) if not f.exists()]
     assert not missing, f"ranks did not finish: {missing}, exit codes {[p.exitcode for p in procs]}"
-    for diffusion in (False, True):
-        single = _forward(model_dir, diffusion)
+    for mode in MODES:
+        single = _forward(model_dir, mode)
         for rank in range(2):
-            split = torch.load(tmp_path / f"rank{rank}_{diffusion}.pt")
+            split = torch.load(tmp_path / f"rank{rank}_{mode}.pt")
             torch.testing.assert_close(split, single, atol=1e-4, rtol=1e-4)
