@@ -43,8 +43,8 @@ def test_student_block_matches_engine_draft(tmp_path, family, anchor_view):
     tokens, positions = block_inputs(ids, anchors, K, mask_id)
     with torch.no_grad():
         mask = block_attention_mask(anchors, 30, K)
-        hidden = student_forward(model, tokens, positions, mask, kvs, K, anchor_view == "ar")
-        other = student_forward(model, tokens, positions, mask, kvs, K, anchor_view != "ar")
+        hidden = student_forward(model, tokens, positions, mask, kvs, K if anchor_view == "ar" else None)
+        other = student_forward(model, tokens, positions, mask, kvs, None if anchor_view == "ar" else K)
     student = model.logits(hidden).view(4, K, -1)[:, : K - 1]
     assert not torch.allclose(student, model.logits(other).view(4, K, -1)[:, : K - 1], atol=1e-3)  # the option matters
     for a, p in enumerate(anchors[0].tolist()):

@@ -83,27 +83,23 @@ def _with_anchor_rows(block_rows: torch.Tensor, anchor_rows: torch.Tensor, K: in
 
 
 def student_forward(model: OrthrusModel, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                    teacher_kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int | None = None,
-                    anchor_ar: bool = False) -> torch.Tensor:
-    """The diffusion view over the blocks (of `block_size`, needed with `anchor_ar`); returns normed
-    hidden states [B, A*K, H]."""
+                    teacher_kv: list[tuple[torch.Tensor, torch.Tensor]], ar_anchors_every: int | None = None
+                    ) -> torch.Tensor:
+    """The diffusion view over the blocks; returns normed hidden states [B, A*K, H].
+    `ar_anchors_every` = K: each block's anchor row (every K-th) uses the AR projections."""
     x = model.embed_tokens(tokens)
     cos, sin = _rope(model, positions, x.dtype)
-    K = block_size
-    if anchor_ar:
-        a_cos, a_sin = cos[:, ::K], sin[:, ::K]
+    K = ar_anchors_every
     for layer, (pk, pv) in zip(model.layers, teacher_kv):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         q, k, v = _project(attn, attn.diff, h, cos, sin)
-        if anchor_ar:
-            aq, ak, av = _project(attn, attn.ar, h[:, ::K], a_cos, a_sin)
+        if K:
+            aq, ak, av = _project(attn, attn.ar, h[:, ::K], cos[:, ::K], sin[:, ::K])
             q, k, v = (_with_anchor_rows(t, a, K) for t, a in ((q, aq), (k, ak), (v, av)))
         out = _attend(attn, q, torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1), mask=mask)
         y = attn.diff.o(out)
-        if anchor_ar:
-            y = _with_anchor_rows(y, attn.ar.o(out[:, ::K]), K)
-        x = x + y
+        x = x + (_with_anchor_rows(y, attn.ar.o(out[:, ::K]), K) if K else y)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.norm(x)
 
@@ -116,15 +112,16 @@ def distillation_loss(model: OrthrusModel, ids: torch.Tensor, anchors: torch.Ten
 
     `trainable` [B, L] (optional) drops slots whose target token is not a training target.
     `slot_decay` < 1 weights slot j by slot_decay**j: a draft counts only if all before it are
-    accepted, so early slots matter most (1 = uniform, the paper's recipe). `anchor_ar`: see
-    `student_forward`.
+    accepted, so early slots matter most (1 = uniform, the paper's recipe). `anchor_ar`: the anchor
+    rows use the AR projections (the head option `anchor_view: "ar"`).
     Returns the weighted mean KL per slot and stats (slots, greedy agreement by slot).
     """
     B, L = ids.shape
     K = block_size
     hidden_t, kvs = teacher_forward(model, ids)
     tokens, positions = block_inputs(ids, anchors, K, mask_token_id)
-    hidden_s = student_forward(model, tokens, positions, block_attention_mask(anchors, L, K), kvs, K, anchor_ar)
+    hidden_s = student_forward(model, tokens, positions, block_attention_mask(anchors, L, K), kvs,
+                               K if anchor_ar else None)
     A = anchors.shape[1]
     slot_pos = positions.view(B, A, K)[:, :, : K - 1]  # draft slots 0..K-2
     valid = torch.ones_like(slot_pos, dtype=torch.bool)
