@@ -122,8 +122,9 @@ def test_continue_from_a_lowrank_head(base, tmp_path):
 
 
 def test_anchor_view_is_stored_loaded_and_kept_on_resume(base, tmp_path):
-    """An `anchor_view="ar"` run records it in its head, the engine drafts with it, a resume must keep
-    it, and a head naming an unknown view is refused."""
+    """An `anchor_view="ar"` run records it in its head, the engine drafts with it, a resume or a run
+    continued from its head keeps it unless told otherwise, and a head naming an unknown view is
+    refused."""
     from orthrus_engines.models.loader import update_head_metadata
 
     path, _, _ = base
@@ -133,6 +134,16 @@ def test_anchor_view_is_stored_loaded_and_kept_on_resume(base, tmp_path):
     assert LLM(str(path), head=str(head), block_size=K).engine.runner.anchor_ar
     with pytest.raises(OrthrusInputError, match="anchor_view"):
         Trainer(_args(base, tmp_path / "a", anchor_view="diffusion", steps=8))
+    assert Trainer(_args(base, tmp_path / "a", steps=8)).args.anchor_view == "ar"  # resumed as it was
+    assert Trainer(_args(base, tmp_path / "b", head=str(head))).args.anchor_view == "ar"  # continued from its head
+    switched = Trainer(_args(base, tmp_path / "c", head=str(head), anchor_view="diffusion"))  # an explicit switch
+    assert switched.args.anchor_view == "diffusion"
+    # a run from before the option resumes as diffusion
+    Trainer(_args(base, tmp_path / "d", max_minutes=0.0)).run()
+    ck = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)
+    del ck["args"]["anchor_view"]
+    torch.save(ck, tmp_path / "d" / "checkpoint.pt")
+    assert Trainer(_args(base, tmp_path / "d")).args.anchor_view == "diffusion"
     update_head_metadata(head, anchor_view="sideways")
     with pytest.raises(OrthrusInputError, match="head.*anchor_view"):
         LLM(str(path), head=str(head), block_size=K)

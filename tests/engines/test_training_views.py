@@ -55,3 +55,22 @@ def test_student_block_matches_engine_draft(tmp_path, family, anchor_view):
         engine_draft = eng.runner.draft([seq], [K])
         torch.testing.assert_close(student[a], engine_draft, rtol=1e-4, atol=1e-4)
         eng.abort_request(f"r{p}")
+
+
+@pytest.mark.parametrize("anchor_view", ["diffusion", "ar"])
+def test_batched_draft_of_mixed_block_sizes_equals_one_at_a_time(tmp_path, anchor_view):
+    """Rows of every sequence in a batched draft pass (the anchor rows included) line up."""
+    path = write_orthrus(tmp_path / "m", "qwen3", seed=5, twin_noise=0.1, anchor_view=anchor_view)
+    eng = LLM(str(path), block_size=5, device="cpu", page_size=4).engine
+    ks = [5, 2, 4]
+    seqs = []
+    for i, n in enumerate([7, 3, 12]):
+        seq = eng.add_request(f"r{i}", list(range(1, n + 1)), SamplingParams(max_tokens=16))
+        seqs.append(seq)
+    while any(s.in_prefill for s in seqs):
+        eng.step()
+    for seq, k in zip(seqs, ks):
+        assert eng.blocks.ensure(seq, seq.num_cached + k)
+    batched = eng.runner.draft(seqs, ks)
+    alone = torch.cat([eng.runner.draft([s], [k]) for s, k in zip(seqs, ks)])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)

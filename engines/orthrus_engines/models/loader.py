@@ -72,7 +72,7 @@ def resolve_model(path: Path, head: str | Path | None = None, tokenizer=None) ->
         meta = read_head_metadata(head_path)
         block_size = int(meta.get("block_size", block_size))
         mask = meta.get("mask_token_id", mask)
-        anchor_view = meta.get("anchor_view", "diffusion")
+        anchor_view = meta.get("anchor_view", "diffusion")  # the head replaces all twins; older heads: diffusion
     else:
         head_path = None
     if anchor_view not in ANCHOR_VIEWS:

@@ -89,17 +89,17 @@ def student_forward(model: OrthrusModel, tokens: torch.Tensor, positions: torch.
     `ar_anchors_every` = K: each block's anchor row (every K-th) uses the AR projections."""
     x = model.embed_tokens(tokens)
     cos, sin = _rope(model, positions, x.dtype)
-    K = ar_anchors_every
+    every = ar_anchors_every
     for layer, (pk, pv) in zip(model.layers, teacher_kv):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         q, k, v = _project(attn, attn.diff, h, cos, sin)
-        if K:
-            aq, ak, av = _project(attn, attn.ar, h[:, ::K], cos[:, ::K], sin[:, ::K])
-            q, k, v = (_with_anchor_rows(t, a, K) for t, a in ((q, aq), (k, ak), (v, av)))
+        if every:
+            aq, ak, av = _project(attn, attn.ar, h[:, ::every], cos[:, ::every], sin[:, ::every])
+            q, k, v = (_with_anchor_rows(t, a, every) for t, a in ((q, aq), (k, ak), (v, av)))
         out = _attend(attn, q, torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1), mask=mask)
         y = attn.diff.o(out)
-        x = x + (_with_anchor_rows(y, attn.ar.o(out[:, ::K]), K) if K else y)
+        x = x + (_with_anchor_rows(y, attn.ar.o(out[:, ::every]), every) if every else y)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.norm(x)
 

@@ -88,7 +88,8 @@ def run_eval(model: str | None, head: str | None, prompts_file: str | None, out:
     llm = LLM(model=model, head=head, block_size=block_size or llm_block_size(model, head), max_num_seqs=max_num_seqs)
     reports = {f"T={t:g}": evaluate(llm, prompts, max_tokens, t) for t in temperatures}
     label = label or _default_label(head)
-    result = {"model": model or "builtin", "head": head, "label": label, "reports": reports}
+    result = {"model": model or "builtin", "head": head, "label": label,
+              "anchor_view": llm.engine.source.anchor_view, "reports": reports}
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
     if plot:

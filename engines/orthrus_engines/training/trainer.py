@@ -51,7 +51,7 @@ class TrainArgs:
     rank: int = 64  # low-rank deltas; 0 = full-rank twins
     head_dtype: str = "float32"  # dtype of the saved low-rank factors ("bfloat16" halves the head)
     slot_decay: float = 1.0  # loss weight of draft slot j is slot_decay**j (1 = uniform)
-    anchor_view: str = "diffusion"  # projections of each block's anchor row: "diffusion" (twins) or "ar"
+    anchor_view: str | None = None  # anchor rows' projections: "diffusion" (twins) or "ar"; None = the head's
     seed: int = 0
     save_every: int = 100
     log_every: int = 10
@@ -74,7 +74,7 @@ class TrainArgs:
             raise OrthrusInputError("warmup", f"must be in [0, 1), got {self.warmup}")
         if not self.data:
             raise OrthrusInputError("data", "give at least one data source (--data)")
-        if self.anchor_view not in ANCHOR_VIEWS:
+        if self.anchor_view is not None and self.anchor_view not in ANCHOR_VIEWS:
             raise OrthrusInputError("anchor_view", f"must be one of {list(ANCHOR_VIEWS)}, got {self.anchor_view!r}")
         if self.head_dtype not in HEAD_DTYPES:
             raise OrthrusInputError("head_dtype", f"must be one of {sorted(HEAD_DTYPES)}, got {self.head_dtype!r}")
@@ -118,6 +118,8 @@ class Trainer:
                                             f"--rank {head_rank} or more")
         # A low-rank head continues as factors on the base; a full one is loaded as the twins' start.
         self.model, self.tokenizer, self.src = load_for_training(args, None if head_rank else args.head)
+        if args.anchor_view is None:  # continue as the run, or the head, was trained; an explicit value may switch
+            args.anchor_view = self._inherited_anchor_view(head_rank)
         self.device = next(self.model.parameters()).device
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else 0
         self.stream = load_stream(args.data, self.tokenizer, eos, args.max_text_tokens)
@@ -139,12 +141,22 @@ class Trainer:
         if (self.out / CHECKPOINT).exists():
             self._resume()
 
+    def _inherited_anchor_view(self, head_rank: int) -> str:
+        if (self.out / CHECKPOINT).exists():
+            ck = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=False)
+            return ck["args"].get("anchor_view") or "diffusion"  # runs from before the option: diffusion
+        if head_rank:  # a low-rank head is not part of self.src
+            return read_head_metadata(Path(self.args.head)).get("anchor_view", "diffusion")
+        return self.src.anchor_view
+
     # -- checkpoints ------------------------------------------------------------------------------
     def _resume(self) -> None:
         ck = torch.load(self.out / CHECKPOINT, map_location=self.device, weights_only=False)
+        saved = {**ck["args"], "anchor_view": ck["args"].get("anchor_view") or "diffusion"}
         for name in ("rank", "block_size", "anchor_view"):
-            if ck["args"].get(name, "diffusion") != getattr(self.args, name):
-                raise OrthrusInputError("out", f"{self.out} holds a run with a different {name}")
+            if saved[name] != getattr(self.args, name):
+                raise OrthrusInputError(name, f"{self.out} holds a run with {name}={saved[name]!r}; this run "
+                                              f"asks for {getattr(self.args, name)!r}")
         load_trainable_state(self.model, ck["trainable"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
