@@ -33,8 +33,12 @@ def test_compiled_engine_matches_hf_greedy_with_a_bounded_set_of_graphs(setup, b
     start = frames["ok"]
     llm = LLM(str(path), block_size=block_size, num_pages=64, compile=True)
     params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+    # auto picks K from timings, so its warm-up also forces AR and full-K drafting per request:
+    # every kind of pass compiles, whichever K the policy picks later
+    forced = [SamplingParams(max_tokens=NEW, ignore_eos=True, block_size=k) for k in (1, 4)] if block_size == "auto" else []
     for batch in WARM_UP:
-        assert [o.token_ids for o in llm.generate(batch, params)] == [oracle[tuple(p)] for p in batch]
+        for warm in (*forced, params):
+            assert [o.token_ids for o in llm.generate(batch, warm)] == [oracle[tuple(p)] for p in batch]
     graphs = frames["ok"]
     assert 0 < graphs - start <= 8  # prefill, decode (and draft, verify), each for one sequence and for several
     for batch in LATER:
