@@ -35,7 +35,8 @@ def test_compiled_engine_matches_hf_greedy_with_a_bounded_set_of_graphs(setup, b
     params = SamplingParams(max_tokens=NEW, ignore_eos=True)
     # auto picks K from timings, so its warm-up also forces AR and full-K drafting per request:
     # every kind of pass compiles, whichever K the policy picks later
-    forced = [SamplingParams(max_tokens=NEW, ignore_eos=True, block_size=k) for k in (1, 4)] if block_size == "auto" else []
+    ks = (1, llm.engine.block_size) if block_size == "auto" else ()
+    forced = [SamplingParams(max_tokens=NEW, ignore_eos=True, block_size=k) for k in ks]
     for batch in WARM_UP:
         for warm in (*forced, params):
             assert [o.token_ids for o in llm.generate(batch, warm)] == [oracle[tuple(p)] for p in batch]
