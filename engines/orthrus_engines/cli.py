@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         ("slot_decay", float, "loss weight of draft slot j is slot_decay**j (1 = uniform)"),
         ("anchor_view", str, "projections of each block's anchor row: diffusion (the twins, the paper's) or ar "
                              "(the AR view's, so the first draft is the AR's own prediction); default: as the "
-                             "run or --head was trained, else diffusion"),
+                             "run, --head or checkpoint was trained (diffusion if it does not say), ar for a "
+                             "fresh head"),
         ("seed", int, "makes a run repeatable"),
         ("save_every", int, "checkpoint every N steps"),
         ("max_minutes", float, "stop and save after this much wall time"),

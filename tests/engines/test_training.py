@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import write_base
+from tiny_models import write_base, write_orthrus
 
 from orthrus_engines import LLM, OrthrusInputError, SamplingParams
 from orthrus_engines.models.loader import read_head_metadata
@@ -123,8 +123,8 @@ def test_continue_from_a_lowrank_head(base, tmp_path):
 
 def test_anchor_view_is_stored_loaded_and_kept_on_resume(base, tmp_path):
     """An `anchor_view="ar"` run records it in its head, the engine drafts with it, a resume or a run
-    continued from its head keeps it unless told otherwise, and a head naming an unknown view is
-    refused."""
+    continued from its head keeps it unless told otherwise, a fresh head defaults to it while trained
+    twins keep their own view, and a head naming an unknown view is refused."""
     from orthrus_engines.models.loader import update_head_metadata
 
     path, _, _ = base
@@ -138,6 +138,9 @@ def test_anchor_view_is_stored_loaded_and_kept_on_resume(base, tmp_path):
     assert Trainer(_args(base, tmp_path / "b", head=str(head))).args.anchor_view == "ar"  # continued from its head
     switched = Trainer(_args(base, tmp_path / "c", head=str(head), anchor_view="diffusion"))  # an explicit switch
     assert switched.args.anchor_view == "diffusion"
+    assert Trainer(_args(base, tmp_path / "e")).args.anchor_view == "ar"  # a fresh head: ar by default
+    official = write_orthrus(tmp_path / "official", "llama", seed=11)  # twins trained as the paper's diffusion
+    assert Trainer(_args(base, tmp_path / "f", model=str(official), rank=0)).args.anchor_view == "diffusion"
     # a run from before the option resumes as diffusion
     Trainer(_args(base, tmp_path / "d", max_minutes=0.0)).run()
     ck = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)

@@ -97,11 +97,17 @@ class RowParallelLinear(nn.Module):
     def load_shard(self, param: nn.Parameter, full: torch.Tensor, shard: int = 0) -> None:
         param.data.copy_(full.narrow(1, self.rank * self.local_in, self.local_in))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, None, self.packed)
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum, not yet reduced (rows from several such layers can share one `reduce`)."""
+        return linear(x, self.weight, None, self.packed)
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.partial(x))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -106,8 +106,10 @@ class DualViewAttention(nn.Module):
             qk, v = qk.index_copy(0, ar_rows, ar_qk), v.index_copy(0, ar_rows, ar_v)
         q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)  # q and k in one go
         out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale).flatten(1)
-        y = view.o(out)
-        return y if ar_rows is None else y.index_copy(0, ar_rows, self.ar.o(out[ar_rows]))
+        if ar_rows is None:
+            return view.o(out)
+        # both views' output projections on their rows, then one all-reduce (the o layers have no bias)
+        return view.o.reduce(view.o.partial(out).index_copy(0, ar_rows, self.ar.o.partial(out[ar_rows])))
 
 
 class MLP(nn.Module):

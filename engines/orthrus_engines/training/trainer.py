@@ -51,7 +51,8 @@ class TrainArgs:
     rank: int = 64  # low-rank deltas; 0 = full-rank twins
     head_dtype: str = "float32"  # dtype of the saved low-rank factors ("bfloat16" halves the head)
     slot_decay: float = 1.0  # loss weight of draft slot j is slot_decay**j (1 = uniform)
-    anchor_view: str | None = None  # anchor rows' projections: "diffusion" (twins) or "ar"; None = the head's
+    anchor_view: str | None = None  # anchor rows' projections: "diffusion" (twins) or "ar"; None = the run's
+    # or the head's, and "ar" for a fresh head
     seed: int = 0
     save_every: int = 100
     log_every: int = 10
@@ -147,7 +148,9 @@ class Trainer:
             return ck["args"].get("anchor_view") or "diffusion"  # runs from before the option: diffusion
         if head_rank:  # a low-rank head is not part of self.src
             return read_head_metadata(Path(self.args.head)).get("anchor_view", "diffusion")
-        return self.src.anchor_view
+        if self.src.has_twins or self.src.head_path is not None:  # trained twins continue in their view
+            return self.src.anchor_view
+        return "ar"  # a fresh head: the first draft stays the AR's own prediction (docs/TRAINING.md)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _resume(self) -> None:
