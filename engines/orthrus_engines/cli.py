@@ -59,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
         ("rank", int, "rank of the twins' low-rank deltas; 0 = full-rank twins (a --head of lower rank grows)"),
         ("head_dtype", str, "dtype of the saved low-rank factors: float32 or bfloat16 (half the size)"),
         ("slot_decay", float, "loss weight of draft slot j is slot_decay**j (1 = uniform)"),
-        ("anchor_view", str, "projections of each block's anchor row: diffusion (the twins, the paper's) or ar "
-                             "(the AR view's, so the first draft is the AR's own prediction); default: as the "
+        ("anchor_view", str, "how each block's anchor row is computed: diffusion (the twins, the paper's), ar "
+                             "(the AR view's projections, so the first draft is almost always the AR's own "
+                             "prediction) or causal (exactly as the AR view computes it: the first draft is "
+                             "the AR's prediction); default: as the "
                              "run, --head or checkpoint was trained (diffusion if it does not say), ar for a "
                              "fresh head"),
         ("seed", int, "makes a run repeatable"),

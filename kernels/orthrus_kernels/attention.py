@@ -3,7 +3,8 @@
 A forward pass covers B sequences. Sequence b has `prefix_lens[b]` tokens already in the paged cache
 and `q_lens[b]` new tokens in this pass. Every new query sees the whole cached prefix; among the
 new tokens it sees either the earlier ones (causal: prefill, AR verify) or all of them
-(bidirectional: the diffusion draft block). Whether the new K/V are written to the cache is the
+(bidirectional: the diffusion draft block; with `causal_anchor`, the block's first token sees only
+itself among them, so that it is computed exactly as the AR view would). Whether the new K/V are written to the cache is the
 caller's choice: the AR view writes them, the diffusion view keeps them transient.
 
 Cache layout per layer: `[num_slots, num_kv_heads, head_dim]`, slot = page * page_size + offset.
@@ -37,8 +38,10 @@ def build_attention_metadata(
     write_kv: bool,
     device: torch.device,
     every_field: bool = False,
+    causal_anchor: bool = False,
 ) -> AttentionMetadata:
-    """`every_field`: always build the mask and the padding index, never the shortcuts for one
+    """`causal_anchor` (bidirectional passes): each sequence's first new token sees none of the others.
+    `every_field`: always build the mask and the padding index, never the shortcuts for one
     sequence or equal query lengths, so that a compiled model sees one structure per kind of pass
     (torch.compile makes a graph per structure; sizes stay symbolic)."""
     B, max_q, max_p = len(q_lens), max(q_lens), max(prefix_lens)
@@ -61,7 +64,8 @@ def build_attention_metadata(
 
     # One sequence needs no mask when every key is visible to every query (one query, or a
     # bidirectional block) or when plain top-left causal alignment is right (no cached prefix).
-    single_ok = B == 1 and (max_q == 1 or not causal or max_p == 0) and not every_field
+    anchor_only = causal_anchor and not causal and max_q > 1
+    single_ok = B == 1 and (max_q == 1 or not causal or max_p == 0) and not every_field and not anchor_only
     is_causal = single_ok and causal and max_q > 1  # implies max_p == 0
     mask = None
     if not single_ok:
@@ -74,7 +78,7 @@ def build_attention_metadata(
         else:  # keys are [prefix (padded to max_p) | the new block (padded to max_q)]
             j = torch.arange(max_q).view(1, 1, max_q)
             prefix_ok = torch.arange(max_p).view(1, 1, max_p) < pl
-            block_ok = (j < ql) & ((j <= i) if causal else True)
+            block_ok = (j < ql) & ((j <= i) if causal else ((i > 0) | (j == 0)) if anchor_only else True)
             mask = torch.cat([prefix_ok.expand(B, max_q, max_p), block_ok.expand(B, max_q, max_q)], dim=2)
         mask = mask.expand(B, max_q, mask.shape[-1]).clone()
         mask[:, :, 0 if write_kv else max_p] = True  # padded query rows need one visible key (dropped later)

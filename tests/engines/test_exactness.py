@@ -46,8 +46,8 @@ class Zoo:
         key = (kind, family, tie)
         if key not in self.paths:
             d = self.root / f"{kind}-{family}-{'tied' if tie else 'untied'}"
-            if kind == "orthrus-ar":  # same weights as "orthrus", anchors through the AR projections
-                self.paths[key] = write_orthrus(d, family, seed=3 if tie else 0, tie=tie, anchor_view="ar")
+            if kind.startswith("orthrus-"):  # same weights as "orthrus", another anchor view ("orthrus-ar")
+                self.paths[key] = write_orthrus(d, family, seed=3 if tie else 0, tie=tie, anchor_view=kind[8:])
             else:
                 writer = write_orthrus if kind == "orthrus" else write_base
                 self.paths[key] = writer(d, family, seed=3 if tie else 0, tie=tie)
@@ -118,14 +118,20 @@ def test_batch_greedy_matches_hf(zoo, family, k, batch):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("k", [2, 8])
-def test_anchor_view_ar_matches_hf(zoo, family, k):
-    """A model whose draft anchors use the AR projections (`anchor_view: "ar"`) is as lossless
-    (test_training_views checks that its drafts are what training taught)."""
-    llm = LLM(str(zoo.path("orthrus-ar", family)), block_size=k, num_pages=64)
-    assert llm.engine.runner.anchor_ar
+@pytest.mark.parametrize("view", ["ar", "causal"])
+def test_anchor_views_match_hf(zoo, family, k, view):
+    """A model whose draft anchors use the AR projections (`anchor_view: "ar"`), or are computed
+    exactly as the AR view computes them ("causal"), is as lossless (test_training_views checks
+    that its drafts are what training taught). With "causal" the first draft is the AR's own next
+    token, so it is accepted in every cycle."""
+    llm = LLM(str(zoo.path(f"orthrus-{view}", family)), block_size=k, num_pages=64)
+    assert llm.engine.runner.anchor_ar and llm.engine.runner.anchor_causal == (view == "causal")
     outs = llm.generate(PROMPTS, [_params(n) for n in MAX_TOKENS])
     _assert_exact(outs, PROMPTS, MAX_TOKENS, lambda p, n: zoo.oracle("orthrus", family, p, n))
-    assert 0 < sum(o.num_accepted_tokens for o in outs) < sum(o.num_drafted_tokens for o in outs)
+    accepted, drafted = sum(o.num_accepted_tokens for o in outs), sum(o.num_drafted_tokens for o in outs)
+    assert 0 < accepted < drafted or (view == "causal" and k == 2 and accepted == drafted)
+    _, drafted, accepted = llm.engine.acceptance.snapshot()
+    assert (accepted[0] == drafted[0]) == (view == "causal"), (accepted, drafted)
     _assert_drained(llm.engine)
 
 

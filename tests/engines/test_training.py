@@ -43,8 +43,9 @@ def _args(base, out, **kw) -> TrainArgs:
     return TrainArgs(**{**defaults, **kw})
 
 
-def test_step_lowers_loss_on_a_fixed_batch(base, tmp_path):
-    t = Trainer(_args(base, tmp_path, steps=40, warmup=0.0))
+@pytest.mark.parametrize("anchor_view", ["diffusion", "ar", "causal"])
+def test_step_lowers_loss_on_a_fixed_batch(base, tmp_path, anchor_view):
+    t = Trainer(_args(base, tmp_path, steps=40, warmup=0.0, anchor_view=anchor_view))
     losses = [t.train_step(0)["loss"] for _ in range(15)]  # step 0's batch every time
     assert losses[-1] < 0.7 * losses[0], losses
 

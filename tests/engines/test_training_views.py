@@ -6,12 +6,8 @@ import torch
 from tiny_models import hf_model, write_base, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
-from orthrus_engines.training.dense import (
-    block_attention_mask,
-    block_inputs,
-    student_forward,
-    teacher_forward,
-)
+from orthrus_engines.models.loader import ANCHOR_VIEWS
+from orthrus_engines.training.dense import student_blocks, teacher_forward
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 96
@@ -30,8 +26,10 @@ def test_teacher_matches_hf(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("anchor_view", ["diffusion", "ar"])
+@pytest.mark.parametrize("anchor_view", ["diffusion", "ar", "causal"])
 def test_student_block_matches_engine_draft(tmp_path, family, anchor_view):
+    """With "causal", slot 0 of the student block is the teacher's own row, so the engine's first
+    draft matching it is the AR view's next-token prediction."""
     K = 5
     path = write_orthrus(tmp_path / family, family, seed=4, twin_noise=0.1, anchor_view=anchor_view)
     llm = LLM(str(path), block_size=K, device="cpu", page_size=4)
@@ -39,14 +37,12 @@ def test_student_block_matches_engine_draft(tmp_path, family, anchor_view):
     mask_id = eng.runner.mask_token_id
     ids = torch.randint(0, VOCAB - 1, (1, 30), generator=torch.Generator().manual_seed(1))
     anchors = torch.tensor([[1, 6, 13, 22]])
-    _, kvs = teacher_forward(model, ids)
-    tokens, positions = block_inputs(ids, anchors, K, mask_id)
+    hidden_t, kvs = teacher_forward(model, ids)
     with torch.no_grad():
-        mask = block_attention_mask(anchors, 30, K)
-        hidden = student_forward(model, tokens, positions, mask, kvs, K if anchor_view == "ar" else None)
-        other = student_forward(model, tokens, positions, mask, kvs, None if anchor_view == "ar" else K)
-    student = model.logits(hidden).view(4, K, -1)[:, : K - 1]
-    assert not torch.allclose(student, model.logits(other).view(4, K, -1)[:, : K - 1], atol=1e-3)  # the option matters
+        student, *others = (model.logits(student_blocks(model, ids, anchors, K, mask_id, hidden_t, kvs, v)[0, :, : K - 1])
+                            for v in [anchor_view] + [v for v in ANCHOR_VIEWS if v != anchor_view])
+    for other in others:  # the option matters
+        assert not torch.allclose(student, other, atol=1e-3)
     for a, p in enumerate(anchors[0].tolist()):
         seq = eng.add_request(f"r{p}", ids[0, : p + 1].tolist(), SamplingParams(max_tokens=16))
         while seq.in_prefill:
@@ -57,7 +53,7 @@ def test_student_block_matches_engine_draft(tmp_path, family, anchor_view):
         eng.abort_request(f"r{p}")
 
 
-@pytest.mark.parametrize("anchor_view", ["diffusion", "ar"])
+@pytest.mark.parametrize("anchor_view", ANCHOR_VIEWS)
 def test_batched_draft_of_mixed_block_sizes_equals_one_at_a_time(tmp_path, anchor_view):
     """Rows of every sequence in a batched draft pass (the anchor rows included) line up."""
     path = write_orthrus(tmp_path / "m", "qwen3", seed=5, twin_noise=0.1, anchor_view=anchor_view)

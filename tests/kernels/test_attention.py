@@ -44,7 +44,8 @@ def _page_tables(prefix_lens, q_lens, page_size, num_pages, rng, share_first_pag
     return tables
 
 
-def _dense_reference(q, k, v, k_cache, v_cache, prefix_lens, q_lens, tables, page_size, causal, scale):
+def _dense_reference(q, k, v, k_cache, v_cache, prefix_lens, q_lens, tables, page_size, causal, scale,
+                     causal_anchor=False):
     """Per sequence: gather the prefix position by position, attend with an explicit mask."""
     outs, start = [], 0
     for p, n, table in zip(prefix_lens, q_lens, tables):
@@ -55,6 +56,8 @@ def _dense_reference(q, k, v, k_cache, v_cache, prefix_lens, q_lens, tables, pag
         allowed = torch.ones(n, p + n, dtype=torch.bool)
         if causal:
             allowed[:, p:] = torch.ones(n, n, dtype=torch.bool).tril()
+        elif causal_anchor:  # the first new token sees the prefix and itself only
+            allowed[0, p + 1 :] = False
         rep = qs.shape[1] // keys.shape[1]
         keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
         scores = torch.einsum("qhd,khd->hqk", qs, keys) * scale
@@ -65,7 +68,7 @@ def _dense_reference(q, k, v, k_cache, v_cache, prefix_lens, q_lens, tables, pag
 
 
 def _run_case(prefix_lens, q_lens, causal, write_kv, page_size, device, dtype=torch.float32, seed=0,
-              share_first_page=False, every_field=False):
+              share_first_page=False, every_field=False, causal_anchor=False):
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     num_pages = sum(-(-(p + n) // page_size) + 1 for p, n in zip(prefix_lens, q_lens)) + 8  # some never used
@@ -79,11 +82,11 @@ def _run_case(prefix_lens, q_lens, causal, write_kv, page_size, device, dtype=to
     scale = D**-0.5
     q, k, v, k_cache, v_cache = (t.to(dtype) for t in (q, k, v, k_cache, v_cache))
     want = _dense_reference(q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(),
-                            prefix_lens, q_lens, tables, page_size, causal, scale)
+                            prefix_lens, q_lens, tables, page_size, causal, scale, causal_anchor)
     kc0, vc0 = k_cache.clone(), v_cache.clone()
 
     meta = build_attention_metadata(q_lens, prefix_lens, tables, page_size, causal, write_kv, torch.device(device),
-                                    every_field)
+                                    every_field, causal_anchor)
     if every_field:
         assert meta.mask is not None and meta.pad_index is not None and not meta.is_causal
     kc, vc = k_cache.to(device), v_cache.to(device)
@@ -124,6 +127,20 @@ def test_paged_attention_matches_dense(case, causal, write_kv, page_size, device
         torch.testing.assert_close(kc[written], k, rtol=0, atol=0)
         torch.testing.assert_close(vc[written], v, rtol=0, atol=0)
     assert torch.equal(kc[untouched], kc0[untouched]) and torch.equal(vc[untouched], vc0[untouched])
+
+
+@pytest.mark.parametrize("every_field", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_causal_anchor(case, every_field):
+    """A transient bidirectional block whose first token sees only the prefix and itself (the
+    draft pass of an `anchor_view: "causal"` head); the others see the whole block."""
+    prefix_lens, q_lens = CASES[case]
+    got, want, *_ = _run_case(prefix_lens, q_lens, False, False, 16, "cpu", every_field=every_field,
+                              causal_anchor=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if max(q_lens) > 1:  # it differs from the plain bidirectional block
+        plain, *_ = _run_case(prefix_lens, q_lens, False, False, 16, "cpu", every_field=every_field)
+        assert not torch.allclose(got, plain, atol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])

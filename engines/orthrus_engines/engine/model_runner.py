@@ -3,7 +3,8 @@
 - prefill: AR view, causal, writes KV, no logits;
 - draft:   diffusion view over `[anchor, MASK x (k-1)]`, bidirectional in the block, reads the cached
            prefix, writes nothing; logits at slots 0..k-2 (with an `anchor_view: "ar"` head the
-           anchor rows use the AR projections);
+           anchor rows use the AR projections; with `"causal"` they also see only the prefix and
+           themselves, so that the first draft is exactly the AR's next token);
 - verify:  AR view over `[anchor, d_1..d_{k-1}]`, causal, writes KV for all k; logits at all k slots.
 """
 
@@ -22,7 +23,8 @@ class ModelRunner:
                  num_pages: int, max_model_len: int, pack_weights: bool = True, compile: bool = False):
         self.device, self.dtype, self.page_size = device, dtype, page_size
         self.mask_token_id = src.mask_token_id
-        self.anchor_ar = src.anchor_view == "ar"
+        self.anchor_ar = src.anchor_view in ("ar", "causal")
+        self.anchor_causal = src.anchor_view == "causal"
         self.model = build_model(src, dtype, device, max_model_len)
         if pack_weights and cpu_packing_supported(device, dtype):
             pack_weights_for_cpu(self.model)
@@ -50,12 +52,13 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int], causal: bool,
                  write_kv: bool, diffusion: bool, logit_rows: list[int] | None,
-                 ar_rows: list[int] | None = None) -> torch.Tensor | None:
+                 ar_rows: list[int] | None = None, causal_anchor: bool = False) -> torch.Tensor | None:
         q_lens = [len(t) for t in tokens]
         ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
         positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens)])
         meta = build_attention_metadata(q_lens, starts, [s.block_table for s in seqs], self.page_size,
-                                        causal, write_kv, self.device, every_field=self.compiled)
+                                        causal, write_kv, self.device, every_field=self.compiled,
+                                        causal_anchor=causal_anchor)
         ar = torch.tensor(ar_rows, device=self.device) if ar_rows is not None else None
         hidden = self.forward_model(ids.to(self.device), positions.to(self.device), meta, self.kv_cache, diffusion, ar)
         for s in seqs:
@@ -78,7 +81,7 @@ class ModelRunner:
             anchors.append(offset)
             offset += k
         return self._forward(seqs, tokens, [s.num_cached for s in seqs], False, False, True, rows,
-                             anchors if self.anchor_ar else None)
+                             anchors if self.anchor_ar else None, self.anchor_causal)
 
     def verify(self, seqs: list[Sequence], blocks: list[list[int]]) -> torch.Tensor:
         """[sum(k), V] AR logits for `[anchor, drafts...]` of each sequence; writes their KV."""

@@ -19,9 +19,11 @@ from orthrus_engines.models.orthrus import ModelShape, OrthrusModel
 
 FAMILIES = {"llama": False, "qwen3": True}  # model_type -> has q/k norms
 DEFAULT_BLOCK_SIZE = 8  # K for a base checkpoint that names none
-# Which projections a draft block's anchor row uses: the twins (the paper's diffusion view) or the
-# AR view's, the MASK rows using the twins either way. A head trained with one must run with it.
-ANCHOR_VIEWS = ("diffusion", "ar")
+# How a draft block's anchor row is computed, the MASK rows using the twins in every case: with the
+# twins (the paper's diffusion view); with the AR view's projections ("ar"); or exactly as the AR
+# view computes it, its projections and only the prefix and itself visible ("causal"), so that the
+# first draft is the AR's own next token. A head trained with one must run with it.
+ANCHOR_VIEWS = ("diffusion", "ar", "causal")
 
 
 @dataclass

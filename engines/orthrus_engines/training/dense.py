@@ -4,8 +4,10 @@
   states and every layer's rotated K/V, which the diffusion view reads as its prefix.
 - `student_forward`: the diffusion view over A blocks per window, each `[anchor, MASK x (K-1)]` at
   positions p..p+K-1. A block query sees the AR keys before its anchor and all keys of its own block,
-  exactly what it sees at inference (DESIGN.md §1). With `anchor_ar`, the anchor rows use the AR
-  projections and only the MASK rows the twins (the head option `anchor_view: "ar"`).
+  exactly what it sees at inference (DESIGN.md §1). With `anchor_view` "ar", the anchor rows use
+  the AR projections and only the MASK rows the twins. With "causal", an anchor row is exactly the
+  teacher's row at p, so the block is only its K-1 MASK rows at p+1..p+K-1, reading the AR keys
+  through p.
 """
 
 import torch
@@ -55,13 +57,16 @@ def teacher_forward(model: OrthrusModel, ids: torch.Tensor):
     return model.norm(x), kvs
 
 
-def block_inputs(ids: torch.Tensor, anchors: torch.Tensor, block_size: int, mask_token_id: int):
-    """Block token ids and positions [B, A*K] for anchors [B, A]: `[t_p, MASK x (K-1)]` at p..p+K-1."""
+def block_inputs(ids: torch.Tensor, anchors: torch.Tensor, block_size: int, mask_token_id: int,
+                 with_anchor: bool = True):
+    """Block token ids and positions [B, A*K] for anchors [B, A]: `[t_p, MASK x (K-1)]` at p..p+K-1
+    (`with_anchor=False`: `MASK x K` at p..p+K-1)."""
     B, A = anchors.shape
     offsets = torch.arange(block_size, device=ids.device)
     positions = (anchors.unsqueeze(-1) + offsets).reshape(B, A * block_size)
     tokens = torch.full((B, A, block_size), mask_token_id, dtype=ids.dtype, device=ids.device)
-    tokens[:, :, 0] = ids.gather(1, anchors)
+    if with_anchor:
+        tokens[:, :, 0] = ids.gather(1, anchors)
     return tokens.reshape(B, A * block_size), positions
 
 
@@ -104,31 +109,47 @@ def student_forward(model: OrthrusModel, tokens: torch.Tensor, positions: torch.
     return model.norm(x)
 
 
+def student_blocks(model: OrthrusModel, ids: torch.Tensor, anchors: torch.Tensor, block_size: int,
+                   mask_token_id: int, hidden_t: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]],
+                   anchor_view: str = "diffusion") -> torch.Tensor:
+    """Normed hidden states [B, A, K, H] of each anchor's block `[t_p, MASK x (K-1)]`, given the
+    teacher's pass over `ids` (hidden_t, kvs); slot j predicts token p+j+1."""
+    B, L = ids.shape
+    A, K = anchors.shape[1], block_size
+    if anchor_view == "causal":  # the anchor row is the teacher's own; the MASK rows read the AR keys through p
+        tokens, positions = block_inputs(ids, anchors + 1, K - 1, mask_token_id, with_anchor=False)
+        masks = student_forward(model, tokens, positions, block_attention_mask(anchors + 1, L, K - 1), kvs)
+        anchor_rows = hidden_t.gather(1, anchors.unsqueeze(-1).expand(-1, -1, hidden_t.shape[-1]))
+        return torch.cat([anchor_rows.unsqueeze(2), masks.view(B, A, K - 1, -1)], dim=2)
+    tokens, positions = block_inputs(ids, anchors, K, mask_token_id)
+    hidden = student_forward(model, tokens, positions, block_attention_mask(anchors, L, K), kvs,
+                             K if anchor_view == "ar" else None)
+    return hidden.view(B, A, K, -1)
+
+
 def distillation_loss(model: OrthrusModel, ids: torch.Tensor, anchors: torch.Tensor, block_size: int,
                       mask_token_id: int, trainable: torch.Tensor | None = None,
-                      slot_decay: float = 1.0, anchor_ar: bool = False) -> tuple[torch.Tensor, dict]:
+                      slot_decay: float = 1.0, anchor_view: str = "diffusion") -> tuple[torch.Tensor, dict]:
     """Forward KL(AR || diffusion) at every draft slot: slot j of the block at anchor p predicts token
     p+j+1, and the teacher is the frozen AR distribution at position p+j (teacher forcing).
 
     `trainable` [B, L] (optional) drops slots whose target token is not a training target.
     `slot_decay` < 1 weights slot j by slot_decay**j: a draft counts only if all before it are
-    accepted, so early slots matter most (1 = uniform, the paper's recipe). `anchor_ar`: the anchor
-    rows use the AR projections (the head option `anchor_view: "ar"`).
+    accepted, so early slots matter most (1 = uniform, the paper's recipe). `anchor_view`: the head
+    option (see the module docstring); with "causal", slot 0 is the teacher's own row (KL 0).
     Returns the weighted mean KL per slot and stats (slots, greedy agreement by slot).
     """
     B, L = ids.shape
     K = block_size
     hidden_t, kvs = teacher_forward(model, ids)
-    tokens, positions = block_inputs(ids, anchors, K, mask_token_id)
-    hidden_s = student_forward(model, tokens, positions, block_attention_mask(anchors, L, K), kvs,
-                               K if anchor_ar else None)
     A = anchors.shape[1]
-    slot_pos = positions.view(B, A, K)[:, :, : K - 1]  # draft slots 0..K-2
+    slot_pos = anchors.unsqueeze(-1) + torch.arange(K - 1, device=ids.device)  # draft slots 0..K-2
+    hidden_s = student_blocks(model, ids, anchors, K, mask_token_id, hidden_t, kvs, anchor_view)
     valid = torch.ones_like(slot_pos, dtype=torch.bool)
     if trainable is not None:
         valid = trainable.gather(1, (slot_pos + 1).flatten(1)).view_as(slot_pos)
     t_rows = hidden_t.gather(1, slot_pos.flatten(1).unsqueeze(-1).expand(-1, -1, hidden_t.shape[-1]))
-    s_rows = hidden_s.view(B, A, K, -1)[:, :, : K - 1].flatten(1, 2)
+    s_rows = hidden_s[:, :, : K - 1].flatten(1, 2)
     keep = valid.flatten(1)
     with torch.no_grad():
         t_logp = F.log_softmax(model.logits(t_rows[keep]), dim=-1)

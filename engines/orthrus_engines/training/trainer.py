@@ -51,7 +51,7 @@ class TrainArgs:
     rank: int = 64  # low-rank deltas; 0 = full-rank twins
     head_dtype: str = "float32"  # dtype of the saved low-rank factors ("bfloat16" halves the head)
     slot_decay: float = 1.0  # loss weight of draft slot j is slot_decay**j (1 = uniform)
-    anchor_view: str | None = None  # anchor rows' projections: "diffusion" (twins) or "ar"; None = the run's
+    anchor_view: str | None = None  # "diffusion" (twins), "ar" or "causal" (loader.ANCHOR_VIEWS); None = the run's
     # or the head's, and "ar" for a fresh head
     seed: int = 0
     save_every: int = 100
@@ -192,7 +192,7 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
             loss, stats = distillation_loss(self.model, ids, anchors, a.block_size, self.src.mask_token_id, trainable,
-                                            a.slot_decay, a.anchor_view == "ar")
+                                            a.slot_decay, a.anchor_view)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, a.clip)
