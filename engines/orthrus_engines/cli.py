@@ -63,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                              "(the AR view's projections, so the first draft is almost always the AR's own "
                              "prediction) or causal (exactly as the AR view computes it: the first draft is "
                              "the AR's prediction); default: as the "
-                             "run, --head or checkpoint was trained (diffusion if it does not say), ar for a "
-                             "fresh head"),
+                             "run, --head or checkpoint was trained (diffusion if it does not say), causal for "
+                             "a fresh head"),
         ("seed", int, "makes a run repeatable"),
         ("save_every", int, "checkpoint every N steps"),
         ("max_minutes", float, "stop and save after this much wall time"),

@@ -124,7 +124,7 @@ def test_continue_from_a_lowrank_head(base, tmp_path):
 
 def test_anchor_view_is_stored_loaded_and_kept_on_resume(base, tmp_path):
     """An `anchor_view="ar"` run records it in its head, the engine drafts with it, a resume or a run
-    continued from its head keeps it unless told otherwise, a fresh head defaults to it while trained
+    continued from its head keeps it unless told otherwise, a fresh head defaults to "causal" while trained
     twins keep their own view, and a head naming an unknown view is refused."""
     from orthrus_engines.models.loader import update_head_metadata
 
@@ -139,7 +139,7 @@ def test_anchor_view_is_stored_loaded_and_kept_on_resume(base, tmp_path):
     assert Trainer(_args(base, tmp_path / "b", head=str(head))).args.anchor_view == "ar"  # continued from its head
     switched = Trainer(_args(base, tmp_path / "c", head=str(head), anchor_view="diffusion"))  # an explicit switch
     assert switched.args.anchor_view == "diffusion"
-    assert Trainer(_args(base, tmp_path / "e")).args.anchor_view == "ar"  # a fresh head: ar by default
+    assert Trainer(_args(base, tmp_path / "e")).args.anchor_view == "causal"  # a fresh head: causal by default
     official = write_orthrus(tmp_path / "official", "llama", seed=11)  # twins trained as the paper's diffusion
     assert Trainer(_args(base, tmp_path / "f", model=str(official), rank=0)).args.anchor_view == "diffusion"
     # a run from before the option resumes as diffusion

@@ -52,7 +52,7 @@ class TrainArgs:
     head_dtype: str = "float32"  # dtype of the saved low-rank factors ("bfloat16" halves the head)
     slot_decay: float = 1.0  # loss weight of draft slot j is slot_decay**j (1 = uniform)
     anchor_view: str | None = None  # "diffusion" (twins), "ar" or "causal" (loader.ANCHOR_VIEWS); None = the run's
-    # or the head's, and "ar" for a fresh head
+    # or the head's, and "causal" for a fresh head
     seed: int = 0
     save_every: int = 100
     log_every: int = 10
@@ -150,7 +150,7 @@ class Trainer:
             return read_head_metadata(Path(self.args.head)).get("anchor_view", "diffusion")
         if self.src.has_twins or self.src.head_path is not None:  # trained twins continue in their view
             return self.src.anchor_view
-        return "ar"  # a fresh head: the first draft stays the AR's own prediction (docs/TRAINING.md)
+        return "causal"  # a fresh head: the first draft is the AR's own prediction (docs/TRAINING.md)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _resume(self) -> None:
