@@ -31,7 +31,7 @@ TRAIN_MIN=$(awk -v b="$BUDGET_S" -v e="$(elapsed)" -v r="${EVAL_S:-100}" 'BEGIN 
 awk -v m="$TRAIN_MIN" 'BEGIN { exit !(m > 0) }' || { echo "no time left to train" >&2; exit 1; }
 $PY -m orthrus_engines.cli train --out "$OUT/run" --device "$DEVICE" --no-progress \
     --data "$OUT/data/self_greedy.jsonl" --data "$OUT/data/self_t07.jsonl" --data "$STDLIB" \
-    --max-text-tokens 300000 --block-size 8 --rank 128 --head-dtype bfloat16 --anchor-view ar --seq-len 256 \
+    --max-text-tokens 300000 --block-size 8 --rank 128 --head-dtype bfloat16 --anchor-view causal --seq-len 256 \
     --anchors 64 --batch-size 16 --lr 1e-3 --slot-decay 0.7 --steps 3000 --save-every 200 --max-minutes "$TRAIN_MIN" "$@"
 echo "train: $(elapsed) s (limit ${TRAIN_MIN} min)" | tee -a "$OUT/timing.txt"
 
