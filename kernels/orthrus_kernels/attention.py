@@ -4,8 +4,9 @@ A forward pass covers B sequences. Sequence b has `prefix_lens[b]` tokens alread
 and `q_lens[b]` new tokens in this pass. Every new query sees the whole cached prefix; among the
 new tokens it sees either the earlier ones (causal: prefill, AR verify) or all of them
 (bidirectional: the diffusion draft block; with `causal_anchor`, the block's first token sees only
-itself among them, so that it is computed exactly as the AR view would). Whether the new K/V are written to the cache is the
-caller's choice: the AR view writes them, the diffusion view keeps them transient.
+itself among them, so that it is computed exactly as the AR view would). Whether the new K/V are
+written to the cache is the caller's choice: the AR view writes them, the diffusion view keeps them
+transient.
 
 Cache layout per layer: `[num_slots, num_kv_heads, head_dim]`, slot = page * page_size + offset.
 """
@@ -40,7 +41,8 @@ def build_attention_metadata(
     every_field: bool = False,
     causal_anchor: bool = False,
 ) -> AttentionMetadata:
-    """`causal_anchor` (bidirectional passes): each sequence's first new token sees none of the others.
+    """`causal_anchor` (transient bidirectional passes): each sequence's first new token sees none of
+    the others.
     `every_field`: always build the mask and the padding index, never the shortcuts for one
     sequence or equal query lengths, so that a compiled model sees one structure per kind of pass
     (torch.compile makes a graph per structure; sizes stay symbolic)."""
