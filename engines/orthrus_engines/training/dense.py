@@ -139,10 +139,8 @@ def distillation_loss(model: OrthrusModel, ids: torch.Tensor, anchors: torch.Ten
     option (see the module docstring); with "causal", slot 0 is the teacher's own row (KL 0).
     Returns the weighted mean KL per slot and stats (slots, greedy agreement by slot).
     """
-    B, L = ids.shape
-    K = block_size
+    B, A, K = ids.shape[0], anchors.shape[1], block_size
     hidden_t, kvs = teacher_forward(model, ids)
-    A = anchors.shape[1]
     slot_pos = anchors.unsqueeze(-1) + torch.arange(K - 1, device=ids.device)  # draft slots 0..K-2
     hidden_s = student_blocks(model, ids, anchors, K, mask_token_id, hidden_t, kvs, anchor_view)
     valid = torch.ones_like(slot_pos, dtype=torch.bool)
