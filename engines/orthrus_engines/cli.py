@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, action="append", help="repeatable (default: 0)")
     e.add_argument("--max-tokens", type=int, default=256)
     e.add_argument("--block-size", type=int, help="K to draft (default: the head's)")
+    e.add_argument("--two-pass", action="store_true",
+                   help="causal-anchor heads: a draft pass and a verify pass per cycle, not one verify+draft pass")
     e.add_argument("--plot-with", action="append", help="also plot this earlier report (JSON; repeatable)")
     e.add_argument("--label", help="this head's name in the report and plot")
     e.add_argument("--record-prior", action="store_true",
@@ -122,7 +124,8 @@ def evaluate(args) -> int:
     from orthrus_engines.training.evaluate import run_eval
 
     result = run_eval(args.model, args.head, args.prompts, args.out, args.plot, args.temperature or [0.0],
-                      args.max_tokens, args.block_size, plot_with=args.plot_with, label=args.label)
+                      args.max_tokens, args.block_size, plot_with=args.plot_with, label=args.label,
+                      fused_cycle=not args.two_pass)
     if args.record_prior:
         from orthrus_engines.models.builtin import default_head
         from orthrus_engines.models.loader import update_head_metadata

@@ -6,7 +6,8 @@ new tokens it sees either the earlier ones (causal: prefill, AR verify) or all o
 (bidirectional: the diffusion draft block; with `causal_anchor`, the block's first token sees only
 itself among them, so that it is computed exactly as the AR view would). Whether the new K/V are
 written to the cache is the caller's choice: the AR view writes them, the diffusion view keeps them
-transient.
+transient. A verify+draft pass (`build_verify_draft_metadata`) mixes both: AR rows written and
+causal, then transient diffusion blocks that each read the cache up to one of those AR rows.
 
 Cache layout per layer: `[num_slots, num_kv_heads, head_dim]`, slot = page * page_size + offset.
 """
@@ -28,6 +29,9 @@ class AttentionMetadata:
     mask: torch.Tensor | None  # [B, max_q, keys] bool; None: see is_causal
     pad_index: torch.Tensor | None  # [T] row of each new token in the padded [B * max_q] layout
     is_causal: bool = False  # no mask: plain top-left causal (True) or everything visible (False)
+    # Verify+draft pass: only these rows of the new tokens are written (None: all rows, if any);
+    # the others are transient keys, laid out after the gathered cache keys.
+    write_rows: torch.Tensor | None = None
 
 
 def build_attention_metadata(
@@ -88,6 +92,51 @@ def build_attention_metadata(
     return AttentionMetadata(uniform, key_slots.to(device), write_slots, mask, pad_index, is_causal)
 
 
+def build_verify_draft_metadata(
+    verify_lens: list[int],
+    block_lens: list[int],
+    prefix_lens: list[int],
+    block_tables: list[list[int]],
+    page_size: int,
+    device: torch.device,
+) -> AttentionMetadata:
+    """One pass that verifies a block and drafts the next (causal-anchor heads). Sequence b has
+    v = verify_lens[b] AR rows `[anchor, drafts...]` at positions p..p+v-1 (p = prefix_lens[b]),
+    causal and written to the cache, then v transient blocks of m = block_lens[b] rows: block j
+    (rows v + j*m ..) sees the cache through AR row j and its own rows (bidirectional), nothing else.
+    Keys: the cache slots of positions [0, p + v), then the new tokens padded to max_q."""
+    B = len(verify_lens)
+    q_lens = [v + v * m for v, m in zip(verify_lens, block_lens)]
+    max_q = max(q_lens)
+    max_keys = max(p + v for p, v in zip(prefix_lens, verify_lens))
+    key_slots = torch.zeros(B, max_keys, dtype=torch.long)
+    mask = torch.zeros(B, max_q, max_keys + max_q, dtype=torch.bool)
+    write, write_rows, row = [], [], 0
+    for b, (p, v, m, table) in enumerate(zip(prefix_lens, verify_lens, block_lens, block_tables)):
+        pos = torch.arange(p + v)
+        slots = torch.tensor(table, dtype=torch.long)[pos // page_size] * page_size + pos % page_size
+        key_slots[b, : p + v] = slots
+        write.extend(slots[p:].tolist())
+        write_rows.extend(range(row, row + v))
+        row += q_lens[b]
+        ar_sees = p + torch.arange(v)  # AR row i (and block i) see cache positions 0..p+i
+        block_of = torch.arange(v * m) // max(m, 1)
+        sees = torch.cat([ar_sees, ar_sees[block_of]])
+        mask[b, : q_lens[b], :max_keys] = torch.arange(max_keys).view(1, -1) <= sees.view(-1, 1)
+        blocks = mask[b, v : q_lens[b], max_keys + v : max_keys + q_lens[b]]
+        blocks.copy_(block_of.view(-1, 1) == block_of.view(1, -1))
+    mask[:, :, 0] = True  # padded query rows need one visible key (dropped later)
+    pad_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)]).to(device)
+    return AttentionMetadata(
+        uniform_q=False,
+        key_slots=key_slots.to(device),
+        write_slots=torch.tensor(write, dtype=torch.long, device=device),
+        mask=mask.to(device),
+        pad_index=pad_index,
+        write_rows=torch.tensor(write_rows, dtype=torch.long, device=device),
+    )
+
+
 def _pad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """[T, H, D] flat tokens -> [B, max_q, H, D]."""
     B = meta.key_slots.shape[0]
@@ -115,7 +164,12 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
     qp = _pad(q, meta)
-    if meta.write_slots is not None:
+    if meta.write_rows is not None:  # verify+draft: AR rows to the cache, keys = [cache | every new row]
+        k_cache.index_copy_(0, meta.write_slots, k.index_select(0, meta.write_rows))
+        v_cache.index_copy_(0, meta.write_slots, v.index_select(0, meta.write_rows))
+        kp = torch.cat([_gather(k_cache, meta.key_slots), _pad(k, meta)], dim=1)
+        vp = torch.cat([_gather(v_cache, meta.key_slots), _pad(v, meta)], dim=1)
+    elif meta.write_slots is not None:
         k_cache.index_copy_(0, meta.write_slots, k)
         v_cache.index_copy_(0, meta.write_slots, v)
         kp, vp = _gather(k_cache, meta.key_slots), _gather(v_cache, meta.key_slots)

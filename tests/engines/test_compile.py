@@ -17,14 +17,16 @@ LATER = [[[4] * 13, [7, 8]], [[3] * 30], [[1] * 5, [2] * 6, [3] * 7, [4] * 40]] 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("compile")
-    paths = {view: write_orthrus(root / view, "llama", anchor_view=view) for view in ("diffusion", "ar")}  # same weights
+    paths = {view: write_orthrus(root / view, "llama", anchor_view=view) for view in ("diffusion", "ar", "causal")}  # same weights
     hf = hf_model(paths["diffusion"], "llama")
     oracle = {tuple(p): hf_greedy(hf, p, NEW) for batch in WARM_UP + LATER for p in batch}
     return paths, oracle
 
 
-# auto also times passes at start-up; "ar" anchors add row selection to the draft graph
-@pytest.mark.parametrize("block_size, anchor_view", [(1, "diffusion"), (4, "diffusion"), ("auto", "diffusion"), (4, "ar")])
+# auto also times passes at start-up; "ar" anchors add row selection to the draft graph; "causal"
+# anchors make a decode step one verify+draft pass
+@pytest.mark.parametrize("block_size, anchor_view",
+                         [(1, "diffusion"), (4, "diffusion"), ("auto", "diffusion"), (4, "ar"), (4, "causal")])
 def test_compiled_engine_matches_hf_greedy_with_a_bounded_set_of_graphs(setup, block_size, anchor_view):
     paths, oracle = setup
     path = paths[anchor_view]

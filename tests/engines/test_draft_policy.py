@@ -49,6 +49,28 @@ def test_partial_acceptance_picks_an_intermediate_k():
     assert p.choose(1) == 3
 
 
+def _fused_policy(accepted: int, times: dict[int, float], max_k: int = 8) -> AutoDraftPolicy:
+    """The verify+draft cycle: K draft positions, position 1 (the AR's own token) always accepted."""
+    stats = AcceptanceStats(max_k + 1)
+    for _ in range(400):
+        stats.record(max_k, 1 + accepted)
+    return AutoDraftPolicy(max_k, ForwardTimes(times), stats, fused=True)
+
+
+def test_fused_cycle_policy():
+    """One pass of K x K rows per sequence: AR when drafts after the first are rejected, the full
+    block when all are accepted and rows are cheap, and K = 1 when a pass costs per row (K x K rows
+    cannot be paid back by K tokens)."""
+    cheap = {n: 0.05 + 0.0001 * n for n in (1, 8, 64, 256, 1024)}
+    assert _fused_policy(0, cheap).choose(4) == 1
+    assert _fused_policy(7, cheap).choose(4) == 8
+    assert _fused_policy(2, cheap).choose(1) == 3  # positions 2 and 3 accepted: K = 3 verifies them
+    assert _fused_policy(7, {n: 0.01 * n for n in (1, 8, 64, 256)}).choose(1) == 1
+    p = _fused_policy(7, cheap)
+    # 3 tokens from 9 rows per sequence (the rates hold a little of the prior: 1%)
+    assert p.expected_rate(3, 2) == pytest.approx(2 * 3 / p.times(2 * 9), rel=0.01)
+
+
 def test_rates_are_non_increasing_and_decay():
     stats = AcceptanceStats(4, prior=[0.9, 0.9, 0.9])
     stats.record(3, 3)

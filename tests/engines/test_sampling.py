@@ -51,6 +51,21 @@ def llm(model_dir):
 
 
 @pytest.fixture(scope="module")
+def fused_llm(model_dir, tmp_path_factory):
+    """The same model with `anchor_view: "causal"`: one verify+draft pass per cycle."""
+    import json
+    import shutil
+
+    d = tmp_path_factory.mktemp("sampling-causal") / "m"
+    shutil.copytree(model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "anchor_view": "causal"}))
+    llm = LLM(model=str(d), block_size=4, num_pages=1200, max_num_seqs=1024, max_num_batched_tokens=16384)
+    assert llm.engine.fused
+    return llm
+
+
+@pytest.fixture(scope="module")
 def step_logits(model_dir):
     """HF oracle logits for every context: [V**(L-1), L, V], row = the first L-1 generated tokens."""
     hf = hf_model(model_dir, "qwen3")
@@ -143,6 +158,17 @@ def test_orthrus_sampling_matches_ar_distribution(llm, step_logits, config):
     assert p_orthrus > P_MIN, f"Orthrus vs exact AR: p={p_orthrus:.2e}"
     assert p_ar > P_MIN, f"plain AR vs exact AR: p={p_ar:.2e}"
     assert p_two > P_MIN, f"Orthrus vs plain AR samples: p={p_two:.2e}"
+
+
+@pytest.mark.slow
+def test_fused_cycle_sampling_matches_ar_distribution(fused_llm, step_logits):
+    """The verify+draft cycle (drafts carried from one pass to the next, with their q) samples the
+    exact AR distribution too."""
+    sp = CONFIGS["t0.8_topk5_topp0.9"]
+    counts, acceptance = sample_counts(fused_llm, sp, range(3 * 10**6, 3 * 10**6 + N))
+    assert 0.1 < acceptance < 0.95, acceptance
+    p = gof_pvalue(counts, exact_distribution(step_logits, sp))
+    assert p > P_MIN, f"fused Orthrus vs exact AR: p={p:.2e}"
 
 
 def _accept_every_draft(drafts, q, p, generator):

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from orthrus_kernels import build_attention_metadata, paged_attention
+from orthrus_kernels import build_attention_metadata, build_verify_draft_metadata, paged_attention
 
 HQ, HKV, D = 4, 2, 16  # grouped-query attention: 2 query heads per KV head
 
@@ -176,3 +176,72 @@ def test_metadata_write_slots():
     assert m.write_slots.tolist() == [1 * 16 + 1, 1 * 16 + 2, 0, 2 * 16 + 2, 2 * 16 + 3, 2 * 16 + 4]
     m = build_attention_metadata([4, 4], [3, 9], [[5], [6]], 16, False, False, torch.device("cpu"))
     assert m.write_slots is None
+
+
+def _verify_draft_reference(q, k, v, k_cache, v_cache, prefix_lens, verify_lens, block_lens, tables, page_size,
+                            scale):
+    """Dense, per sequence and per row: AR row i attends to cache positions < p and the AR rows 0..i;
+    a row of block j attends to cache positions < p, the AR rows 0..j and the rows of block j."""
+    outs, start = [], 0
+    for p, nv, m, table in zip(prefix_lens, verify_lens, block_lens, tables):
+        slots = [table[pos // page_size] * page_size + pos % page_size for pos in range(p)]
+        n = nv + nv * m
+        keys = torch.cat([k_cache[slots], k[start : start + n]]).double()
+        vals = torch.cat([v_cache[slots], v[start : start + n]]).double()
+        allowed = torch.zeros(n, p + n, dtype=torch.bool)
+        allowed[:, :p] = True
+        for i in range(nv):
+            allowed[i, p : p + i + 1] = True
+        for j in range(nv):
+            rows = slice(nv + j * m, nv + (j + 1) * m)
+            allowed[rows, p : p + j + 1] = True
+            allowed[rows, p + nv + j * m : p + nv + (j + 1) * m] = True
+        rep = q.shape[1] // keys.shape[1]
+        keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[start : start + n].double(), keys) * scale
+        outs.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), vals))
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lens", [
+    # (prefix_lens, verify_lens, block_lens)
+    ([5, 33, 16], [3, 3, 3], [2, 2, 2]),
+    ([0, 40, 17], [1, 4, 2], [3, 0, 5]),  # a plain AR row (m = 0) beside drafting sequences
+    ([15], [8], [7]),
+    ([31, 2], [1, 1], [0, 0]),
+])
+def test_verify_draft_pass(lens, device):
+    """One pass of AR rows (causal, written) and transient diffusion blocks that each read the cache
+    up to one AR row: output equals the dense reference; the cache changes at exactly the AR rows'
+    slots, with their K/V."""
+    prefix_lens, verify_lens, block_lens = lens
+    page_size = 4
+    rng, g = random.Random(0), torch.Generator().manual_seed(0)
+    q_lens = [nv + nv * m for nv, m in zip(verify_lens, block_lens)]
+    num_pages = sum(-(-(p + nv) // page_size) + 1 for p, nv in zip(prefix_lens, verify_lens)) + 4
+    tables = _page_tables(prefix_lens, verify_lens, page_size, num_pages, rng)
+    T = sum(q_lens)
+    q, k, v = torch.randn(T, HQ, D, generator=g), torch.randn(T, HKV, D, generator=g), torch.randn(T, HKV, D, generator=g)
+    k_cache = torch.randn(num_pages * page_size, HKV, D, generator=g)
+    v_cache = torch.randn(num_pages * page_size, HKV, D, generator=g)
+    want = _verify_draft_reference(q, k, v, k_cache, v_cache, prefix_lens, verify_lens, block_lens, tables,
+                                   page_size, D**-0.5)
+    dev = torch.device(device)
+    meta = build_verify_draft_metadata(verify_lens, block_lens, prefix_lens, tables, page_size, dev)
+    kc, vc = k_cache.to(dev), v_cache.to(dev)
+    got = paged_attention(q.to(dev), k.to(dev), v.to(dev), kc, vc, meta, D**-0.5).cpu()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+    ar_rows, written, start = [], [], 0
+    for p, nv, ql, t in zip(prefix_lens, verify_lens, q_lens, tables):
+        ar_rows += range(start, start + nv)
+        written += [t[pos // page_size] * page_size + pos % page_size for pos in range(p, p + nv)]
+        start += ql
+    kc, vc = kc.cpu(), vc.cpu()
+    torch.testing.assert_close(kc[written], k[ar_rows], rtol=0, atol=0)
+    torch.testing.assert_close(vc[written], v[ar_rows], rtol=0, atol=0)
+    untouched = torch.ones(kc.shape[0], dtype=torch.bool)
+    untouched[written] = False
+    assert torch.equal(kc[untouched], k_cache[untouched]) and torch.equal(vc[untouched], v_cache[untouched])

@@ -5,6 +5,13 @@ AR) that maximises expected committed tokens per second for the running batch.
   time(K)   = O + T(B)            for K = 1  (one verify pass of the anchors)
             = O + T(B K) + T(B K) for K > 1  (a draft pass and a verify pass of B blocks)
 
+With a causal-anchor head and the fused cycle (one verify+draft pass, see ModelRunner), r_1 = 1
+(draft position 1 is the AR's own next token, which the pass commits anyway) and a step is one
+pass of K verify rows plus K blocks of K - 1 draft rows:
+
+  tokens(K) = B * (1 + sum_{2<=i<=K} r_i)
+  time(K)   = O + T(B K K)
+
 `r_i` is measured online with exponentially decaying counts (a head may carry a prior measured at
 evaluation). T(n), the time of one forward pass over n batched tokens, is measured at start-up on
 this machine and refined with every pass the engine runs. O, the rest of a step (scheduling,
@@ -106,8 +113,9 @@ class ForwardTimes:
 
 class AutoDraftPolicy:
     def __init__(self, max_k: int, times: ForwardTimes, stats: AcceptanceStats, min_evidence: float = 1.0,
-                 smoothing: float = 0.2, min_gain: float = 1.05):
+                 smoothing: float = 0.2, min_gain: float = 1.05, fused: bool = False):
         self.max_k = max_k
+        self.fused = fused
         self.times = times
         self.stats = stats
         self.min_evidence = min_evidence
@@ -117,8 +125,12 @@ class AutoDraftPolicy:
 
     def expected_rate(self, k: int, batch: int) -> float:
         """Expected committed tokens per second with block length k for `batch` sequences."""
-        tokens = batch * (1 + sum(self.stats.rates()[: k - 1]))
-        passes = self.times(batch) if k == 1 else 2 * self.times(batch * k)
+        rates = self.stats.rates()
+        if self.fused:
+            tokens, passes = batch * (1 + sum(rates[1:k])), self.times(batch * k * k)
+        else:
+            tokens = batch * (1 + sum(rates[: k - 1]))
+            passes = self.times(batch) if k == 1 else 2 * self.times(batch * k)
         return tokens / ((self.overhead or 0.0) + passes)
 
     def choose(self, batch: int) -> int:

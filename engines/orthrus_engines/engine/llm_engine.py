@@ -57,6 +57,7 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, num_pages * args.page_size)
         self.runner = ModelRunner(src, self.device, self.dtype, args.page_size, num_pages, self.max_model_len,
                                   args.cpu_packed_weights, args.compile)
+        self.fused = args.fused_cycle and self.runner.anchor_causal  # one verify+draft pass per cycle
         embed = self.runner.model.embed_tokens.weight
         fingerprint = model_fingerprint(
             src.hf_config.to_dict(),
@@ -64,16 +65,18 @@ class LLMEngine:
             embed[:4].float().cpu().numpy().tobytes(),
         )
         self.blocks = BlockManager(num_pages, args.page_size, fingerprint, args.enable_prefix_cache)
-        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,
+                                   self.fused)
         prior = read_head_metadata(src.head_path).get("acceptance_by_position") if src.head_path else None
-        self.acceptance = AcceptanceStats(self.block_size, prior)
+        # draft positions: K - 1, or K in the fused cycle (position 1 there is the AR's own next token)
+        self.acceptance = AcceptanceStats(self.block_size + self.fused, prior)
         self.policy: AutoDraftPolicy | None = None
         if auto and self.block_size > 1:
             top = min(args.max_num_batched_tokens, args.max_num_seqs * self.block_size, self.max_model_len, 256)
             ladder = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= top} | {top})
             self.runner.time_forward(min(8, top))  # warm-up; larger n are extrapolated, and refined online
             times = ForwardTimes({n: self.runner.time_forward(n, repeats=3) for n in ladder})  # min of 3: no stall
-            self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance)
+            self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance, fused=self.fused)
             self.scheduler.choose_k = self.policy.choose
         self.eos_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
@@ -170,6 +173,12 @@ class LLMEngine:
             return outs
 
     def _decode(self, batch: DecodeBatch) -> list[RequestOutput]:
+        if self.fused and any(k > 1 for k in batch.ks):
+            return self._decode_fused(batch)
+        return self._decode_two_pass(batch)
+
+    def _decode_two_pass(self, batch: DecodeBatch) -> list[RequestOutput]:
+        """A draft pass for the sequences with K > 1, then one verify pass for all (DESIGN.md §1)."""
         if self.policy is not None and self.device.type == "cuda":
             torch.cuda.synchronize()  # the policy times this step's passes, not a prefill still running
         start = time.perf_counter()
@@ -210,18 +219,72 @@ class LLMEngine:
             seq.num_accepted += len(new) - 1
             if k > 1:
                 self.acceptance.record(k - 1, len(new) - 1)
-            seq.num_cached += len(new)  # the anchor and the accepted drafts now hold valid KV
-            self._commit(seq, new)
-            seq.num_cached = min(seq.num_cached, len(seq.token_ids) - 1)  # a stop inside the block
-            self.blocks.register_full_pages(seq)
-            if seq.finished:
-                outs.append(self._finish(seq))
-            else:
-                self.blocks.trim(seq)
-                outs.append(self._delta(seq))
+            seq.next_drafts = []  # a fused cycle's drafts are stale once a step has gone without them
+            outs.append(self._settle(seq, new))
         if self.policy is not None:
             self.policy.observe_step(passes, time.perf_counter() - start)
         return outs
+
+    def _decode_fused(self, batch: DecodeBatch) -> list[RequestOutput]:
+        """One pass: each sequence verifies the drafts its last pass made (up to K - 1 of them) and
+        drafts K - 1 more after every verify slot; the block after the last accepted slot becomes
+        the next drafts. The AR's own next token is draft position 1 of a causal-anchor head, so a
+        cycle that verifies j drafts counts as j + 1 drafted positions in the acceptance stats."""
+        if self.policy is not None and self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        seqs, ks = batch.seqs, batch.ks
+        blocks = [[s.token_ids[-1]] + s.next_drafts[: k - 1] for s, k in zip(seqs, ks)]
+        ms = [k - 1 for k in ks]
+        ar_logits, mask_hidden = self.runner.verify_and_draft(seqs, blocks, ms)
+        argmax = ar_logits.argmax(-1).tolist()
+        news, chosen, row, mrow = [], [], 0, 0
+        for seq, block, m in zip(seqs, blocks, ms):
+            drafts, v = block[1:], len(block)
+            if seq.params.greedy:
+                new = greedy_accept(drafts, argmax[row : row + v])
+            else:
+                p = probs_from_logits(ar_logits[row : row + v], seq.params).cpu()
+                q = seq.next_draft_probs
+                new = speculative_accept(drafts, q[: len(drafts)], p, seq.generator) if drafts else [sample(p[0], seq.generator)]
+            a = len(new) - 1
+            chosen += range(mrow + a * m, mrow + (a + 1) * m)  # the block after the last accepted slot
+            news.append(new)
+            row, mrow = row + v, mrow + v * m
+        draft_logits = self.runner.logits(mask_hidden, chosen) if chosen else None
+        passes = [(sum(len(b) * (1 + m) for b, m in zip(blocks, ms)), time.perf_counter() - start)]
+        outs, row = [], 0
+        for seq, block, m, new in zip(seqs, blocks, ms, news):
+            drafted = len(block) - 1
+            seq.num_drafted += drafted
+            seq.num_accepted += len(new) - 1
+            if drafted:
+                self.acceptance.record(drafted + 1, len(new))
+            seq.next_drafts, seq.next_draft_probs = [], None
+            if m:
+                logits = draft_logits[row : row + m]
+                if seq.params.greedy:
+                    seq.next_drafts = logits.argmax(-1).tolist()
+                else:
+                    q = probs_from_logits(logits, seq.params).cpu()
+                    seq.next_drafts = [sample(q[i], seq.generator) for i in range(m)]
+                    seq.next_draft_probs = q
+                row += m
+            outs.append(self._settle(seq, new))
+        if self.policy is not None:
+            self.policy.observe_step(passes, time.perf_counter() - start)
+        return outs
+
+    def _settle(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        """Commit a step's tokens; the anchor and the accepted drafts now hold valid KV."""
+        seq.num_cached += len(new)
+        self._commit(seq, new)
+        seq.num_cached = min(seq.num_cached, len(seq.token_ids) - 1)  # a stop inside the block
+        self.blocks.register_full_pages(seq)
+        if seq.finished:
+            return self._finish(seq)
+        self.blocks.trim(seq)
+        return self._delta(seq)
 
     def _commit(self, seq: Sequence, tokens: list[int]) -> None:
         """Append tokens one by one, stopping at the first stop condition."""

@@ -5,13 +5,16 @@
            prefix, writes nothing; logits at slots 0..k-2 (with an `anchor_view: "ar"` head the
            anchor rows use the AR projections; with `"causal"` they also see only the prefix and
            themselves, so that the first draft is exactly the AR's next token);
-- verify:  AR view over `[anchor, d_1..d_{k-1}]`, causal, writes KV for all k; logits at all k slots.
+- verify:  AR view over `[anchor, d_1..d_{k-1}]`, causal, writes KV for all k; logits at all k slots;
+- verify+draft (`anchor_view: "causal"` heads): the verify rows, and after each of them a transient
+           diffusion block of MASK rows that reads the cache through that row, so that whichever
+           row turns out to be the last accepted one, the next cycle's drafts are already there.
 """
 
 import time
 
 import torch
-from orthrus_kernels import build_attention_metadata
+from orthrus_kernels import AttentionMetadata, build_attention_metadata, build_verify_draft_metadata
 
 from orthrus_engines.engine.sequence import Sequence
 from orthrus_engines.models.layers import cpu_packing_supported, pack_weights_for_cpu
@@ -50,22 +53,30 @@ class ModelRunner:
         return s.num_layers * 2 * page_size * (s.num_kv_heads // tp_size) * s.head_dim * dtype.itemsize
 
     @torch.inference_mode()
+    def _run(self, seqs: list[Sequence], ids: list[int], positions: torch.Tensor, meta: AttentionMetadata,
+             diffusion: bool, ar_rows: list[int] | None = None) -> torch.Tensor:
+        """Final hidden states [T, H] of one batched pass."""
+        ar = torch.tensor(ar_rows, device=self.device) if ar_rows is not None else None
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
+        hidden = self.forward_model(ids_t, positions.to(self.device), meta, self.kv_cache, diffusion, ar)
+        for s in seqs:
+            s.num_forward_passes += 1
+        return hidden
+
     def _forward(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int], causal: bool,
                  write_kv: bool, diffusion: bool, logit_rows: list[int] | None,
                  ar_rows: list[int] | None = None, causal_anchor: bool = False) -> torch.Tensor | None:
         q_lens = [len(t) for t in tokens]
-        ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
         positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens)])
         meta = build_attention_metadata(q_lens, starts, [s.block_table for s in seqs], self.page_size,
                                         causal, write_kv, self.device, every_field=self.compiled,
                                         causal_anchor=causal_anchor)
-        ar = torch.tensor(ar_rows, device=self.device) if ar_rows is not None else None
-        hidden = self.forward_model(ids.to(self.device), positions.to(self.device), meta, self.kv_cache, diffusion, ar)
-        for s in seqs:
-            s.num_forward_passes += 1
-        if logit_rows is None:
-            return None
-        return self.model.logits(hidden[torch.tensor(logit_rows, device=self.device)])
+        hidden = self._run(seqs, [t for ts in tokens for t in ts], positions, meta, diffusion, ar_rows)
+        return None if logit_rows is None else self.logits(hidden, logit_rows)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
 
     def prefill(self, seqs: list[Sequence], ends: list[int]) -> None:
         """Cache positions [num_cached, end) of each sequence."""
@@ -87,6 +98,30 @@ class ModelRunner:
         """[sum(k), V] AR logits for `[anchor, drafts...]` of each sequence; writes their KV."""
         rows = list(range(sum(len(b) for b in blocks)))
         return self._forward(seqs, blocks, [s.num_cached for s in seqs], True, True, False, rows)
+
+    @torch.inference_mode()
+    def verify_and_draft(self, seqs: list[Sequence], blocks: list[list[int]], ms: list[int]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass, `anchor_view: "causal"` heads. Sequence b verifies `blocks[b]` = [anchor, drafts...]
+        (v tokens, KV written) and drafts, after each verify slot j, a block of m = ms[b] MASK rows at
+        the next m positions, reading the cache through slot j. Returns the AR logits [sum(v), V] and
+        the hidden states of the MASK rows (sequence by sequence, block j at rows j*m .. j*m + m - 1):
+        the caller turns the block of the last accepted slot into logits with `logits()`; its row i
+        predicts the token i + 2 places after slot j."""
+        starts = [s.num_cached for s in seqs]
+        ids, positions, ar_rows, mask_rows, row = [], [], [], [], 0
+        for start, block, m in zip(starts, blocks, ms):
+            v = len(block)
+            ids += block + [self.mask_token_id] * (v * m)
+            positions += list(range(start, start + v))
+            positions += [start + j + 1 + i for j in range(v) for i in range(m)]
+            ar_rows += range(row, row + v)
+            mask_rows += range(row + v, row + v + v * m)
+            row += v + v * m
+        meta = build_verify_draft_metadata([len(b) for b in blocks], ms, starts, [s.block_table for s in seqs],
+                                           self.page_size, self.device)
+        hidden = self._run(seqs, ids, torch.tensor(positions), meta, True, ar_rows)
+        return self.logits(hidden, ar_rows), hidden[torch.tensor(mask_rows, dtype=torch.long, device=self.device)]
 
     @torch.inference_mode()
     def time_forward(self, n: int, repeats: int = 1) -> float:

@@ -1,7 +1,8 @@
 """Continuous batching: admission by free pages, chunked prefill, preemption by recompute.
 
 Each step is either a prefill step (chunks of prompts, at most `max_num_batched_tokens` tokens) or
-a decode step (one Orthrus draft + verify for the running sequences). When both kinds of work are
+a decode step (one Orthrus draft + verify for the running sequences: two passes of K rows per
+sequence, or one verify+draft pass of K x K rows with a causal-anchor head). When both kinds of work are
 waiting, steps alternate, so a stream of long prompts cannot stall running requests.
 """
 
@@ -26,8 +27,10 @@ class DecodeBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 fused: bool = False):
         self.blocks = blocks
+        self.fused = fused  # a decode step is one verify+draft pass: K x K rows per sequence
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -107,7 +110,8 @@ class Scheduler:
             if s.status != Status.RUNNING:
                 continue  # preempted below
             k = self.block_length(s, policy_k)
-            if batch and k > budget:
+            rows = k * k if self.fused else k
+            if batch and rows > budget:
                 break
             while not self.blocks.ensure(s, s.num_cached + k):
                 victim = max((r for r in self.running if r not in batch), key=lambda r: r.arrival)
@@ -117,5 +121,5 @@ class Scheduler:
             if s.status == Status.RUNNING:
                 batch.append(s)
                 ks.append(k)
-                budget -= k
+                budget -= rows
         return DecodeBatch(batch, ks) if batch else None

@@ -38,6 +38,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[str] = []  # hashes of the full blocks registered in the prefix cache
         self.num_cached_prompt_tokens = 0
+        # Verify+draft cycle: drafts for the positions after the anchor, made by the last pass (and the
+        # probabilities they were sampled from, at temperature > 0).
+        self.next_drafts: list[int] = []
+        self.next_draft_probs: torch.Tensor | None = None
         # Counters.
         self.num_forward_passes = 0
         self.num_drafted = 0

@@ -1,7 +1,8 @@
 """`orthrus eval`: how well a head drafts, on held-out chat prompts.
 
 Reports TPF (generated tokens / all forward passes: prefill, draft and verify), mean accepted drafts
-per cycle (one cycle = a draft pass and a verify pass), and the acceptance rate by draft position
+per cycle (one cycle = a draft pass and a verify pass, or one verify+draft pass with a causal-anchor
+head, where draft position 1 is the AR's own next token), and the acceptance rate by draft position
 (the fraction of cycles whose draft at position i was accepted, i.e. positions 1..i all were), as
 JSON and as a PNG plot.
 """
@@ -31,13 +32,14 @@ def evaluate(llm, prompts: list[str] | list[list[int]], max_tokens: int = 256, t
     tokens = sum(o.num_output_tokens for o in outs)
     passes = sum(o.num_forward_passes for o in outs)
     cycles = c1 - c0
-    accepted = sum(o.num_accepted_tokens for o in outs)
     pad = lambda xs: xs + [0] * (len(d1) - len(xs))  # noqa: E731
     drafted_by_pos = [x - y for x, y in zip(d1, pad(d0))]
     accepted_by_pos = [x - y for x, y in zip(a1, pad(a0))]
+    accepted = sum(accepted_by_pos)
     return {
         "prompts": len(prompts),
         "block_size": eng.block_size,
+        "cycle": "verify+draft" if eng.fused else "draft, verify",
         "temperature": temperature,
         "max_tokens": max_tokens,
         "output_tokens": tokens,
@@ -80,12 +82,13 @@ def _default_label(head: str | None) -> str:
 
 def run_eval(model: str | None, head: str | None, prompts_file: str | None, out: str | None, plot: str | None,
              temperatures: list[float], max_tokens: int, block_size: int | None, max_num_seqs: int = 32,
-             plot_with: list[str] | None = None, label: str | None = None) -> dict:
+             plot_with: list[str] | None = None, label: str | None = None, fused_cycle: bool = True) -> dict:
     """Evaluate one head; `plot_with` adds the lines of earlier reports (JSON files) to the plot."""
     from orthrus_engines import LLM
 
     prompts = read_prompts(prompts_file or packaged_prompts("prompts_eval.txt"))
-    llm = LLM(model=model, head=head, block_size=block_size or llm_block_size(model, head), max_num_seqs=max_num_seqs)
+    llm = LLM(model=model, head=head, block_size=block_size or llm_block_size(model, head), max_num_seqs=max_num_seqs,
+              fused_cycle=fused_cycle)
     reports = {f"T={t:g}": evaluate(llm, prompts, max_tokens, t) for t in temperatures}
     label = label or _default_label(head)
     result = {"model": model or "builtin", "head": head, "label": label,
