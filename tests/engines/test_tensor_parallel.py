@@ -17,12 +17,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import write_orthrus  # noqa: E402
 
 
-# The three kinds of pass: AR, diffusion, and diffusion whose anchor rows use the AR projections.
-MODES = {"ar": (False, None), "diffusion": (True, None), "anchor_ar": (True, [0, 5])}
+# The kinds of pass: AR, diffusion, diffusion whose anchor rows use the AR projections, and verify+draft
+# (3 AR rows written, then a transient block of 2 diffusion rows after each).
+MODES = {"ar": (False, None), "diffusion": (True, None), "anchor_ar": (True, [0, 5]), "verify_draft": (True, [0, 1, 2])}
 
 
 def _forward(model_dir: Path, mode: str) -> torch.Tensor:
-    from orthrus_kernels import build_attention_metadata
+    from orthrus_kernels import build_attention_metadata, build_verify_draft_metadata
 
     from orthrus_engines.models.loader import build_model, model_dir as resolve_dir, resolve_model
 
@@ -38,10 +39,14 @@ def _forward(model_dir: Path, mode: str) -> torch.Tensor:
     # prefill 12 tokens, then a block of 8 through the chosen view on top of the cached prefix
     meta = build_attention_metadata([12], [0], [[0, 1, 2, 3]], 16, True, True, torch.device("cpu"))
     model(ids[:12], torch.arange(12), meta, kv, diffusion=False)
+    new, positions = ids[12:], torch.arange(12, 20)
     meta = build_attention_metadata([8], [12], [[0, 1, 2, 3]], 16, not diffusion, not diffusion, torch.device("cpu"))
+    if mode == "verify_draft":  # 9 rows: [anchor, 2 drafts], then 3 blocks of 2
+        new, positions = torch.cat([ids[12:15], ids[14:20]]), torch.tensor([12, 13, 14, 13, 14, 14, 15, 15, 16])
+        meta = build_verify_draft_metadata([3], [2], [12], [[0, 1, 2, 3]], 16, torch.device("cpu"))
     with torch.no_grad():
         rows = torch.tensor(ar_rows) if ar_rows is not None else None
-        return model.logits(model(ids[12:], torch.arange(12, 20), meta, kv, diffusion=diffusion, ar_rows=rows))
+        return model.logits(model(new, positions, meta, kv, diffusion=diffusion, ar_rows=rows))
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
