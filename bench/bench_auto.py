@@ -97,6 +97,9 @@ def main() -> None:
             "tokens": args.tokens, "rounds": args.rounds, "head": args.head or "shipped",
             "cycle": "verify+draft" if llm.engine.fused else "draft, verify",
             "forward_times": dict(zip(llm.engine.policy.times.ns, llm.engine.policy.times.ts))}
+    if llm.engine.policy.fused_times is not None:
+        fused = llm.engine.policy.fused_times
+        meta["verify_draft_times"] = dict(zip(fused.ns, fused.ts))
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
 

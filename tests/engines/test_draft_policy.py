@@ -54,7 +54,7 @@ def _fused_policy(accepted: int, times: dict[int, float], max_k: int = 8) -> Aut
     stats = AcceptanceStats(max_k + 1)
     for _ in range(400):
         stats.record(max_k, 1 + accepted)
-    return AutoDraftPolicy(max_k, ForwardTimes(times), stats, fused=True)
+    return AutoDraftPolicy(max_k, ForwardTimes(dict(times)), stats, fused_times=ForwardTimes(dict(times)))
 
 
 def test_fused_cycle_policy():
@@ -68,7 +68,10 @@ def test_fused_cycle_policy():
     assert _fused_policy(7, {n: 0.01 * n for n in (1, 8, 64, 256)}).choose(1) == 1
     p = _fused_policy(7, cheap)
     # 3 tokens from 9 rows per sequence (the rates hold a little of the prior: 1%)
-    assert p.expected_rate(3, 2) == pytest.approx(2 * 3 / p.times(2 * 9), rel=0.01)
+    assert p.expected_rate(3, 2) == pytest.approx(2 * 3 / p.fused_times(2 * 9), rel=0.01)
+    ar_before, fused_before = p.times(4), p.fused_times(16)
+    p.observe_step([(16, 1.0)], 1.0, fused=True)  # a slow verify+draft pass moves only its own curve
+    assert p.times(4) == ar_before and p.fused_times(16) > fused_before
 
 
 def test_rates_are_non_increasing_and_decay():

@@ -10,7 +10,10 @@ With a causal-anchor head and the fused cycle (one verify+draft pass, see ModelR
 pass of K verify rows plus K blocks of K - 1 draft rows:
 
   tokens(K) = B * (1 + sum_{2<=i<=K} r_i)
-  time(K)   = O + T(B K K)
+  time(K)   = O + Tf(B K K)
+
+Tf(n) is the time of one verify+draft pass over n rows: a curve of its own (the pass differs from a
+verify pass of as many rows), timed at start-up with real verify+draft passes and refined online.
 
 `r_i` is measured online with exponentially decaying counts (a head may carry a prior measured at
 evaluation). T(n), the time of one forward pass over n batched tokens, is measured at start-up on
@@ -113,9 +116,9 @@ class ForwardTimes:
 
 class AutoDraftPolicy:
     def __init__(self, max_k: int, times: ForwardTimes, stats: AcceptanceStats, min_evidence: float = 1.0,
-                 smoothing: float = 0.2, min_gain: float = 1.05, fused: bool = False):
+                 smoothing: float = 0.2, min_gain: float = 1.05, fused_times: ForwardTimes | None = None):
         self.max_k = max_k
-        self.fused = fused
+        self.fused_times = fused_times  # set: the engine runs the fused cycle, whose passes these time
         self.times = times
         self.stats = stats
         self.min_evidence = min_evidence
@@ -126,8 +129,8 @@ class AutoDraftPolicy:
     def expected_rate(self, k: int, batch: int) -> float:
         """Expected committed tokens per second with block length k for `batch` sequences."""
         rates = self.stats.rates()
-        if self.fused:
-            tokens, passes = batch * (1 + sum(rates[1:k])), self.times(batch * k * k)
+        if self.fused_times is not None and k > 1:
+            tokens, passes = batch * (1 + sum(rates[1:k])), self.fused_times(batch * k * k)
         else:
             tokens = batch * (1 + sum(rates[: k - 1]))
             passes = self.times(batch) if k == 1 else 2 * self.times(batch * k)
@@ -144,11 +147,12 @@ class AutoDraftPolicy:
             return self.max_k  # explore: re-measure acceptance now and then
         return best
 
-    def observe_step(self, passes: list[tuple[int, float]], step_seconds: float) -> None:
-        """A decode step: (tokens, seconds) of each pass (verify, or draft and verify) and the
-        step's whole wall time."""
+    def observe_step(self, passes: list[tuple[int, float]], step_seconds: float, fused: bool = False) -> None:
+        """A decode step: (tokens, seconds) of each pass (verify, or draft and verify, or one
+        verify+draft pass if `fused`) and the step's whole wall time."""
+        curve = self.fused_times if fused else self.times
         for n, s in passes:
-            self.times.observe(n, s)
+            curve.observe(n, s)
         rest = max(step_seconds - sum(s for _, s in passes), 0.0)
         if self.overhead is None:
             self.overhead = rest

@@ -76,11 +76,21 @@ class LLMEngine:
             ladder = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= top} | {top})
             self.runner.time_forward(min(8, top))  # warm-up; larger n are extrapolated, and refined online
             times = ForwardTimes({n: self.runner.time_forward(n, repeats=3) for n in ladder})  # min of 3: no stall
-            self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance, fused=self.fused)
+            self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance, fused_times=self._fused_times(top))
             self.scheduler.choose_k = self.policy.choose
         self.eos_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
         self.num_generated_tokens = 0
+
+    def _fused_times(self, top: int) -> ForwardTimes | None:
+        """Start-up timing of verify+draft passes: one sequence at K = 2, 3, 4, 6, 8 .., then batches
+        of full blocks up to `top` rows (beyond: proportional, as for verify passes)."""
+        if not self.fused:
+            return None
+        K = self.block_size
+        shapes = {k * k: (k, 1) for k in {2, 3, 4, 6, 8, 12, 16, 24, 32, K} if k <= K and (k * k <= top or k == 2)}
+        shapes |= {b * K * K: (K, b) for b in (2, 4, 8, 16) if b * K * K <= top}
+        return ForwardTimes({n: self.runner.time_verify_and_draft(k, b, repeats=3) for n, (k, b) in shapes.items()})
 
     def _eos_ids(self) -> set[int]:
         ids = getattr(self.source.hf_config, "eos_token_id", None)
@@ -252,7 +262,7 @@ class LLMEngine:
             news.append(new)
             row, mrow = row + v, mrow + v * m
         draft_logits = self.runner.logits(mask_hidden, chosen) if chosen else None
-        passes = [(sum(len(b) * (1 + m) for b, m in zip(blocks, ms)), time.perf_counter() - start)]
+        passes = [(sum(len(b) * (1 + m) for b, m in zip(blocks, ms)), time.perf_counter() - start)]  # one pass
         outs, row = [], 0
         for seq, block, m, new in zip(seqs, blocks, ms, news):
             drafted = len(block) - 1
@@ -272,7 +282,7 @@ class LLMEngine:
                 row += m
             outs.append(self._settle(seq, new))
         if self.policy is not None:
-            self.policy.observe_step(passes, time.perf_counter() - start)
+            self.policy.observe_step(passes, time.perf_counter() - start, fused=True)
         return outs
 
     def _settle(self, seq: Sequence, new: list[int]) -> RequestOutput:

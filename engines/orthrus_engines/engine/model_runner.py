@@ -12,6 +12,7 @@
 """
 
 import time
+from types import SimpleNamespace
 
 import torch
 from orthrus_kernels import AttentionMetadata, build_attention_metadata, build_verify_draft_metadata
@@ -132,12 +133,30 @@ class ModelRunner:
                                         every_field=self.compiled)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         positions = torch.arange(n, device=self.device)
+        return self._best_time(lambda: self.model.logits(self.forward_model(ids, positions, meta, self.kv_cache)),
+                               repeats)
+
+    def time_verify_and_draft(self, k: int, batch: int, repeats: int = 1) -> float:
+        """Seconds for one verify+draft pass of `batch` sequences with k verify rows and k blocks of
+        k - 1 each (batch * k * k rows), the draft logits of one block included. Start-up only, as
+        `time_forward`."""
+        seqs = [SimpleNamespace(num_cached=0, block_table=list(range(-(-k // self.page_size))), num_forward_passes=0)
+                for _ in range(batch)]
+        blocks, ms = [[0] * k] * batch, [k - 1] * batch
+
+        def run():
+            _, hidden = self.verify_and_draft(seqs, blocks, ms)
+            self.logits(hidden, [b * k * (k - 1) + i for b in range(batch) for i in range(k - 1)])
+
+        return self._best_time(run, repeats)
+
+    def _best_time(self, fn, repeats: int) -> float:
         best = float("inf")
         for _ in range(repeats):
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            self.model.logits(self.forward_model(ids, positions, meta, self.kv_cache))
+            fn()
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
