@@ -152,3 +152,17 @@ def test_fused_cycle_exact_under_preemption_and_stops(causal_model):
     cut = want[: want.index(stop) + 1]
     out = LLM(str(path), block_size=6).generate([prompts[1]], SamplingParams(max_tokens=24, stop_token_ids=[stop], ignore_eos=True))[0]
     assert list(out.token_ids) == cut and out.finish_reason == "stop"
+
+
+def test_drafts_carried_into_a_plain_step_are_still_verified(causal_model):
+    """The policy drafts once (K = 4), then picks K = 1: that step still verifies the 3 carried drafts
+    (a plain verify pass of 4 rows), so exploring always yields acceptance evidence."""
+    family, path = causal_model
+    llm = LLM(str(path), num_pages=64)
+    picks = iter([4])
+    llm.engine.scheduler.choose_k = lambda batch: next(picks, 1)
+    prompt = list(range(1, 10))
+    out = llm.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert list(out.token_ids) == hf_greedy(hf_model(path, family), prompt, 12)
+    assert out.num_drafted_tokens == 3 and llm.engine.acceptance.cycles == 1
+    assert out.num_forward_passes == 1 + (12 - out.num_accepted_tokens)  # prefill, then one pass per token committed alone

@@ -183,7 +183,7 @@ class LLMEngine:
             return outs
 
     def _decode(self, batch: DecodeBatch) -> list[RequestOutput]:
-        if self.fused and any(k > 1 for k in batch.ks):
+        if self.fused:
             return self._decode_fused(batch)
         return self._decode_two_pass(batch)
 
@@ -229,24 +229,26 @@ class LLMEngine:
             seq.num_accepted += len(new) - 1
             if k > 1:
                 self.acceptance.record(k - 1, len(new) - 1)
-            seq.next_drafts = []  # a fused cycle's drafts are stale once a step has gone without them
             outs.append(self._settle(seq, new))
         if self.policy is not None:
             self.policy.observe_step(passes, time.perf_counter() - start)
         return outs
 
     def _decode_fused(self, batch: DecodeBatch) -> list[RequestOutput]:
-        """One pass: each sequence verifies the drafts its last pass made (up to K - 1 of them) and
-        drafts K - 1 more after every verify slot; the block after the last accepted slot becomes
-        the next drafts. The AR's own next token is draft position 1 of a causal-anchor head, so a
-        cycle that verifies j drafts counts as j + 1 drafted positions in the acceptance stats."""
+        """One pass: each sequence verifies the drafts its last pass made and drafts K - 1 more after
+        every verify slot; the block after the last accepted slot becomes the next drafts. The AR's
+        own next token is draft position 1 of a causal-anchor head, so a cycle that verifies j drafts
+        counts as j + 1 drafted positions in the acceptance stats."""
         if self.policy is not None and self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        seqs, ks = batch.seqs, batch.ks
-        blocks = [[s.token_ids[-1]] + s.next_drafts[: k - 1] for s, k in zip(seqs, ks)]
-        ms = [k - 1 for k in ks]
-        ar_logits, mask_hidden = self.runner.verify_and_draft(seqs, blocks, ms)
+        seqs = batch.seqs
+        blocks = [[s.token_ids[-1]] + s.next_drafts[: v - 1] for s, v in zip(seqs, batch.vs)]
+        ms = [k - 1 for k in batch.ks]
+        if any(ms):
+            ar_logits, mask_hidden = self.runner.verify_and_draft(seqs, blocks, ms)
+        else:  # nobody drafts: a plain verify pass (of the anchors, and of any drafts still carried)
+            ar_logits, mask_hidden = self.runner.verify(seqs, blocks), None
         argmax = ar_logits.argmax(-1).tolist()
         news, chosen, row, mrow = [], [], 0, 0
         for seq, block, m in zip(seqs, blocks, ms):
@@ -282,7 +284,7 @@ class LLMEngine:
                 row += m
             outs.append(self._settle(seq, new))
         if self.policy is not None:
-            self.policy.observe_step(passes, time.perf_counter() - start, fused=True)
+            self.policy.observe_step(passes, time.perf_counter() - start, fused=any(ms))
         return outs
 
     def _settle(self, seq: Sequence, new: list[int]) -> RequestOutput:

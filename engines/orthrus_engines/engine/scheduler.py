@@ -24,6 +24,7 @@ class PrefillBatch:
 class DecodeBatch:
     seqs: list[Sequence]
     ks: list[int]  # block length per sequence (1 = plain AR step)
+    vs: list[int]  # tokens verified per sequence: K, or in the fused cycle 1 + the drafts it carries
 
 
 class Scheduler:
@@ -62,6 +63,13 @@ class Scheduler:
         remaining = seq.params.max_tokens - seq.num_output_tokens
         window = self.max_model_len - len(seq.token_ids) + 1
         return max(1, min(k, remaining, window))
+
+    def verify_length(self, seq: Sequence) -> int:
+        """Fused cycle: the anchor and every draft the sequence carries (they are paid for; a step of
+        K = 1 after a drafting one still verifies them), no more than it may still emit."""
+        remaining = seq.params.max_tokens - seq.num_output_tokens
+        window = self.max_model_len - len(seq.token_ids) + 1
+        return max(1, min(1 + len(seq.next_drafts), remaining, window))
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -105,15 +113,16 @@ class Scheduler:
             return None
         num_auto = sum(s.auto_k for s in decodes)
         policy_k = self.choose_k(num_auto) if self.choose_k is not None and num_auto else None
-        batch, ks, budget = [], [], self.max_num_batched_tokens
+        batch, ks, vs, budget = [], [], [], self.max_num_batched_tokens
         for s in sorted(decodes, key=lambda s: s.arrival):
             if s.status != Status.RUNNING:
                 continue  # preempted below
             k = self.block_length(s, policy_k)
-            rows = k * k if self.fused else k
+            v = self.verify_length(s) if self.fused else k
+            rows = v * k if self.fused else k  # fused: v verify rows, each followed by a block of k - 1
             if batch and rows > budget:
                 break
-            while not self.blocks.ensure(s, s.num_cached + k):
+            while not self.blocks.ensure(s, s.num_cached + max(k, v)):
                 victim = max((r for r in self.running if r not in batch), key=lambda r: r.arrival)
                 self._preempt(victim)
                 if victim is s:
@@ -121,5 +130,6 @@ class Scheduler:
             if s.status == Status.RUNNING:
                 batch.append(s)
                 ks.append(k)
+                vs.append(v)
                 budget -= rows
-        return DecodeBatch(batch, ks) if batch else None
+        return DecodeBatch(batch, ks, vs) if batch else None
