@@ -89,7 +89,7 @@ def test_verify_and_draft_keeps_only_the_verified_kv(causal_model):
         assert torch.equal(ka[kept], k0[kept]) and torch.equal(va[kept], v0[kept])
 
 
-@pytest.mark.parametrize("k", [2, 5, 8])
+@pytest.mark.parametrize("k", [2, 3])
 def test_fused_cycle_is_lossless_and_one_pass_per_cycle(causal_model, k):
     """Greedy output equals HF for a batch of different prompt lengths, and that of the two-pass
     cycle; every decode pass commits its accepted drafts plus one token (so output = accepted +
@@ -155,14 +155,34 @@ def test_fused_cycle_exact_under_preemption_and_stops(causal_model):
 
 
 def test_drafts_carried_into_a_plain_step_are_still_verified(causal_model):
-    """The policy drafts once (K = 4), then picks K = 1: that step still verifies the 3 carried drafts
-    (a plain verify pass of 4 rows), so exploring always yields acceptance evidence."""
+    """The policy drafts once (K = 3), then picks K = 1: that step still verifies the 2 carried drafts
+    (a plain verify pass of 3 rows), so exploring always yields acceptance evidence."""
     family, path = causal_model
     llm = LLM(str(path), num_pages=64)
-    picks = iter([4])
+    picks = iter([3])
     llm.engine.scheduler.choose_k = lambda batch: next(picks, 1)
     prompt = list(range(1, 10))
     out = llm.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
     assert list(out.token_ids) == hf_greedy(hf_model(path, family), prompt, 12)
-    assert out.num_drafted_tokens == 3 and llm.engine.acceptance.cycles == 1
+    assert out.num_drafted_tokens == 2 and llm.engine.acceptance.cycles == 1
     assert out.num_forward_passes == 1 + (12 - out.num_accepted_tokens)  # prefill, then one pass per token committed alone
+
+
+@pytest.mark.parametrize("block_size", ["auto", 8])
+def test_transient_rows_stay_within_one_block(causal_model, block_size):
+    """DESIGN.md §1: at most one block (the model's K = 8 rows) of transient K/V per sequence. The
+    fused cycle caps K at 3 (3 verify rows x 2 transient rows each), whatever K is asked for."""
+    _, path = causal_model
+    llm = LLM(str(path), block_size=block_size, num_pages=64)
+    assert llm.engine.block_size == 3 and llm.engine.source.block_size == 8
+    run, most = llm.engine.runner.verify_and_draft, []
+
+    def spy(seqs, blocks, ms):
+        most.append(max(len(b) * m for b, m in zip(blocks, ms)))
+        return run(seqs, blocks, ms)
+
+    llm.engine.runner.verify_and_draft = spy
+    llm.engine.scheduler.choose_k = lambda batch: 8  # the policy asks for more than the cap
+    llm.generate([list(range(1, 12)), [4, 5]], SamplingParams(max_tokens=20, ignore_eos=True, block_size=None))
+    llm.generate([[7, 8, 9]], SamplingParams(max_tokens=20, ignore_eos=True, block_size=8))
+    assert most and max(most) == 6

@@ -58,6 +58,8 @@ class LLMEngine:
         self.runner = ModelRunner(src, self.device, self.dtype, args.page_size, num_pages, self.max_model_len,
                                   args.cpu_packed_weights, args.compile)
         self.fused = args.fused_cycle and self.runner.anchor_causal  # one verify+draft pass per cycle
+        if self.fused:  # its V x (K - 1) transient rows per sequence (V <= K) stay within one block (DESIGN.md §1)
+            self.block_size = min(self.block_size, fused_block_limit(src.block_size))
         embed = self.runner.model.embed_tokens.weight
         fingerprint = model_fingerprint(
             src.hf_config.to_dict(),
@@ -143,6 +145,8 @@ class LLMEngine:
             raise OrthrusInputError("stop", "stop strings need a tokenizer")
         check_stop_token_ids(params.stop_token_ids, self.vocab_size)
         k = 1 if not params.use_diffusion else (params.block_size or self.block_size)
+        if self.fused:
+            k = min(k, self.block_size)
         auto_k = self.policy is not None and params.use_diffusion and params.block_size is None
         detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
         seq = Sequence(request_id, ids, params, k, detok, auto_k)
@@ -377,6 +381,12 @@ class LLMEngine:
             "num_generated_tokens": self.num_generated_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+
+
+def fused_block_limit(model_k: int) -> int:
+    """The longest K whose verify+draft pass keeps at most one block (`model_k` rows) of transient
+    K/V per sequence: K verify rows, each followed by K - 1 transient rows."""
+    return max(k for k in range(1, model_k + 1) if k * (k - 1) <= model_k)
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:
