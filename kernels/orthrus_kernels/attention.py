@@ -34,6 +34,12 @@ class AttentionMetadata:
     write_rows: torch.Tensor | None = None
 
 
+def _slots(table: list[int], n: int, page_size: int) -> torch.Tensor:
+    """Cache slots of positions 0..n-1 of a sequence with this page table."""
+    pos = torch.arange(n)
+    return torch.tensor(table, dtype=torch.long)[pos // page_size] * page_size + pos % page_size
+
+
 def build_attention_metadata(
     q_lens: list[int],
     prefix_lens: list[int],
@@ -57,8 +63,7 @@ def build_attention_metadata(
     key_slots = torch.zeros(B, max_keys, dtype=torch.long)
     write: list[int] = []
     for b, (p, q, table) in enumerate(zip(prefix_lens, q_lens, block_tables)):
-        pos = torch.arange(p + q)
-        slots = torch.tensor(table, dtype=torch.long)[pos // page_size] * page_size + pos % page_size
+        slots = _slots(table, p + q, page_size)
         n = p + q if write_kv else p
         key_slots[b, :n] = slots[:n]
         write.extend(slots[p:].tolist())
@@ -113,8 +118,7 @@ def build_verify_draft_metadata(
     mask = torch.zeros(B, max_q, max_keys + max_q, dtype=torch.bool)
     write, write_rows, row = [], [], 0
     for b, (p, v, m, table) in enumerate(zip(prefix_lens, verify_lens, block_lens, block_tables)):
-        pos = torch.arange(p + v)
-        slots = torch.tensor(table, dtype=torch.long)[pos // page_size] * page_size + pos % page_size
+        slots = _slots(table, p + v, page_size)
         key_slots[b, : p + v] = slots
         write.extend(slots[p:].tolist())
         write_rows.extend(range(row, row + v))

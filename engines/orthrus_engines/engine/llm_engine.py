@@ -207,13 +207,8 @@ class LLMEngine:
             passes.append((sum(ks[i] for i in drafting), time.perf_counter() - start))
             row = 0
             for i in drafting:
-                n, seq = ks[i] - 1, seqs[i]
-                if seq.params.greedy:
-                    drafts[i] = argmax[row : row + n]
-                else:
-                    q = probs_from_logits(logits[row : row + n], seq.params).cpu()
-                    q_probs[i] = q
-                    drafts[i] = [sample(q[j], seq.generator) for j in range(n)]
+                n = ks[i] - 1
+                drafts[i], q_probs[i] = self._draw(seqs[i], logits[row : row + n], argmax[row : row + n])
                 row += n
         blocks = [[s.token_ids[-1]] + d for s, d in zip(seqs, drafts)]
         verify_start = time.perf_counter()
@@ -223,11 +218,7 @@ class LLMEngine:
         outs, row = [], 0
         for i, seq in enumerate(seqs):
             k = ks[i]
-            if seq.params.greedy:
-                new = greedy_accept(drafts[i], argmax[row : row + k])
-            else:
-                p = probs_from_logits(logits[row : row + k], seq.params).cpu()
-                new = speculative_accept(drafts[i], q_probs[i], p, seq.generator) if k > 1 else [sample(p[0], seq.generator)]
+            new = self._accept(seq, drafts[i], q_probs[i], logits[row : row + k], argmax[row : row + k])
             row += k
             seq.num_drafted += k - 1
             seq.num_accepted += len(new) - 1
@@ -257,17 +248,14 @@ class LLMEngine:
         news, chosen, row, mrow = [], [], 0, 0
         for seq, block, m in zip(seqs, blocks, ms):
             drafts, v = block[1:], len(block)
-            if seq.params.greedy:
-                new = greedy_accept(drafts, argmax[row : row + v])
-            else:
-                p = probs_from_logits(ar_logits[row : row + v], seq.params).cpu()
-                q = seq.next_draft_probs
-                new = speculative_accept(drafts, q[: len(drafts)], p, seq.generator) if drafts else [sample(p[0], seq.generator)]
+            q = seq.next_draft_probs[: len(drafts)] if seq.next_draft_probs is not None else None
+            new = self._accept(seq, drafts, q, ar_logits[row : row + v], argmax[row : row + v])
             a = len(new) - 1
             chosen += range(mrow + a * m, mrow + (a + 1) * m)  # the block after the last accepted slot
             news.append(new)
             row, mrow = row + v, mrow + v * m
         draft_logits = self.runner.logits(mask_hidden, chosen) if chosen else None
+        draft_argmax = draft_logits.argmax(-1).tolist() if chosen else []
         passes = [(sum(len(b) * (1 + m) for b, m in zip(blocks, ms)), time.perf_counter() - start)]  # one pass
         outs, row = [], 0
         for seq, block, m, new in zip(seqs, blocks, ms, news):
@@ -278,18 +266,30 @@ class LLMEngine:
                 self.acceptance.record(drafted + 1, len(new))
             seq.next_drafts, seq.next_draft_probs = [], None
             if m:
-                logits = draft_logits[row : row + m]
-                if seq.params.greedy:
-                    seq.next_drafts = logits.argmax(-1).tolist()
-                else:
-                    q = probs_from_logits(logits, seq.params).cpu()
-                    seq.next_drafts = [sample(q[i], seq.generator) for i in range(m)]
-                    seq.next_draft_probs = q
+                seq.next_drafts, seq.next_draft_probs = self._draw(seq, draft_logits[row : row + m],
+                                                                   draft_argmax[row : row + m])
                 row += m
             outs.append(self._settle(seq, new))
         if self.policy is not None:
             self.policy.observe_step(passes, time.perf_counter() - start, fused=any(ms))
         return outs
+
+    @staticmethod
+    def _draw(seq: Sequence, logits: torch.Tensor, argmax: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        """Drafts from draft logits: their argmax (greedy), or samples and the q they came from."""
+        if seq.params.greedy:
+            return argmax, None
+        q = probs_from_logits(logits, seq.params).cpu()
+        return [sample(q[j], seq.generator) for j in range(len(argmax))], q
+
+    @staticmethod
+    def _accept(seq: Sequence, drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor,
+                argmax: list[int]) -> list[int]:
+        """Tokens a step commits: accepted drafts and one more, from the AR logits of `[anchor, drafts...]`."""
+        if seq.params.greedy:
+            return greedy_accept(drafts, argmax)
+        p = probs_from_logits(logits, seq.params).cpu()
+        return speculative_accept(drafts, q, p, seq.generator) if drafts else [sample(p[0], seq.generator)]
 
     def _settle(self, seq: Sequence, new: list[int]) -> RequestOutput:
         """Commit a step's tokens; the anchor and the accepted drafts now hold valid KV."""

@@ -60,16 +60,18 @@ class Scheduler:
         """K for this step: the policy's K (or the request's), no more than it may still emit or the
         window allows."""
         k = min(policy_k, seq.block_size) if policy_k is not None and seq.auto_k else seq.block_size
-        remaining = seq.params.max_tokens - seq.num_output_tokens
-        window = self.max_model_len - len(seq.token_ids) + 1
-        return max(1, min(k, remaining, window))
+        return self._within_room(seq, k)
 
     def verify_length(self, seq: Sequence) -> int:
         """Fused cycle: the anchor and every draft the sequence carries (they are paid for; a step of
         K = 1 after a drafting one still verifies them), no more than it may still emit."""
+        return self._within_room(seq, 1 + len(seq.next_drafts))
+
+    def _within_room(self, seq: Sequence, n: int) -> int:
+        """n, but no more tokens than the request may still emit or the window allows (at least 1)."""
         remaining = seq.params.max_tokens - seq.num_output_tokens
         window = self.max_model_len - len(seq.token_ids) + 1
-        return max(1, min(1 + len(seq.next_drafts), remaining, window))
+        return max(1, min(n, remaining, window))
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
