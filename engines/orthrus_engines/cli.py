@@ -100,7 +100,7 @@ def gen_data(args) -> int:
     prompts = read_prompts(args.prompts or packaged_prompts("prompts_train.txt"))
     llm = LLM(model=args.model, block_size=1, max_num_seqs=args.max_num_seqs)
     start, n, chunk = time.perf_counter(), 0, 2 * args.max_num_seqs
-    open(args.out, "w").close()
+    write_samples([], args.out)  # a fresh file (and its folder)
     for i in range(0, len(prompts), chunk):  # written as it goes: progress shows, an interruption keeps the rest
         samples = generate_samples(llm, prompts[i : i + chunk], args.samples_per_prompt, args.temperature,
                                    args.max_tokens, args.seed + i * args.samples_per_prompt)

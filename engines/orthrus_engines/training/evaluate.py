@@ -70,6 +70,7 @@ def plot_acceptance(reports: dict[str, dict], path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -94,6 +95,7 @@ def run_eval(model: str | None, head: str | None, prompts_file: str | None, out:
     result = {"model": model or "builtin", "head": head, "label": label,
               "anchor_view": llm.engine.source.anchor_view, "reports": reports}
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
     if plot:
         lines = {f"{label} {t}": r for t, r in reports.items()}
