@@ -1,5 +1,6 @@
 """The synchronous engine: requests in, one batched Orthrus step at a time, output deltas out."""
 
+import json
 import logging
 import time
 from dataclasses import fields
@@ -17,7 +18,7 @@ from orthrus_engines.engine.scheduler import DecodeBatch, PrefillBatch, Schedule
 from orthrus_engines.engine.sequence import Sequence, Status
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.models.builtin import default_head
-from orthrus_engines.models.loader import model_dir, read_head_metadata, resolve_model
+from orthrus_engines.models.loader import model_dir, read_head_metadata, resolve_model, weights_digest
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.prefix_hash import model_fingerprint
 from orthrus_engines.sampling_params import SamplingParams
@@ -60,11 +61,10 @@ class LLMEngine:
         self.fused = args.fused_cycle and self.runner.anchor_causal  # one verify+draft pass per cycle
         if self.fused:  # its V x (K - 1) transient rows per sequence (V <= K) stay within one block (DESIGN.md §1)
             self.block_size = min(self.block_size, fused_block_limit(src.block_size))
-        embed = self.runner.model.embed_tokens.weight
-        fingerprint = model_fingerprint(
-            src.hf_config.to_dict(),
+        fingerprint = model_fingerprint(  # of the checkpoint as stored: replicas in any dtype share prefixes
+            json.loads((path / "config.json").read_text()),
             self.tokenizer.get_vocab() if self.tokenizer is not None else None,
-            embed[:4].float().cpu().numpy().tobytes(),
+            weights_digest(path),
         )
         self.blocks = BlockManager(num_pages, args.page_size, fingerprint, args.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,
