@@ -107,9 +107,7 @@ class EngineServer:
                 if now - last_beat >= self.config.index.heartbeat_s:
                     await asyncio.to_thread(self.index.heartbeat, self.replica_id)
                     last_beat = now
-                    stats = self.engine.stats()
-                    self.metrics.queue_depth.set(stats["num_waiting"])
-                    self.metrics.kv_usage.set(stats["kv_usage"])
+                    self.metrics.on_engine_stats(self.engine.stats())
                 if now - last_resync >= RESYNC_S:  # heals what an index outage dropped
                     events = [("cleared", []), ("stored", sorted(self.cached_blocks))]
                     last_resync = now

@@ -23,6 +23,8 @@ class EngineMetrics:
     queue_depth: object  # gauges
     kv_usage: object
     prefix_hit_rate: object
+    draft_fallbacks: object = None  # counter of the engine's steps run as plain AR after a draft-path fault
+    fallbacks_seen: int = 0  # the engine's running total already counted
 
     @classmethod
     def create(cls, model: str) -> "EngineMetrics":
@@ -48,7 +50,18 @@ class EngineMetrics:
             kv_usage=tagged(m.Gauge("orthrus_kv_cache_usage", "Fraction of KV pages in use", tags)),
             prefix_hit_rate=tagged(m.Gauge("orthrus_prefix_hit_rate",
                                            "Cached / total prompt tokens since start", tags)),
+            draft_fallbacks=tagged(m.Counter("orthrus_draft_fallbacks",
+                                             "Decode steps run as plain AR after a fault in the draft path", tags)),
         )
+
+    def on_engine_stats(self, stats: dict) -> None:
+        """Gauges and counters from a snapshot of `LLMEngine.stats()`."""
+        self.queue_depth.set(stats["num_waiting"])
+        self.kv_usage.set(stats["kv_usage"])
+        total = stats.get("num_draft_fallbacks", 0)
+        if self.draft_fallbacks is not None and total > self.fallbacks_seen:
+            self.draft_fallbacks.inc(total - self.fallbacks_seen)
+        self.fallbacks_seen = total
 
 
 class RequestMetrics:

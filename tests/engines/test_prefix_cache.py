@@ -5,15 +5,18 @@ hash chain (orthrus_engines.prefix_hash), identical in every process."""
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
+from orthrus_engines.models.loader import save_head
 from orthrus_engines.prefix_hash import block_hashes
 
 PAGE = 16
@@ -229,6 +232,35 @@ def test_fingerprint_depends_on_the_model(model_dir, tmp_path):
     other = write_orthrus(tmp_path / "other", "llama", seed=6, twin_noise=0.05)
     assert new_llm(model_dir).engine.fingerprint == new_llm(model_dir).engine.fingerprint
     assert new_llm(other).engine.fingerprint != new_llm(model_dir).engine.fingerprint
+
+
+def test_fingerprint_is_the_checkpoints_not_the_runtime_dtype(model_dir):
+    """Replicas of one checkpoint in float32 and bfloat16 share prefix identity (their pages are named
+    alike, so the router can send a prefix to either)."""
+    fp32 = new_llm(model_dir, dtype="float32").engine
+    bf16 = new_llm(model_dir, dtype="bfloat16").engine
+    assert bf16.runner.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert fp32.fingerprint == bf16.fingerprint
+
+
+def test_fingerprint_sees_weights_beyond_the_embedding(model_dir, tmp_path):
+    """A checkpoint that differs only in one layer's weight (a fine-tune with frozen embeddings) is
+    another model; a head, which never writes the K/V cache, is not."""
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    shutil.copy(model_dir / "config.json", tuned / "config.json")
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    tensors["model.layers.1.mlp.down_proj.weight"] = tensors["model.layers.1.mlp.down_proj.weight"] * 1.01
+    save_file(tensors, str(tuned / "model.safetensors"))
+    base = new_llm(model_dir).engine
+    assert new_llm(tuned).engine.fingerprint != base.fingerprint
+    head = tmp_path / "head.safetensors"
+    save_head(base.runner.model, head, 4, VOCAB - 1, tensors={
+        k: v * 1.01 for k, v in tensors.items() if "_diff." in k})
+    with_head = new_llm(model_dir, head=str(head)).engine
+    assert not torch.equal(with_head.runner.model.layers[0].self_attn.diff.o.weight,
+                           base.runner.model.layers[0].self_attn.diff.o.weight)
+    assert with_head.fingerprint == base.fingerprint
 
 
 @pytest.mark.slow

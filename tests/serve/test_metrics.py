@@ -38,3 +38,12 @@ def test_ttft_itl_counters_and_hit_rate():
     assert m.prefix_hit_rate.calls == [0.8]
     RequestMetrics(m, totals, now=0.0).on_delta(delta([9], 0, 0, finished=True, prompt=40, cached=0), now=0.1)
     assert m.prefix_hit_rate.calls[-1] == 32 / 80  # replica-wide, not per request
+
+
+def test_engine_stats_feed_gauges_and_the_fallback_counter():
+    """The engine's running total of draft fallbacks becomes counter increments, each counted once."""
+    m = EngineMetrics(*(Recorder() for _ in range(11)))
+    for waiting, fallbacks in ((2, 0), (1, 3), (0, 3), (0, 5)):
+        m.on_engine_stats({"num_waiting": waiting, "kv_usage": 0.5, "num_draft_fallbacks": fallbacks})
+    assert m.queue_depth.calls == [2, 1, 0, 0] and m.kv_usage.calls == [0.5] * 4
+    assert m.draft_fallbacks.calls == [3, 2]

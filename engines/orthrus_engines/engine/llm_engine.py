@@ -1,5 +1,6 @@
 """The synchronous engine: requests in, one batched Orthrus step at a time, output deltas out."""
 
+import json
 import logging
 import time
 from dataclasses import fields
@@ -17,7 +18,7 @@ from orthrus_engines.engine.scheduler import DecodeBatch, PrefillBatch, Schedule
 from orthrus_engines.engine.sequence import Sequence, Status
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.models.builtin import default_head
-from orthrus_engines.models.loader import model_dir, read_head_metadata, resolve_model
+from orthrus_engines.models.loader import model_dir, read_head_metadata, resolve_model, weights_digest
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.prefix_hash import model_fingerprint
 from orthrus_engines.sampling_params import SamplingParams
@@ -60,11 +61,10 @@ class LLMEngine:
         self.fused = args.fused_cycle and self.runner.anchor_causal  # one verify+draft pass per cycle
         if self.fused:  # its V x (K - 1) transient rows per sequence (V <= K) stay within one block (DESIGN.md §1)
             self.block_size = min(self.block_size, fused_block_limit(src.block_size))
-        embed = self.runner.model.embed_tokens.weight
-        fingerprint = model_fingerprint(
-            src.hf_config.to_dict(),
+        fingerprint = model_fingerprint(  # of the checkpoint as stored: replicas in any dtype share prefixes
+            json.loads((path / "config.json").read_text()),
             self.tokenizer.get_vocab() if self.tokenizer is not None else None,
-            embed[:4].float().cpu().numpy().tobytes(),
+            weights_digest(path),
         )
         self.blocks = BlockManager(num_pages, args.page_size, fingerprint, args.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,
@@ -83,6 +83,7 @@ class LLMEngine:
         self.eos_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
         self.num_generated_tokens = 0
+        self.num_draft_fallbacks = 0  # steps whose draft path failed and that ran as plain AR
 
     def _fused_times(self, top: int) -> ForwardTimes | None:
         """Start-up timing of verify+draft passes: one sequence at K = 2, 3, 4, 6, 8 .., then batches
@@ -166,43 +167,87 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # -- the step -----------------------------------------------------------------------------
+    # Faults: one sequence's (its sampler, detokenizer, stop strings) fails that request alone; one in
+    # the draft path makes the step plain AR (output unchanged); one in the shared verify or prefill
+    # pass fails the requests of the batch not settled yet. The engine keeps serving in every case.
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        outs: list[RequestOutput] = []  # appended as sequences settle: a later fault cannot undo them
         try:
             if isinstance(batch, PrefillBatch):
                 self.runner.prefill(batch.seqs, batch.ends)
                 for seq, end in zip(batch.seqs, batch.ends):
                     seq.num_cached = end
                     self.blocks.register_full_pages(seq)
-                return []
-            return self._decode(batch)
-        except Exception as e:  # a failed step fails its requests, never the engine
+            elif self.fused:
+                self._decode_fused(batch, outs)
+            else:
+                self._decode_two_pass(batch, outs)
+        except Exception as e:  # the shared pass: no one sequence to blame
             log.exception("engine step failed")
-            outs = []
-            for seq in batch.seqs:
-                seq.finish_reason, seq.error = "error", f"{type(e).__name__}: {e}"
-                outs.append(self._finish(seq))
-            return outs
+            settled = {o.request_id for o in outs}
+            outs += [self._fail(seq, e) for seq in batch.seqs if seq.request_id not in settled]
+        return outs
 
-    def _decode(self, batch: DecodeBatch) -> list[RequestOutput]:
-        if self.fused:
-            return self._decode_fused(batch)
-        return self._decode_two_pass(batch)
+    def _fail(self, seq: Sequence, e: Exception) -> RequestOutput:
+        seq.finish_reason, seq.error = "error", f"{type(e).__name__}: {e}"
+        return self._finish(seq)
 
-    def _decode_two_pass(self, batch: DecodeBatch) -> list[RequestOutput]:
+    def _fail_one(self, seq: Sequence, e: Exception) -> RequestOutput:
+        """A fault of this sequence alone: it fails, the rest of the batch carries on."""
+        log.exception("request %s failed", seq.request_id)
+        return self._fail(seq, e)
+
+    def _draft_fallback(self, e: Exception) -> None:
+        """A fault in the draft path: this step verifies without drafts, i.e. runs as plain AR."""
+        self.num_draft_fallbacks += 1
+        log.warning("draft path failed (%s: %s); this step runs as plain AR", type(e).__name__, e,
+                    exc_info=not isinstance(e, FloatingPointError))
+
+    def _decode_two_pass(self, batch: DecodeBatch, outs: list[RequestOutput]) -> None:
         """A draft pass for the sequences with K > 1, then one verify pass for all (DESIGN.md §1)."""
         if self.policy is not None and self.device.type == "cuda":
             torch.cuda.synchronize()  # the policy times this step's passes, not a prefill still running
         start = time.perf_counter()
-        seqs, ks = batch.seqs, batch.ks
+        seqs = batch.seqs
+        passes: list[tuple[int, float]] = []  # (tokens, seconds up to logits on the host): the policy's T(n)
+        drafted = self._draft_blocks(seqs, batch.ks, passes, start)
+        drafts, q_probs = drafted or ([[] for _ in seqs], [None] * len(seqs))  # None: plain AR this step
+        blocks = [[s.token_ids[-1]] + d for s, d in zip(seqs, drafts)]
+        verify_start = time.perf_counter()
+        logits = self.runner.verify(seqs, blocks)
+        argmax = logits.argmax(-1).tolist()
+        passes.append((sum(len(b) for b in blocks), time.perf_counter() - verify_start))
+        row = 0
+        for seq, block, q in zip(seqs, blocks, q_probs):
+            k = len(block)
+            try:
+                new = self._accept(seq, block[1:], q, logits[row : row + k], argmax[row : row + k])
+                seq.num_drafted += k - 1
+                seq.num_accepted += len(new) - 1
+                if k > 1:
+                    self.acceptance.record(k - 1, len(new) - 1)
+                outs.append(self._settle(seq, new))
+            except Exception as e:
+                outs.append(self._fail_one(seq, e))
+            row += k
+        if self.policy is not None and drafted is not None:
+            self.policy.observe_step(passes, time.perf_counter() - start)
+
+    def _draft_blocks(self, seqs: list[Sequence], ks: list[int], passes: list[tuple[int, float]], start: float
+                      ) -> tuple[list[list[int]], list[torch.Tensor | None]] | None:
+        """The drafts of each sequence (none where K = 1) and the q they were sampled from; None after a
+        fault in the draft path (an exception, non-finite logits)."""
         drafts: list[list[int]] = [[] for _ in seqs]
         q_probs: list[torch.Tensor | None] = [None] * len(seqs)
         drafting = [i for i, k in enumerate(ks) if k > 1]
-        passes: list[tuple[int, float]] = []  # (tokens, seconds up to logits on the host): the policy's T(n)
-        if drafting:
+        if not drafting:
+            return drafts, q_probs
+        try:
             logits = self.runner.draft([seqs[i] for i in drafting], [ks[i] for i in drafting])
+            _check_finite(logits)
             argmax = logits.argmax(-1).tolist()
             passes.append((sum(ks[i] for i in drafting), time.perf_counter() - start))
             row = 0
@@ -210,69 +255,81 @@ class LLMEngine:
                 n = ks[i] - 1
                 drafts[i], q_probs[i] = self._draw(seqs[i], logits[row : row + n], argmax[row : row + n])
                 row += n
-        blocks = [[s.token_ids[-1]] + d for s, d in zip(seqs, drafts)]
-        verify_start = time.perf_counter()
-        logits = self.runner.verify(seqs, blocks)
-        argmax = logits.argmax(-1).tolist()
-        passes.append((sum(ks), time.perf_counter() - verify_start))
-        outs, row = [], 0
-        for i, seq in enumerate(seqs):
-            k = ks[i]
-            new = self._accept(seq, drafts[i], q_probs[i], logits[row : row + k], argmax[row : row + k])
-            row += k
-            seq.num_drafted += k - 1
-            seq.num_accepted += len(new) - 1
-            if k > 1:
-                self.acceptance.record(k - 1, len(new) - 1)
-            outs.append(self._settle(seq, new))
-        if self.policy is not None:
-            self.policy.observe_step(passes, time.perf_counter() - start)
-        return outs
+        except Exception as e:
+            self._draft_fallback(e)
+            return None
+        return drafts, q_probs
 
-    def _decode_fused(self, batch: DecodeBatch) -> list[RequestOutput]:
+    def _decode_fused(self, batch: DecodeBatch, outs: list[RequestOutput]) -> None:
         """One pass: each sequence verifies the drafts its last pass made and drafts K - 1 more after
         every verify slot; the block after the last accepted slot becomes the next drafts. The AR's
         own next token is draft position 1 of a causal-anchor head, so a cycle that verifies j drafts
-        counts as j + 1 drafted positions in the acceptance stats."""
+        counts as j + 1 drafted positions in the acceptance stats. A fault in the draft path: the step
+        verifies the anchors only and drafts nothing (the carried drafts are dropped)."""
         if self.policy is not None and self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         seqs = batch.seqs
         blocks = [[s.token_ids[-1]] + s.next_drafts[: v - 1] for s, v in zip(seqs, batch.vs)]
         ms = [k - 1 for k in batch.ks]
+        fallbacks = self.num_draft_fallbacks
+        ar_logits, mask_hidden = None, None
         if any(ms):
-            ar_logits, mask_hidden = self.runner.verify_and_draft(seqs, blocks, ms)
-        else:  # nobody drafts: a plain verify pass (of the anchors, and of any drafts still carried)
-            ar_logits, mask_hidden = self.runner.verify(seqs, blocks), None
+            try:
+                ar_logits, mask_hidden = self.runner.verify_and_draft(seqs, blocks, ms)
+            except Exception as e:
+                self._draft_fallback(e)
+                blocks, ms = [[s.token_ids[-1]] for s in seqs], [0] * len(seqs)
+        if ar_logits is None:  # a plain verify pass (of the anchors, and of any drafts still carried)
+            ar_logits = self.runner.verify(seqs, blocks)
         argmax = ar_logits.argmax(-1).tolist()
-        news, chosen, row, mrow = [], [], 0, 0
+        running, chosen, row, mrow = [], [], 0, 0  # running: (seq, drafts verified, new tokens, m)
         for seq, block, m in zip(seqs, blocks, ms):
             drafts, v = block[1:], len(block)
-            q = seq.next_draft_probs[: len(drafts)] if seq.next_draft_probs is not None else None
-            new = self._accept(seq, drafts, q, ar_logits[row : row + v], argmax[row : row + v])
-            a = len(new) - 1
-            chosen += range(mrow + a * m, mrow + (a + 1) * m)  # the block after the last accepted slot
-            news.append(new)
+            try:
+                q = seq.next_draft_probs[: len(drafts)] if seq.next_draft_probs is not None else None
+                new = self._accept(seq, drafts, q, ar_logits[row : row + v], argmax[row : row + v])
+            except Exception as e:
+                outs.append(self._fail_one(seq, e))
+            else:
+                a = len(new) - 1
+                chosen += range(mrow + a * m, mrow + (a + 1) * m)  # the block after the last accepted slot
+                running.append((seq, len(drafts), new, m))
             row, mrow = row + v, mrow + v * m
-        draft_logits = self.runner.logits(mask_hidden, chosen) if chosen else None
-        draft_argmax = draft_logits.argmax(-1).tolist() if chosen else []
+        next_drafts = self._next_drafts(running, mask_hidden, chosen)
         passes = [(sum(len(b) * (1 + m) for b, m in zip(blocks, ms)), time.perf_counter() - start)]  # one pass
-        outs, row = [], 0
-        for seq, block, m, new in zip(seqs, blocks, ms, news):
-            drafted = len(block) - 1
-            seq.num_drafted += drafted
-            seq.num_accepted += len(new) - 1
-            if drafted:
-                self.acceptance.record(drafted + 1, len(new))
-            seq.next_drafts, seq.next_draft_probs = [], None
-            if m:
-                seq.next_drafts, seq.next_draft_probs = self._draw(seq, draft_logits[row : row + m],
-                                                                   draft_argmax[row : row + m])
-                row += m
-            outs.append(self._settle(seq, new))
-        if self.policy is not None:
+        for (seq, drafted, new, _), (drafts, q) in zip(running, next_drafts):
+            try:
+                seq.num_drafted += drafted
+                seq.num_accepted += len(new) - 1
+                if drafted:
+                    self.acceptance.record(drafted + 1, len(new))
+                seq.next_drafts, seq.next_draft_probs = drafts, q
+                outs.append(self._settle(seq, new))
+            except Exception as e:
+                outs.append(self._fail_one(seq, e))
+        if self.policy is not None and self.num_draft_fallbacks == fallbacks:
             self.policy.observe_step(passes, time.perf_counter() - start, fused=any(ms))
-        return outs
+
+    def _next_drafts(self, running: list[tuple], mask_hidden: torch.Tensor | None, chosen: list[int]
+                     ) -> list[tuple[list[int], torch.Tensor | None]]:
+        """Fused cycle: each sequence's next drafts (and their q) from the chosen MASK rows; none after a
+        fault in the draft path (an exception, non-finite logits)."""
+        none: list[tuple[list[int], torch.Tensor | None]] = [([], None)] * len(running)
+        if not chosen:
+            return none
+        try:
+            logits = self.runner.logits(mask_hidden, chosen)
+            _check_finite(logits)
+            argmax = logits.argmax(-1).tolist()
+            out, row = [], 0
+            for seq, _, _, m in running:
+                out.append(self._draw(seq, logits[row : row + m], argmax[row : row + m]) if m else ([], None))
+                row += m
+            return out
+        except Exception as e:
+            self._draft_fallback(e)
+            return none
 
     @staticmethod
     def _draw(seq: Sequence, logits: torch.Tensor, argmax: list[int]) -> tuple[list[int], torch.Tensor | None]:
@@ -380,6 +437,7 @@ class LLMEngine:
             "kv_usage": 1 - self.blocks.num_free / self.blocks.num_pages,
             "num_generated_tokens": self.num_generated_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_draft_fallbacks": self.num_draft_fallbacks,
         }
 
 
@@ -387,6 +445,12 @@ def fused_block_limit(model_k: int) -> int:
     """The longest K whose verify+draft pass keeps at most one block (`model_k` rows) of transient
     K/V per sequence: K verify rows, each followed by K - 1 transient rows."""
     return max(k for k in range(1, model_k + 1) if k * (k - 1) <= model_k)
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    """Draft logits with NaN or inf (bf16 overflow) must not become drafts or sampling weights."""
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError("non-finite draft logits")
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

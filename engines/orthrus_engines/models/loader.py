@@ -3,7 +3,14 @@
 Sources: an official Orthrus checkpoint (`model_type: orthrus`, `*_diff` tensors), a plain HF base
 checkpoint (twins copied from the AR view, a mask token chosen), an Orthrus head stored apart from
 its base (only the twin tensors, official names), and the built-in default.
+
+Weights: `*.safetensors` files (the shards an index names, if it has one), else PyTorch
+`pytorch_model*.bin` files, read with `torch.load(weights_only=True)` (tensors only, no code runs).
+Every parameter must come from the checkpoint (tied embeddings share one tensor; the twins of a plain
+base are copies of the AR view; a head replaces them); anything missing is an error, never garbage.
 """
+
+import hashlib
 
 import json
 import re
@@ -101,16 +108,81 @@ def choose_mask_token(vocab_size: int, tokenizer) -> int:
     return vocab_size - 1
 
 
-def _safetensors_files(path: Path) -> list[Path]:
-    return sorted(path.glob("*.safetensors"))
+def checkpoint_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory: safetensors if it has any, else PyTorch .bin files;
+    of a sharded checkpoint, the shards its index names (each must be there)."""
+    for index, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                           ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        if (path / index).is_file():
+            names = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            missing = [n for n in names if not (path / n).is_file()]
+            if missing:
+                raise OrthrusInputError("model", f"{path}: shard files named by {index} are missing: {missing}")
+            return [path / n for n in names]
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise OrthrusInputError("model", f"{path} holds no weights (*.safetensors or pytorch_model*.bin files)")
+
+
+def _load_bin(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - reported as bad input
+        raise OrthrusInputError("model", f"{f} is not a weights-only PyTorch checkpoint ({type(e).__name__}: {e}); "
+                                         "convert it to safetensors") from e
+
+
+def _iter_file(f: Path):
+    """(name, tensor) pairs of one weight file, read one at a time (.bin files are memory-mapped)."""
+    if f.suffix == ".safetensors":
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                yield k, st.get_tensor(k)
+    else:
+        yield from _load_bin(f).items()
+
+
+def _file_keys(f: Path) -> list[str]:
+    if f.suffix == ".safetensors":
+        with safe_open(f, "pt") as st:
+            return list(st.keys())
+    return list(_load_bin(f))
+
+
+def _file_samples(f: Path, n: int):
+    """(name, dtype, shape, first n elements) of each tensor of one weight file, the elements as stored."""
+    if f.suffix != ".safetensors":
+        for k, t in _load_bin(f).items():
+            yield k, str(t.dtype), tuple(t.shape), t.reshape(-1)[:n]
+        return
+    with safe_open(f, "pt") as st:
+        for k in st.keys():
+            part = st.get_slice(k)
+            shape = tuple(part.get_shape())
+            t = part[:1] if len(shape) > 1 else part[:n] if shape else st.get_tensor(k)
+            yield k, part.get_dtype(), shape, t.reshape(-1)[:n]
+
+
+def weights_digest(path: Path, n: int = 64) -> bytes:
+    """A digest of the AR view's weights as stored in the checkpoint: each tensor's name, dtype, shape and
+    first n elements. The same whatever dtype or device the model runs in, however the files are sharded,
+    and whatever head is applied (the twins never write the KV cache)."""
+    samples = []
+    for f in checkpoint_files(path):
+        for name, dtype, shape, t in _file_samples(f, n):
+            mapped = internal_name(name)
+            if mapped is not None and ".diff." not in mapped[0]:
+                samples.append((name, dtype, shape, t.contiguous().view(torch.uint8).numpy().tobytes()))
+    h = hashlib.sha256()
+    for name, dtype, shape, raw in sorted(samples):
+        h.update(f"{name}:{dtype}:{shape}:".encode())
+        h.update(raw)
+    return h.digest()
 
 
 def _checkpoint_has_twins(path: Path) -> bool:
-    for f in _safetensors_files(path):
-        with safe_open(f, "pt") as st:
-            if any("_diff." in k for k in st.keys()):
-                return True
-    return False
+    return any("_diff." in k for f in checkpoint_files(path) for k in _file_keys(f))
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -150,8 +222,26 @@ def internal_name(hf_name: str) -> tuple[str, int] | None:
     return None
 
 
+def checkpoint_names(name: str) -> list[str]:
+    """Our parameter name -> its checkpoint tensor names, one per shard (the inverse of `internal_name`)."""
+    if name in ("embed_tokens.weight", "norm.weight"):
+        return ["model." + name]
+    if name == "lm_head.weight":
+        return [name]
+    _, i, rest = name.split(".", 2)
+    pre = f"model.layers.{i}."
+    if rest.startswith("mlp."):
+        part, kind = rest[4:].split(".")
+        return [f"{pre}mlp.{p}.{kind}" for p in (("gate_proj", "up_proj") if part == "gate_up" else ("down_proj",))]
+    if rest.startswith("self_attn."):
+        view, part, kind = rest[10:].split(".")
+        parts = tuple(_QKV) if part == "qkv" else ("o_proj",) if part == "o" else (part,)
+        return [f"{pre}self_attn.{p}{'_diff' if view == 'diff' else ''}.{kind}" for p in parts]
+    return [pre + rest]
+
+
 def load_tensors(model: OrthrusModel, tensors, only_twins: bool = False) -> set[str]:
-    """Copy (name, tensor) pairs into the model; returns the parameter names filled."""
+    """Copy (checkpoint name, tensor) pairs into the model; returns the checkpoint names copied."""
     params = dict(model.named_parameters())
     filled: set[str] = set()
     for hf_name, tensor in tensors:
@@ -167,21 +257,24 @@ def load_tensors(model: OrthrusModel, tensors, only_twins: bool = False) -> set[
             param.data.copy_(tensor)
         else:
             loader(param, tensor.to(param.dtype), shard)
-        filled.add(name)
+        filled.add(hf_name)
     return filled
 
 
 def _iter_checkpoint(path: Path):
-    for f in _safetensors_files(path):
-        with safe_open(f, "pt") as st:
-            for k in st.keys():
-                yield k, st.get_tensor(k)
+    for f in checkpoint_files(path):
+        yield from _iter_file(f)
 
 
 def build_model(src: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int) -> OrthrusModel:
     with torch.device(device):
         model = OrthrusModel(src.shape, src.hf_config, max_positions).to(dtype)
-    load_tensors(model, _iter_checkpoint(src.path))
+    loaded = load_tensors(model, _iter_checkpoint(src.path))
+    twins_elsewhere = not src.has_twins or src.head_path is not None  # copies of the AR view, or the head's
+    missing = [hf for name, _ in model.named_parameters() for hf in checkpoint_names(name)  # tied: named once
+               if hf not in loaded and not (twins_elsewhere and "_diff." in hf)]
+    if missing:
+        raise OrthrusInputError("model", f"{src.path} lacks {len(missing)} of the model's tensors, e.g. {missing[:4]}")
     if not src.has_twins:
         model.copy_ar_to_twins()
     if src.head_path is not None:
