@@ -39,10 +39,10 @@ class EngineHealth:
         # AsyncEngine exposes no liveness property yet; its thread is the engine.
         if not self.engine._thread.is_alive():
             raise EngineUnhealthy("the engine thread has stopped")
-        if (self.failures >= self.min_failures
-                and self.last_failure_at - self.first_failure_at >= self.failing_for_s):
-            raise EngineUnhealthy(f"the last {self.failures} requests failed over "
-                                  f"{self.last_failure_at - self.first_failure_at:.0f} s; last error: {self.last_error}")
+        span_s = (self.last_failure_at - self.first_failure_at) if self.failures else 0.0
+        if self.failures >= self.min_failures and span_s >= self.failing_for_s:
+            raise EngineUnhealthy(f"the last {self.failures} requests failed over {span_s:.0f} s; "
+                                  f"last error: {self.last_error}")
 
 
 def engine_deployment_health(app_name: str) -> tuple[bool, dict]:
