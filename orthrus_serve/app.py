@@ -9,6 +9,8 @@ from orthrus_serve.engine_server import EngineServer
 from orthrus_serve.ingress import Ingress
 
 GRPC_SERVICER = "orthrus_serve.api.orthrus_pb2_grpc.add_OrthrusServicer_to_server"
+GRPC_HEALTH_SERVICER = "orthrus_serve.grpc_health.add_HealthServicer_to_server"  # grpc.health.v1, for probes
+GRPC_SERVICERS = [GRPC_SERVICER, GRPC_HEALTH_SERVICER]  # Serve's gRPCOptions.grpc_servicer_functions
 
 
 def engine_options(cfg: ServeConfig) -> dict:
@@ -53,4 +55,5 @@ def engine_options(cfg: ServeConfig) -> dict:
 def build_app(args: dict | None = None) -> Application:
     cfg = ServeConfig.model_validate(args or {})
     engine = EngineServer.options(**engine_options(cfg)).bind(cfg.model_dump())
-    return Ingress.bind(engine, cfg.served_model_name)
+    # Only the variable's name travels in the app's arguments; the ingress reads the key itself.
+    return Ingress.bind(engine, cfg.served_model_name, cfg.api_key_env)

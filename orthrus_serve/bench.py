@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from orthrus_serve.auth import add_api_key_argument, bearer, key_from_env
+
 DEFAULT_PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",
@@ -181,12 +183,14 @@ async def run_bench(args) -> tuple[list[RequestRecord], float]:
     params, close = _params(args), None
     if args.http:
         import httpx
-        client = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None))
+        key = args.api_key if args.api_key is not None else key_from_env()
+        client = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None),
+                                   headers={"Authorization": bearer(key)} if key else None)
         url = args.http.rstrip("/") + "/v1/completions"
         one, close = (lambda p: _http_one(client, url, p, params)), client.aclose
     else:
         from orthrus_serve.client import AsyncOrthrusClient
-        client = AsyncOrthrusClient(args.address, application=args.application)
+        client = AsyncOrthrusClient(args.address, application=args.application, api_key=args.api_key)
         one, close = (lambda p: _grpc_one(client, p, params)), client.close
     sem = asyncio.Semaphore(args.concurrency) if args.request_rate is None else None
 
@@ -212,6 +216,7 @@ def add_arguments(p) -> None:
     p.add_argument("--address", default="127.0.0.1:9000", help="gRPC host:port")
     p.add_argument("--http", help="base URL, e.g. http://127.0.0.1:8000: use HTTP /v1/completions instead of gRPC")
     p.add_argument("--application", default="orthrus", help="gRPC application metadata")
+    add_api_key_argument(p)
     p.add_argument("--prompt-file", help="one prompt per line (default: a built-in list)")
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8, help="fixed concurrency (ignored with --request-rate)")
@@ -228,7 +233,7 @@ def main(args) -> int:
     summary = summarize(records, wall_s)
     print(format_table(summary))
     if args.json_path:
-        cfg = {k: v for k, v in vars(args).items() if k not in ("json_path", "command")}
+        cfg = {k: v for k, v in vars(args).items() if k not in ("json_path", "command", "api_key")}  # no secrets
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json_path, "w") as fh:
             json.dump({"config": cfg, "summary": summary,

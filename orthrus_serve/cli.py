@@ -6,7 +6,28 @@ import os
 import sys
 import time
 
+from orthrus_serve.auth import add_api_key_argument, key_from_env
 from orthrus_serve.bench import add_arguments as add_bench_arguments
+
+
+def up_message(cfg, key_set: bool | None) -> str:
+    """What `up` prints: where each API listens (truthfully: Ray's gRPC proxy binds every interface)
+    and whether an API key is asked for (None: unknown here, an existing cluster's nodes decide)."""
+    auth = f" -H \"Authorization: Bearer ${cfg.api_key_env}\"" if key_set is not False else ""
+    grpc_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    key_line = {True: f"API key: required (${cfg.api_key_env}); /health and gRPC Health/Check are open",
+                False: f"API key: none (set ${cfg.api_key_env} or pass --api-key): anyone who reaches the ports "
+                       "can call",
+                None: f"API key: required if ${cfg.api_key_env} is set in the Ray nodes' environment"}[key_set]
+    return f"""
+orthrus-serve is up: {cfg.served_model_name}
+  HTTP (OpenAI) on {cfg.host}:{cfg.http_port}:
+    curl http://{cfg.host}:{cfg.http_port}/v1/completions -H 'Content-Type: application/json'{auth} \\
+         -d '{{"prompt": "The capital of France is", "max_tokens": 16}}'
+  gRPC on port {cfg.grpc_port} of ALL interfaces (Ray Serve's gRPC proxy has no bind address; README: Security):
+    orthrus-serve generate "The capital of France is" --address {grpc_host}:{cfg.grpc_port}
+  {key_line}
+Ctrl-C stops it."""
 
 
 def _up(args) -> int:
@@ -14,23 +35,28 @@ def _up(args) -> int:
     from ray import serve
     from ray.serve.config import gRPCOptions, HTTPOptions
 
-    from orthrus_serve.app import GRPC_SERVICER, build_app
+    from orthrus_serve.app import GRPC_SERVICERS, build_app
     from orthrus_serve.config import ServeConfig
 
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     overrides = {k: v for k, v in (("model", args.model), ("http_port", args.http_port),
                                    ("grpc_port", args.grpc_port)) if v is not None}
     cfg = cfg.model_copy(update=overrides)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    if args.api_key:
+        if cfg.api_key_env is None:
+            sys.exit("--api-key: the config's api_key_env is null (no key is read)")
+        if os.environ.get("RAY_ADDRESS"):
+            sys.exit(f"--api-key works with the local Ray cluster that `up` starts; on an existing cluster set "
+                     f"{cfg.api_key_env} in every node's environment before `ray start`")
+        os.environ[cfg.api_key_env] = args.api_key  # the local Ray cluster started below inherits it
+    remote = os.environ.get("RAY_ADDRESS")
+    # Without RAY_ADDRESS always a new local cluster (not one found in /tmp/ray): it inherits this
+    # process's environment, so what is printed about the key is true.
+    ray.init(address=remote or "local", ignore_reinit_error=True)
     serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.http_port),
-                grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+                grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
     serve.run(build_app(cfg.model_dump()), name=cfg.app_name, route_prefix="/")
-    print(f"""
-orthrus-serve is up: {cfg.served_model_name}
-  HTTP (OpenAI): curl http://{cfg.host}:{cfg.http_port}/v1/completions -H 'Content-Type: application/json' \\
-                   -d '{{"prompt": "The capital of France is", "max_tokens": 16}}'
-  gRPC:          orthrus-serve generate "The capital of France is" --address {cfg.host}:{cfg.grpc_port}
-Ctrl-C stops it.""", flush=True)
+    print(up_message(cfg, None if remote else key_from_env(cfg.api_key_env) is not None), flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -42,7 +68,7 @@ Ctrl-C stops it.""", flush=True)
 def _generate(args) -> int:
     from orthrus_serve.client import OrthrusClient
 
-    with OrthrusClient(args.address, application=args.application) as client:
+    with OrthrusClient(args.address, application=args.application, api_key=args.api_key) as client:
         if args.stream:
             for delta in client.generate_stream(args.prompt, max_tokens=args.max_tokens,
                                                 temperature=args.temperature):
@@ -68,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model")
     up.add_argument("--http-port", type=int)
     up.add_argument("--grpc-port", type=int)
+    add_api_key_argument(up)
     gen = sub.add_parser("generate", help="call a running server over gRPC")
     gen.add_argument("prompt")
     gen.add_argument("--address", default="127.0.0.1:9000")
@@ -76,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--stream", action="store_true")
     gen.add_argument("--json", action="store_true")
+    add_api_key_argument(gen)
     bench = sub.add_parser("bench", help="benchmark a running server (gRPC, or HTTP with --http)")
     add_bench_arguments(bench)
     return p

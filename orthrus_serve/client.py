@@ -1,4 +1,6 @@
-"""Python clients for the gRPC API: `OrthrusClient` (sync) and `AsyncOrthrusClient` (asyncio)."""
+"""Python clients for the gRPC API: `OrthrusClient` (sync) and `AsyncOrthrusClient` (asyncio).
+
+`api_key`: sent as `authorization: Bearer <key>`; None takes it from $ORTHRUS_API_KEY (unset: none sent)."""
 
 from collections.abc import AsyncIterator, Iterator
 
@@ -6,6 +8,7 @@ import grpc
 
 from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve.api.orthrus_pb2_grpc import OrthrusStub
+from orthrus_serve.auth import bearer, key_from_env
 
 
 def make_request(prompt: str | list[int], **params) -> pb.GenerateRequest:
@@ -14,11 +17,17 @@ def make_request(prompt: str | list[int], **params) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt_token_ids=prompt, **params)
 
 
+def call_metadata(application: str, api_key: str | None) -> tuple[tuple[str, str], ...]:
+    key = api_key if api_key is not None else key_from_env()
+    return (("application", application),) + ((("authorization", bearer(key)),) if key else ())
+
+
 class OrthrusClient:
-    def __init__(self, address: str = "127.0.0.1:9000", application: str = "orthrus", timeout_s: float | None = None):
+    def __init__(self, address: str = "127.0.0.1:9000", application: str = "orthrus", timeout_s: float | None = None,
+                 api_key: str | None = None):
         self.channel = grpc.insecure_channel(address)
         self.stub = OrthrusStub(self.channel)
-        self.metadata = (("application", application),)
+        self.metadata = call_metadata(application, api_key)
         self.timeout_s = timeout_s
 
     def generate(self, prompt: str | list[int], **params) -> pb.GenerateResponse:
@@ -41,10 +50,11 @@ class OrthrusClient:
 
 
 class AsyncOrthrusClient:
-    def __init__(self, address: str = "127.0.0.1:9000", application: str = "orthrus", timeout_s: float | None = None):
+    def __init__(self, address: str = "127.0.0.1:9000", application: str = "orthrus", timeout_s: float | None = None,
+                 api_key: str | None = None):
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = OrthrusStub(self.channel)
-        self.metadata = (("application", application),)
+        self.metadata = call_metadata(application, api_key)
         self.timeout_s = timeout_s
 
     async def generate(self, prompt: str | list[int], **params) -> pb.GenerateResponse:

@@ -7,6 +7,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from orthrus_serve.auth import DEFAULT_API_KEY_ENV
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -49,7 +51,11 @@ class ServeConfig(_Strict):
     replica_num_gpus: float = Field(0.0, ge=0)
     replica_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per replica
     max_ongoing_requests: int = Field(64, ge=1)
-    host: str = "127.0.0.1"
+    # The environment variable that holds the API key (on Kubernetes, from a Secret). The ingress
+    # replicas read it from their own environment, so the key is in no config, dashboard or log.
+    # Unset (or None here): no key is asked for.
+    api_key_env: str | None = DEFAULT_API_KEY_ENV
+    host: str = "127.0.0.1"  # where HTTP listens; gRPC listens on all interfaces (README, Security)
     http_port: int = 8000
     grpc_port: int = 9000
 

@@ -15,6 +15,7 @@ from ray import serve
 
 from orthrus_engines import AsyncEngine, SamplingParams
 from orthrus_serve.config import ServeConfig
+from orthrus_serve.health import EngineHealth
 from orthrus_serve.metrics import EngineMetrics, RequestMetrics
 from orthrus_serve.prefix_index import make_prefix_index
 
@@ -44,6 +45,7 @@ class EngineServer:
     def __init__(self, config: dict):
         self.config = ServeConfig.model_validate(config)
         self.engine = AsyncEngine(self.config.model, head=self.config.head, **self.config.engine)
+        self.health = EngineHealth(self.engine)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.index = make_prefix_index(self.config.index.redis_url, self.config.index_namespace,
                                        self.config.index.heartbeat_timeout_s, self.config.index.redis_password_env)
@@ -61,7 +63,13 @@ class EngineServer:
             self.meter.add(len(out.token_ids))
             delta = dataclasses.asdict(out)
             rm.on_delta(delta)
+            if out.finished:
+                self.health.record(out.finish_reason, out.error)
             yield delta
+
+    def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising has this replica replaced."""
+        self.health.check()
 
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

@@ -14,6 +14,10 @@ log = logging.getLogger(__name__)
 REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
+class Unauthenticated(Exception):
+    """A call without the API key."""
+
+
 def message(e: BaseException) -> str:
     """The error's own message (str() of an error re-raised by Ray is the remote traceback)."""
     return str(e.cause) if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else str(e)
@@ -30,7 +34,10 @@ def copy_counters(msg: pb.GenerateResponse, delta: dict) -> None:
 
 
 def set_error(ctx, e: BaseException) -> None:
-    if isinstance(e, OrthrusInputError):
+    if isinstance(e, Unauthenticated):
+        ctx.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        ctx.set_details(str(e))
+    elif isinstance(e, OrthrusInputError):
         ctx.set_code(grpc.StatusCode.INVALID_ARGUMENT)
         ctx.set_details(message(e))
     elif isinstance(e, BackPressureError):

@@ -1,11 +1,16 @@
 """The ingress deployment: gRPC (`orthrus.v1.Orthrus`) through Ray Serve's gRPC proxy and
 OpenAI-compatible HTTP through its HTTP proxy. It prepares each request once (tokens, block
 hashes), streams from an engine replica chosen by the prefix-aware router, and maps errors:
-bad input -> INVALID_ARGUMENT / 400, a lost replica -> UNAVAILABLE / 503."""
+bad input -> INVALID_ARGUMENT / 400, a lost replica -> UNAVAILABLE / 503. With an API key set
+(ServeConfig.api_key_env), every API call needs `authorization: Bearer <key>` (else UNAUTHENTICATED /
+401); the health checks (`/health`, gRPC Health/Check) need none."""
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -13,12 +18,15 @@ from ray.serve.handle import DeploymentHandle
 
 from orthrus_engines import OrthrusInputError
 from orthrus_engines.engine.llm_engine import load_tokenizer
-from orthrus_serve import grpc_api
+from orthrus_serve import grpc_api, grpc_health
 from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve import openai_api as oai
+from orthrus_serve.auth import ApiKey, grpc_authorization
+from orthrus_serve.health import engine_deployment_health
 from orthrus_serve.request_prep import SAMPLING_FIELDS, PreparedRequest, RequestPreparer
 
 REPLICA_LOST = grpc_api.REPLICA_LOST
+log = logging.getLogger(__name__)
 
 app = FastAPI(title="orthrus-serve")
 
@@ -26,9 +34,13 @@ app = FastAPI(title="orthrus-serve")
 @serve.deployment(name="OrthrusIngress", max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, engine: DeploymentHandle, model_name: str):
+    def __init__(self, engine: DeploymentHandle, model_name: str, api_key_env: str | None = None):
         self.engine = engine
         self.model_name = model_name
+        self.app_name = serve.get_replica_context().app_name
+        self.api_key = ApiKey.from_env(api_key_env)  # from this process's environment, never a config
+        if api_key_env and not self.api_key.required:
+            log.warning("%s is not set: the API is open to anyone who can reach it", api_key_env)
         self.info: dict | None = None
         self.preparer: RequestPreparer | None = None
 
@@ -43,9 +55,28 @@ class Ingress:
         return self.engine.options(stream=True).generate.remote(
             req.request_id, req.token_ids, req.params, block_hashes=req.block_hashes)
 
+    async def healthy(self) -> tuple[bool, dict]:
+        return await asyncio.to_thread(engine_deployment_health, self.app_name)
+
     # -- HTTP (OpenAI) ----------------------------------------------------------------------
+    def _http_denied(self, request: Request) -> JSONResponse | None:
+        """A 401 in OpenAI's error shape unless the request carries the API key (if one is set)."""
+        if self.api_key.accepts(request.headers.get("authorization")):
+            return None
+        return JSONResponse(oai.error_body("missing or incorrect API key (Authorization: Bearer <key>)", None,
+                                           "invalid_request_error", "invalid_api_key"),
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/health")
+    async def health(self):
+        """200 while the engine replicas are healthy, else 503; open (no API key), for probes."""
+        ok, details = await self.healthy()
+        return JSONResponse({"status": "ok" if ok else "unavailable", **details}, status_code=200 if ok else 503)
+
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request):
+        if denied := self._http_denied(request):
+            return denied
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "orthrus-serve"}]}
 
     @app.post("/v1/completions")
@@ -57,6 +88,8 @@ class Ingress:
         return await self._http(request, chat=True)
 
     async def _http(self, request: Request, chat: bool):
+        if denied := self._http_denied(request):
+            return denied
         try:
             prep = await self.ready()
             body = oai.parse_body(await request.body())
@@ -93,7 +126,12 @@ class Ingress:
         yield oai.sse("[DONE]")
 
     # -- gRPC -------------------------------------------------------------------------------
-    async def _prepare_grpc(self, request: pb.GenerateRequest) -> PreparedRequest:
+    def _check_grpc_key(self, grpc_context) -> None:
+        if not self.api_key.accepts(grpc_authorization(grpc_context)):
+            raise grpc_api.Unauthenticated("missing or incorrect API key (metadata authorization: Bearer <key>)")
+
+    async def _prepare_grpc(self, request: pb.GenerateRequest, grpc_context) -> PreparedRequest:
+        self._check_grpc_key(grpc_context)
         prep = await self.ready()
         if request.prompt and request.prompt_token_ids:
             raise OrthrusInputError("prompt", "give prompt or prompt_token_ids, not both")
@@ -108,7 +146,7 @@ class Ingress:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
-            req = await self._prepare_grpc(request)
+            req = await self._prepare_grpc(request, grpc_context)
             final = pb.GenerateResponse(request_id=req.request_id)
             async for delta in self.stream(req):
                 final.text += delta["text"]
@@ -121,7 +159,7 @@ class Ingress:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            req = await self._prepare_grpc(request)
+            req = await self._prepare_grpc(request, grpc_context)
             async for delta in self.stream(req):
                 msg = pb.GenerateResponse(request_id=req.request_id, text=delta["text"], token_ids=delta["token_ids"])
                 grpc_api.copy_counters(msg, delta)
@@ -134,8 +172,24 @@ class Ingress:
             raise RuntimeError(grpc_api.message(e)) from None
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
+        try:
+            self._check_grpc_key(grpc_context)
+        except grpc_api.Unauthenticated as e:
+            grpc_api.set_error(grpc_context, e)
+            return pb.ModelInfoResponse()
         await self.ready()
         i = self.info
         return pb.ModelInfoResponse(model=self.model_name, block_size=i["block_size"], max_model_len=i["max_model_len"],
                                     page_size=i["page_size"], vocab_size=i["vocab_size"],
                                     prefix_fingerprint=i["prefix_fingerprint"])
+
+    async def Check(self, request: bytes, grpc_context):
+        """grpc.health.v1.Health/Check (the request arrives serialized; see grpc_health). Open, for probes:
+        "" or orthrus.v1.Orthrus is SERVING while the engine replicas are healthy; other names NOT_FOUND."""
+        service = grpc_health.HealthCheckRequest.FromString(request).service
+        if service not in ("", pb.DESCRIPTOR.services_by_name["Orthrus"].full_name):
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {service!r}")
+            return grpc_health.HealthCheckResponse()
+        ok, _ = await self.healthy()
+        return grpc_health.HealthCheckResponse(status=grpc_health.SERVING if ok else grpc_health.NOT_SERVING)

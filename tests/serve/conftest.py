@@ -7,10 +7,11 @@ carries the built-in model's tokenizer, so text prompts and chat work and every 
 """
 
 import os
+import secrets
 
 import pytest
-from redis_server import RedisServer, free_port
-from serve_helpers import ENGINE_ARGS, ServeCluster
+from redis_server import free_port, new_redis_server
+from serve_helpers import API_KEY_ENV, ENGINE_ARGS, ServeCluster
 
 @pytest.fixture(scope="session")
 def serve_cluster(tiny_model_dir):
@@ -19,8 +20,11 @@ def serve_cluster(tiny_model_dir):
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from orthrus_serve.app import GRPC_SERVICER
+    from orthrus_serve.app import GRPC_SERVICERS
 
+    # The security tests' API key: in the environment before Ray starts, as on a real node, so the
+    # replicas inherit it; only an app whose api_key_env names this variable asks for it.
+    os.environ[API_KEY_ENV] = secrets.token_urlsafe(24)
     # Logical CPUs: several applications' replicas (1 CPU each) fit at once; the host has fewer cores.
     metrics_port = free_port()  # Ray's Prometheus endpoint, reporting every second for the metrics test
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=bool(os.environ.get("ORTHRUS_TEST_RAY_LOGS")),
@@ -28,7 +32,7 @@ def serve_cluster(tiny_model_dir):
     try:
         http_port, grpc_port = free_port(), free_port()
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
         yield ServeCluster(http_port, grpc_port, tiny_model_dir, metrics_port)
     finally:
         try:
@@ -48,10 +52,7 @@ def reference_llm(tiny_model_dir):
 @pytest.fixture(scope="module")
 def redis_srv():
     """A real redis-server on a free port; tests may stop() and start() it again."""
-    try:
-        server = RedisServer()
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    server = new_redis_server()
     server.start()
     yield server
     server.close()

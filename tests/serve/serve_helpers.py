@@ -8,6 +8,7 @@ import pytest
 
 ENGINE = "OrthrusEngine"
 ENGINE_ARGS = {"num_pages": 64, "max_model_len": 256}  # replicas and the reference engine alike
+API_KEY_ENV = "ORTHRUS_TEST_API_KEY"  # set by the serve_cluster fixture before Ray starts
 
 
 class Deployed:
