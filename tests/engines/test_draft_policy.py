@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import write_base, write_orthrus
 
 from orthrus_engines import LLM, OrthrusInputError, SamplingParams
-from orthrus_engines.engine.draft_policy import AcceptanceStats, AutoDraftPolicy, ForwardTimes
+from orthrus_engines.engine.draft_policy import AcceptanceStats, AutoDraftPolicy, ForwardTimes, Plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 96
@@ -25,12 +25,12 @@ def _policy(accept: bool, max_k: int = 8) -> AutoDraftPolicy:
 
 @pytest.mark.parametrize("batch", [1, 4, 16])
 def test_always_rejected_chooses_plain_ar(batch):
-    assert _policy(accept=False).choose(batch) == 1
+    assert _policy(accept=False).choose(batch).k == 1
 
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_always_accepted_chooses_a_long_block(batch):
-    assert _policy(accept=True).choose(batch) == 8
+    assert _policy(accept=True).choose(batch).k == 8
 
 
 def test_choice_follows_the_cost_curve():
@@ -38,7 +38,7 @@ def test_choice_follows_the_cost_curve():
     steps (compute bound): drafting cannot pay back the extra draft pass."""
     p = _policy(accept=True)
     p.times = ForwardTimes({n: 0.01 * n for n in (1, 2, 4, 8, 16, 32, 64, 128)})
-    assert p.choose(4) == 1
+    assert p.choose(4).k == 1
 
 
 def test_partial_acceptance_picks_an_intermediate_k():
@@ -46,15 +46,17 @@ def test_partial_acceptance_picks_an_intermediate_k():
     for _ in range(400):  # drafts 1 and 2 nearly always accepted, later ones never
         stats.record(7, 2)
     p = AutoDraftPolicy(8, ForwardTimes({n: 0.05 + 0.0001 * n for n in (1, 8, 64, 128)}), stats)
-    assert p.choose(1) == 3
+    assert p.choose(1).k == 3
 
 
 def _fused_policy(accepted: int, times: dict[int, float], max_k: int = 8) -> AutoDraftPolicy:
-    """The verify+draft cycle: K draft positions, position 1 (the AR's own token) always accepted."""
+    """Only the verify+draft cycle (two-pass K capped at 1): K draft positions, position 1 (the AR's
+    own token) always accepted."""
     stats = AcceptanceStats(max_k + 1)
     for _ in range(400):
         stats.record(max_k, 1 + accepted)
-    return AutoDraftPolicy(max_k, ForwardTimes(dict(times)), stats, fused_times=ForwardTimes(dict(times)))
+    return AutoDraftPolicy(1, ForwardTimes(dict(times)), AcceptanceStats(1), fused_k=max_k,
+                           fused_times=ForwardTimes(dict(times)), fused_stats=stats)
 
 
 def test_fused_cycle_policy():
@@ -62,16 +64,53 @@ def test_fused_cycle_policy():
     block when all are accepted and rows are cheap, and K = 1 when a pass costs per row (K x K rows
     cannot be paid back by K tokens)."""
     cheap = {n: 0.05 + 0.0001 * n for n in (1, 8, 64, 256, 1024)}
-    assert _fused_policy(0, cheap).choose(4) == 1
-    assert _fused_policy(7, cheap).choose(4) == 8
-    assert _fused_policy(2, cheap).choose(1) == 3  # positions 2 and 3 accepted: K = 3 verifies them
-    assert _fused_policy(7, {n: 0.01 * n for n in (1, 8, 64, 256)}).choose(1) == 1
+    assert _fused_policy(0, cheap).choose(4) == Plan(1)
+    assert _fused_policy(7, cheap).choose(4) == Plan(8, fused=True)
+    assert _fused_policy(2, cheap).choose(1) == Plan(3, fused=True)  # positions 2 and 3 accepted: K = 3 verifies them
+    assert _fused_policy(7, {n: 0.01 * n for n in (1, 8, 64, 256)}).choose(1) == Plan(1)
     p = _fused_policy(7, cheap)
     # 3 tokens from 9 rows per sequence (the rates hold a little of the prior: 1%)
-    assert p.expected_rate(3, 2) == pytest.approx(2 * 3 / p.fused_times(2 * 9), rel=0.01)
+    assert p.expected_rate(Plan(3, fused=True), 2) == pytest.approx(2 * 3 / p.fused_times(2 * 9), rel=0.01)
     ar_before, fused_before = p.times(4), p.fused_times(16)
     p.observe_step([(16, 1.0)], 1.0, fused=True)  # a slow verify+draft pass moves only its own curve
     assert p.times(4) == ar_before and p.fused_times(16) > fused_before
+
+
+def _both_cycles(fused_cost: float) -> AutoDraftPolicy:
+    """A causal-anchor head: both cycles have drafts 1-3 accepted (position 1 is the AR's own token)
+    and later ones rejected. Verify passes cost as a CPU's do; a verify+draft pass of n rows costs
+    `fused_cost` times a verify pass of n rows."""
+    times = {n: 0.05 + 0.0004 * n for n in (1, 4, 8, 16, 64, 256)}
+    two, fused = AcceptanceStats(8, prior_weight=0), AcceptanceStats(4, prior_weight=0)
+    for _ in range(400):
+        two.record(7, 3)
+        fused.record(3, 3)
+    return AutoDraftPolicy(8, ForwardTimes(times), two, fused_k=3,
+                           fused_times=ForwardTimes({n: fused_cost * t for n, t in times.items()}), fused_stats=fused)
+
+
+def test_policy_picks_the_cycle_as_well_as_k():
+    """Two passes of K = 4 commit 4 tokens for 2 passes; one verify+draft pass of K = 3 commits 3
+    tokens for 1 pass of 9 rows: which wins depends on what a verify+draft pass costs here."""
+    assert _both_cycles(fused_cost=1.0).choose(1) == Plan(3, fused=True)
+    assert _both_cycles(fused_cost=1.9).choose(1) == Plan(4)  # a CPU where the fused pass is dear
+    p = _both_cycles(fused_cost=1.9)
+    assert p.expected_rate(Plan(4), 1) > p.expected_rate(Plan(3, fused=True), 1) > p.expected_rate(Plan(1), 1)
+
+
+def test_exploring_refreshes_the_cycle_known_least():
+    """On plain AR for long, the policy scouts each cycle in turn: the one whose evidence faded most."""
+    p = _both_cycles(fused_cost=1.0)
+    p.stats = AcceptanceStats(8, prior=[0.0] * 7, prior_weight=0)
+    p.fused_stats = AcceptanceStats(4, prior=[0.0] * 3, prior_weight=0)
+    p.fused_stats.record(3, 1)
+    scouts = set()
+    for _ in range(2000):
+        plan = p.choose(1)
+        if plan.k > 1:
+            scouts.add(plan)
+            (p.fused_stats.record(plan.k, 1) if plan.fused else p.stats.record(plan.k - 1, 0))
+    assert scouts == {Plan(8), Plan(3, fused=True)}
 
 
 def test_rates_are_non_increasing_and_decay():
@@ -88,7 +127,7 @@ def test_explores_after_a_long_stretch_of_plain_ar():
     p = _policy(accept=False)
     explore = []
     for step in range(3000):
-        k = p.choose(1)
+        k = p.choose(1).k
         if k > 1:
             explore.append(step)
             p.stats.record(k - 1, 0)  # what the engine records for the exploring step
@@ -102,13 +141,13 @@ def test_step_overhead_is_learnt_and_counted():
     drafting wins once each step costs far more than its passes."""
     stats = AcceptanceStats(4, prior=[0.5, 0.5, 0.5], prior_weight=50)  # enough evidence: no exploring
     p = AutoDraftPolicy(4, ForwardTimes({n: 0.01 * (1 + n / 8) for n in (1, 2, 4, 8, 16)}), stats)
-    assert p.choose(1) == 1
+    assert p.choose(1).k == 1
     for _ in range(50):
         p.observe_step([(1, 0.01)], step_seconds=0.21)  # plain steps: 0.2 s outside the pass
         p.observe_step([(2, 0.011), (2, 0.011)], step_seconds=0.222)
     assert p.overhead == pytest.approx(0.2, rel=1e-3)
     assert p.times(2) == pytest.approx(0.011, rel=1e-3)
-    assert p.choose(1) > 1
+    assert p.choose(1).k > 1
 
 
 def test_one_stall_cannot_lock_the_policy_into_drafting():
@@ -120,7 +159,7 @@ def test_one_stall_cannot_lock_the_policy_into_drafting():
     p.observe_step([(1, 0.0005)], step_seconds=0.0105)
     drafted = 0
     for _ in range(200):
-        k = p.choose(1)
+        k = p.choose(1).k
         drafted += k > 1
         passes = [(k, 0.0006), (k, 0.0006)] if k > 1 else [(1, 0.0005)]
         p.observe_step(passes, step_seconds=sum(s for _, s in passes) + 0.0003)
@@ -145,7 +184,7 @@ def test_drafting_must_win_by_a_margin(gain, drafts):
     r = (2 * gain - 1) / 7
     p = AutoDraftPolicy(8, ForwardTimes({1: 0.01, 64: 0.01}), AcceptanceStats(8, prior=[r] * 7, prior_weight=1000))
     assert p.expected_rate(8, 1) == pytest.approx(gain * p.expected_rate(1, 1))
-    assert (p.choose(1) == 8) is drafts
+    assert (p.choose(1).k == 8) is drafts
 
 
 def test_forward_times_interpolate_and_learn():

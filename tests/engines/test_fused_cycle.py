@@ -10,6 +10,7 @@ import torch
 from tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
+from orthrus_engines.engine.draft_policy import Plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -159,12 +160,12 @@ def test_drafts_carried_into_a_plain_step_are_still_verified(causal_model):
     (a plain verify pass of 3 rows), so exploring always yields acceptance evidence."""
     family, path = causal_model
     llm = LLM(str(path), num_pages=64)
-    picks = iter([3])
-    llm.engine.scheduler.choose_k = lambda batch: next(picks, 1)
+    picks = iter([Plan(3, fused=True)])
+    llm.engine.scheduler.policy = lambda batch: next(picks, Plan(1, fused=True))
     prompt = list(range(1, 10))
     out = llm.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
     assert list(out.token_ids) == hf_greedy(hf_model(path, family), prompt, 12)
-    assert out.num_drafted_tokens == 2 and llm.engine.acceptance.cycles == 1
+    assert out.num_drafted_tokens == 2 and llm.engine.fused_acceptance.cycles == 1
     assert out.num_forward_passes == 1 + (12 - out.num_accepted_tokens)  # prefill, then one pass per token committed alone
 
 
@@ -174,7 +175,7 @@ def test_transient_rows_stay_within_one_block(causal_model, block_size):
     fused cycle caps K at 3 (3 verify rows x 2 transient rows each), whatever K is asked for."""
     _, path = causal_model
     llm = LLM(str(path), block_size=block_size, num_pages=64)
-    assert llm.engine.block_size == 3 and llm.engine.source.block_size == 8
+    assert llm.engine.fused_k == 3 and llm.engine.source.block_size == 8
     run, most = llm.engine.runner.verify_and_draft, []
 
     def spy(seqs, blocks, ms):
@@ -182,7 +183,25 @@ def test_transient_rows_stay_within_one_block(causal_model, block_size):
         return run(seqs, blocks, ms)
 
     llm.engine.runner.verify_and_draft = spy
-    llm.engine.scheduler.choose_k = lambda batch: 8  # the policy asks for more than the cap
+    llm.engine.scheduler.policy = lambda batch: Plan(8, fused=True)  # the policy asks for more than the cap
     llm.generate([list(range(1, 12)), [4, 5]], SamplingParams(max_tokens=20, ignore_eos=True, block_size=None))
     llm.generate([[7, 8, 9]], SamplingParams(max_tokens=20, ignore_eos=True, block_size=8))
     assert most and max(most) == 6
+
+
+def test_switching_cycles_between_steps_stays_exact(causal_model):
+    """The policy may pick plain AR, the two-pass cycle or the fused cycle at every step. Drafts a
+    fused pass carried into a two-pass step are verified there (no draft pass for that sequence),
+    and the output is still the base model's greedy output, alone and batched."""
+    family, path = causal_model
+    hf = hf_model(path, family)
+    llm = LLM(str(path), num_pages=64)
+    plans = [Plan(3, fused=True), Plan(4), Plan(8), Plan(2, fused=True), Plan(1), Plan(4), Plan(3, fused=True),
+             Plan(3, fused=True), Plan(2)]
+    steps = iter(range(10**6))
+    llm.engine.scheduler.policy = lambda batch: plans[next(steps) % len(plans)]
+    prompts = [list(range(1, 10)), [5, 6, 7], list(range(20, 41))]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+    assert [list(o.token_ids) for o in outs] == [hf_greedy(hf, p, 20) for p in prompts]
+    assert llm.engine.fused_acceptance.cycles > 0 and llm.engine.acceptance.cycles > 0  # both cycles ran
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_pages

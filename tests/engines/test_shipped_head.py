@@ -26,7 +26,7 @@ def test_builtin_model_loads_the_shipped_head_by_default(builtin_dir):
     untrained = LLM(head="none", block_size=8).engine
     assert default.source.head_path == SHIPPED_HEAD and untrained.source.head_path is None
     assert default.source.block_size == read_head_metadata(SHIPPED_HEAD)["block_size"]
-    assert default.fused and default.block_size == fused_block_limit(default.source.block_size)
+    assert default.fused and default.fused_k == fused_block_limit(default.source.block_size)
     d, u = default.runner.model.layers[0].self_attn, untrained.runner.model.layers[0].self_attn
     assert torch.equal(u.diff.qkv.weight, u.ar.qkv.weight)  # untrained twins are AR copies
     assert not torch.equal(d.diff.qkv.weight, d.ar.qkv.weight)

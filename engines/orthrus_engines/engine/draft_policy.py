@@ -1,13 +1,14 @@
 """The `auto` draft-length policy: before each decode step, pick the block length K (K = 1 is plain
-AR) that maximises expected committed tokens per second for the running batch.
+AR) and the cycle that maximise expected committed tokens per second for the running batch.
 
   tokens(K) = B * (1 + sum_{i<K} r_i)             r_i: rate at which draft position i is accepted
   time(K)   = O + T(B)            for K = 1  (one verify pass of the anchors)
             = O + T(B K) + T(B K) for K > 1  (a draft pass and a verify pass of B blocks)
 
-With a causal-anchor head and the fused cycle (one verify+draft pass, see ModelRunner), r_1 = 1
-(draft position 1 is the AR's own next token, which the pass commits anyway) and a step is one
-pass of K verify rows plus K blocks of K - 1 draft rows:
+With a causal-anchor head the fused cycle (one verify+draft pass, see ModelRunner) is a third
+kind of plan, K capped by the memory bound: r_1 = 1 (draft position 1 is the AR's own next token,
+which the pass commits anyway) and a step is one pass of K verify rows plus K blocks of K - 1
+draft rows:
 
   tokens(K) = B * (1 + sum_{2<=i<=K} r_i)
   time(K)   = O + Tf(B K K)
@@ -26,6 +27,7 @@ the model decide, and plain AR is the safe side.
 """
 
 import bisect
+from dataclasses import dataclass
 
 
 class AcceptanceStats:
@@ -114,37 +116,68 @@ class ForwardTimes:
             self.ts[j] = max(self.ts[j] + self.smoothing * error * w / norm, 1e-9)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One decode step's shape: the block length k (1 = plain AR) and the cycle that runs it."""
+
+    k: int
+    fused: bool = False  # one verify+draft pass (causal-anchor heads), not a draft pass and a verify pass
+
+
 class AutoDraftPolicy:
+    """Picks the plan with the most expected tokens per second among plain AR, the two-pass cycle at
+    K = 2 .. max_k and, where the head allows it, the fused cycle at K = 2 .. fused_k. Each cycle
+    has its own acceptance stats (their draft positions differ) and its own pass-time curve."""
+
     def __init__(self, max_k: int, times: ForwardTimes, stats: AcceptanceStats, min_evidence: float = 1.0,
-                 smoothing: float = 0.2, min_gain: float = 1.05, fused_times: ForwardTimes | None = None):
+                 smoothing: float = 0.2, min_gain: float = 1.05, fused_k: int = 0,
+                 fused_times: ForwardTimes | None = None, fused_stats: AcceptanceStats | None = None):
         self.max_k = max_k
-        self.fused_times = fused_times  # set: the engine runs the fused cycle, whose passes these time
         self.times = times
         self.stats = stats
+        self.fused_k = fused_k if fused_times is not None else 0
+        self.fused_times = fused_times
+        self.fused_stats = fused_stats if fused_stats is not None else stats
         self.min_evidence = min_evidence
         self.smoothing = smoothing
         self.min_gain = min_gain  # draft only when the model expects at least this speed-up over AR
         self.overhead: float | None = None  # seconds per step outside its passes (None: not measured yet)
 
-    def expected_rate(self, k: int, batch: int) -> float:
-        """Expected committed tokens per second with block length k for `batch` sequences."""
-        rates = self.stats.rates()
-        if self.fused_times is not None and k > 1:
+    def plans(self) -> list[Plan]:
+        return ([Plan(k) for k in range(1, self.max_k + 1)]
+                + [Plan(k, fused=True) for k in range(2, self.fused_k + 1)])
+
+    def expected_rate(self, plan: Plan | int, batch: int) -> float:
+        """Expected committed tokens per second of `plan` for `batch` sequences (an int: a two-pass K)."""
+        plan = plan if isinstance(plan, Plan) else Plan(plan)
+        k = plan.k
+        if plan.fused:
+            rates = self.fused_stats.rates()
             tokens, passes = batch * (1 + sum(rates[1:k])), self.fused_times(batch * k * k)
         else:
+            rates = self.stats.rates()
             tokens = batch * (1 + sum(rates[: k - 1]))
             passes = self.times(batch) if k == 1 else 2 * self.times(batch * k)
         return tokens / ((self.overhead or 0.0) + passes)
 
-    def choose(self, batch: int) -> int:
-        if batch < 1 or self.max_k == 1:
-            return 1
+    def choose(self, batch: int) -> Plan:
+        plans = self.plans()
+        if batch < 1 or len(plans) == 1:
+            return Plan(1)
         self.stats.tick()
-        best = max(range(1, self.max_k + 1), key=lambda k: self.expected_rate(k, batch))
-        if best > 1 and self.expected_rate(best, batch) < self.min_gain * self.expected_rate(1, batch):
-            best = 1  # near break-even the model's errors decide, and AR is the safe side
-        if best == 1 and self.stats.evidence < self.min_evidence:
-            return self.max_k  # explore: re-measure acceptance now and then
+        if self.fused_stats is not self.stats:
+            self.fused_stats.tick()
+        rate = {p: self.expected_rate(p, batch) for p in plans}
+        best = max(plans, key=rate.__getitem__)
+        if best.k > 1 and rate[best] < self.min_gain * rate[Plan(1)]:
+            best = Plan(1)  # near break-even the model's errors decide, and AR is the safe side
+        if best.k == 1:  # explore: re-measure the cycle known least now and then
+            scouts = [(self.stats.evidence, Plan(self.max_k))] if self.max_k > 1 else []
+            if self.fused_k > 1:
+                scouts.append((self.fused_stats.evidence, Plan(self.fused_k, fused=True)))
+            evidence, scout = min(scouts, key=lambda e: e[0])
+            if evidence < self.min_evidence:
+                return scout
         return best
 
     def observe_step(self, passes: list[tuple[int, float]], step_seconds: float, fused: bool = False) -> None:

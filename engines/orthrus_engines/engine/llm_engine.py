@@ -58,28 +58,30 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, num_pages * args.page_size)
         self.runner = ModelRunner(src, self.device, self.dtype, args.page_size, num_pages, self.max_model_len,
                                   args.cpu_packed_weights, args.compile)
-        self.fused = args.fused_cycle and self.runner.anchor_causal  # one verify+draft pass per cycle
-        if self.fused:  # its V x (K - 1) transient rows per sequence (V <= K) stay within one block (DESIGN.md §1)
-            self.block_size = min(self.block_size, fused_block_limit(src.block_size))
+        self.fused = args.fused_cycle and self.runner.anchor_causal  # the verify+draft cycle is available
+        # its V x (K - 1) transient rows per sequence (V <= K) stay within one block (DESIGN.md §1)
+        self.fused_k = min(self.block_size, fused_block_limit(src.block_size)) if self.fused else 0
         fingerprint = model_fingerprint(  # of the checkpoint as stored: replicas in any dtype share prefixes
             json.loads((path / "config.json").read_text()),
             self.tokenizer.get_vocab() if self.tokenizer is not None else None,
             weights_digest(path),
         )
         self.blocks = BlockManager(num_pages, args.page_size, fingerprint, args.enable_prefix_cache)
-        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,
-                                   self.fused)
         prior = read_head_metadata(src.head_path).get("acceptance_by_position") if src.head_path else None
-        # draft positions: K - 1, or K in the fused cycle (position 1 there is the AR's own next token)
-        self.acceptance = AcceptanceStats(self.block_size + self.fused, prior)
+        # draft positions: K - 1 in the two-pass cycle; K in the fused one (position 1 there is the AR's own
+        # next token, whose row the pass verifies anyway)
+        self.acceptance = AcceptanceStats(self.block_size, prior)
+        self.fused_acceptance = AcceptanceStats(self.fused_k + 1, prior) if self.fused else self.acceptance
         self.policy: AutoDraftPolicy | None = None
         if auto and self.block_size > 1:
             top = min(args.max_num_batched_tokens, args.max_num_seqs * self.block_size, self.max_model_len, 256)
             ladder = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= top} | {top})
             self.runner.time_forward(min(8, top))  # warm-up; larger n are extrapolated, and refined online
             times = ForwardTimes({n: self.runner.time_forward(n, repeats=3) for n in ladder})  # min of 3: no stall
-            self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance, fused_times=self._fused_times(top))
-            self.scheduler.choose_k = self.policy.choose
+            self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance, fused_k=self.fused_k,
+                                          fused_times=self._fused_times(top), fused_stats=self.fused_acceptance)
+        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,
+                                   self.fused_k, self.policy.choose if self.policy is not None else None)
         self.eos_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
         self.num_generated_tokens = 0
@@ -90,7 +92,7 @@ class LLMEngine:
         of full blocks up to `top` rows (beyond: proportional, as for verify passes)."""
         if not self.fused:
             return None
-        K = self.block_size
+        K = self.fused_k
         shapes = {k * k: (k, 1) for k in {2, 3, 4, 6, 8, 12, 16, 24, 32, K} if k <= K and (k * k <= top or k == 2)}
         shapes |= {b * K * K: (K, b) for b in (2, 4, 8, 16) if b * K * K <= top}
         return ForwardTimes({n: self.runner.time_verify_and_draft(k, b, repeats=3) for n, (k, b) in shapes.items()})
@@ -146,8 +148,6 @@ class LLMEngine:
             raise OrthrusInputError("stop", "stop strings need a tokenizer")
         check_stop_token_ids(params.stop_token_ids, self.vocab_size)
         k = 1 if not params.use_diffusion else (params.block_size or self.block_size)
-        if self.fused:
-            k = min(k, self.block_size)
         auto_k = self.policy is not None and params.use_diffusion and params.block_size is None
         detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
         seq = Sequence(request_id, ids, params, k, detok, auto_k)
@@ -181,7 +181,7 @@ class LLMEngine:
                 for seq, end in zip(batch.seqs, batch.ends):
                     seq.num_cached = end
                     self.blocks.register_full_pages(seq)
-            elif self.fused:
+            elif batch.fused:
                 self._decode_fused(batch, outs)
             else:
                 self._decode_two_pass(batch, outs)
@@ -207,7 +207,8 @@ class LLMEngine:
                     exc_info=not isinstance(e, FloatingPointError))
 
     def _decode_two_pass(self, batch: DecodeBatch, outs: list[RequestOutput]) -> None:
-        """A draft pass for the sequences with K > 1, then one verify pass for all (DESIGN.md §1)."""
+        """A draft pass for the sequences with K > 1, then one verify pass for all (DESIGN.md §1).
+        A sequence that carries drafts from a fused pass verifies them instead of drafting."""
         if self.policy is not None and self.device.type == "cuda":
             torch.cuda.synchronize()  # the policy times this step's passes, not a prefill still running
         start = time.perf_counter()
@@ -222,12 +223,15 @@ class LLMEngine:
         passes.append((sum(len(b) for b in blocks), time.perf_counter() - verify_start))
         row = 0
         for seq, block, q in zip(seqs, blocks, q_probs):
-            k = len(block)
+            k, carried = len(block), bool(seq.next_drafts)
+            seq.next_drafts, seq.next_draft_probs = [], None  # verified now (or dropped by a fallback)
             try:
                 new = self._accept(seq, block[1:], q, logits[row : row + k], argmax[row : row + k])
                 seq.num_drafted += k - 1
                 seq.num_accepted += len(new) - 1
-                if k > 1:
+                if carried and k > 1:  # a fused pass's drafts: its positions count the AR's own token first
+                    self.fused_acceptance.record(k, len(new))
+                elif k > 1:
                     self.acceptance.record(k - 1, len(new) - 1)
                 outs.append(self._settle(seq, new))
             except Exception as e:
@@ -242,7 +246,11 @@ class LLMEngine:
         fault in the draft path (an exception, non-finite logits)."""
         drafts: list[list[int]] = [[] for _ in seqs]
         q_probs: list[torch.Tensor | None] = [None] * len(seqs)
-        drafting = [i for i, k in enumerate(ks) if k > 1]
+        for i, s in enumerate(seqs):  # drafts carried from a fused pass are verified, not drafted again
+            if s.next_drafts:
+                drafts[i] = s.next_drafts[: ks[i] - 1]
+                q_probs[i] = s.next_draft_probs[: ks[i] - 1] if s.next_draft_probs is not None else None
+        drafting = [i for i, k in enumerate(ks) if k > 1 and not seqs[i].next_drafts]
         if not drafting:
             return drafts, q_probs
         try:
@@ -303,7 +311,7 @@ class LLMEngine:
                 seq.num_drafted += drafted
                 seq.num_accepted += len(new) - 1
                 if drafted:
-                    self.acceptance.record(drafted + 1, len(new))
+                    self.fused_acceptance.record(drafted + 1, len(new))
                 seq.next_drafts, seq.next_draft_probs = drafts, q
                 outs.append(self._settle(seq, new))
             except Exception as e:

@@ -1,9 +1,11 @@
 """Continuous batching: admission by free pages, chunked prefill, preemption by recompute.
 
 Each step is either a prefill step (chunks of prompts, at most `max_num_batched_tokens` tokens) or
-a decode step (one Orthrus draft + verify for the running sequences: two passes of K rows per
-sequence, or one verify+draft pass of K x K rows with a causal-anchor head). When both kinds of work are
-waiting, steps alternate, so a stream of long prompts cannot stall running requests.
+a decode step (one Orthrus cycle for the running sequences: a draft pass and a verify pass of K
+rows per sequence, or with a causal-anchor head one verify+draft pass of K x K rows). The plan of
+a decode step (K and cycle) comes from the draft policy for the sequences that let it choose; the
+others keep their own K. When both kinds of work are waiting, steps alternate, so a stream of long
+prompts cannot stall running requests.
 """
 
 from collections import deque
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orthrus_engines.engine.block_manager import BlockManager
+from orthrus_engines.engine.draft_policy import Plan
 from orthrus_engines.engine.sequence import Sequence, Status
 
 
@@ -24,14 +27,16 @@ class PrefillBatch:
 class DecodeBatch:
     seqs: list[Sequence]
     ks: list[int]  # block length per sequence (1 = plain AR step)
-    vs: list[int]  # tokens verified per sequence: K, or in the fused cycle 1 + the drafts it carries
+    vs: list[int]  # tokens verified per sequence: K, or 1 + the drafts it carries from a fused pass
+    fused: bool = False  # one verify+draft pass, not a draft pass and a verify pass
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 fused: bool = False):
+                 fused_k: int = 0, policy: Callable[[int], Plan] | None = None):
         self.blocks = blocks
-        self.fused = fused  # a decode step is one verify+draft pass: K x K rows per sequence
+        self.fused_k = fused_k  # > 0: the fused cycle runs, with K at most this (the memory bound)
+        self.policy = policy  # the draft policy: number of sequences it plans for -> Plan
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -39,7 +44,6 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._last_was_prefill = False
-        self.choose_k: Callable[[int], int] | None = None  # the draft-length policy: batch size -> K
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -56,11 +60,11 @@ class Scheduler:
         self.blocks.free_all(seq)
         seq.status = Status.FINISHED
 
-    def block_length(self, seq: Sequence, policy_k: int | None = None) -> int:
-        """K for this step: the policy's K (or the request's), no more than it may still emit or the
-        window allows."""
-        k = min(policy_k, seq.block_size) if policy_k is not None and seq.auto_k else seq.block_size
-        return self._within_room(seq, k)
+    def block_length(self, seq: Sequence, plan: Plan | None = None, fused: bool = False) -> int:
+        """K for this step: the plan's K (or the request's), capped in the fused cycle, no more than
+        it may still emit or the window allows."""
+        k = min(plan.k, seq.block_size) if plan is not None and seq.auto_k else seq.block_size
+        return self._within_room(seq, min(k, self.fused_k) if fused else k)
 
     def verify_length(self, seq: Sequence) -> int:
         """Fused cycle: the anchor and every draft the sequence carries (they are paid for; a step of
@@ -114,14 +118,19 @@ class Scheduler:
         if not decodes:
             return None
         num_auto = sum(s.auto_k for s in decodes)
-        policy_k = self.choose_k(num_auto) if self.choose_k is not None and num_auto else None
+        plan = self.policy(num_auto) if self.policy is not None and num_auto else None
+        fused = plan.fused if plan is not None else self.fused_k > 0
         batch, ks, vs, budget = [], [], [], self.max_num_batched_tokens
         for s in sorted(decodes, key=lambda s: s.arrival):
             if s.status != Status.RUNNING:
                 continue  # preempted below
-            k = self.block_length(s, policy_k)
-            v = self.verify_length(s) if self.fused else k
-            rows = v * k if self.fused else k  # fused: v verify rows, each followed by a block of k - 1
+            if fused:  # v verify rows, each followed by a block of k - 1
+                k, v = self.block_length(s, plan, fused), self.verify_length(s)
+                rows = v * k
+            elif s.next_drafts:  # drafts carried from a fused pass: verified, nothing drafted
+                k = v = rows = self.verify_length(s)
+            else:
+                k = v = rows = self.block_length(s, plan)
             if batch and rows > budget:
                 break
             while not self.blocks.ensure(s, s.num_cached + max(k, v)):
@@ -134,4 +143,4 @@ class Scheduler:
                 ks.append(k)
                 vs.append(v)
                 budget -= rows
-        return DecodeBatch(batch, ks, vs) if batch else None
+        return DecodeBatch(batch, ks, vs, fused) if batch else None

@@ -24,11 +24,12 @@ def evaluate(llm, prompts: list[str] | list[list[int]], max_tokens: int = 256, t
         [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         for p in prompts]
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i) for i in range(len(ids))]
-    c0, d0, a0 = eng.acceptance.snapshot()
+    stats = eng.fused_acceptance if eng.fused else eng.acceptance  # a fixed K runs the fused cycle where it can
+    c0, d0, a0 = stats.snapshot()
     start = time.perf_counter()
     outs = llm.generate(ids, params)
     seconds = time.perf_counter() - start
-    c1, d1, a1 = eng.acceptance.snapshot()
+    c1, d1, a1 = stats.snapshot()
     tokens = sum(o.num_output_tokens for o in outs)
     passes = sum(o.num_forward_passes for o in outs)
     cycles = c1 - c0
