@@ -1,4 +1,4 @@
-"""Autoscaling on throughput (DESIGN.md §5).
+"""Autoscaling on throughput (docs/ARCHITECTURE.md §5).
 
 Engine replicas report `tokens_per_s`, `queue_depth` and `kv_usage` from
 `record_autoscaling_stats()`. The policy sizes the deployment to

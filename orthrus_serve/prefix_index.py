@@ -1,4 +1,4 @@
-"""Cluster-wide prefix-cache index: which replica holds which KV blocks (DESIGN.md §4, §5).
+"""Cluster-wide prefix-cache index: which replica holds which KV blocks (docs/ARCHITECTURE.md §4, §5).
 
 Engine replicas `publish` their prefix-cache events (`stored`, `removed`, `cleared`, in order) and
 `heartbeat`; the prefix-aware router calls `lookup` with a prompt's block-hash chain and gets, per

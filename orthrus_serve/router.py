@@ -1,4 +1,4 @@
-"""Prefix-aware request routing (DESIGN.md §5).
+"""Prefix-aware request routing (docs/ARCHITECTURE.md §5).
 
 The ingress passes each request's block-hash chain as the `block_hashes` keyword of
 `handle.generate.remote(...)`. The router asks the prefix index which replicas hold how many

@@ -23,7 +23,7 @@ class EngineArgs:
     cpu_packed_weights: bool = True  # CPU fp32: oneDNN-packed copies of the linear weights (faster, 2x weight memory)
     # `anchor_view: "causal"` heads: verify a block and draft the next in one pass (one pass per cycle
     # instead of two; K x K rows per sequence instead of 2 x K, K capped so that the K x (K - 1)
-    # transient rows fit in one block of the model's K: 3 for K = 8). False: DESIGN.md §1's two passes.
+    # transient rows fit in one block of the model's K: 3 for K = 8). False: docs/ARCHITECTURE.md §1's two passes.
     fused_cycle: bool = True
     compile: bool = False  # torch.compile the model (inductor): less per-op overhead; each new pass shape compiles first
 

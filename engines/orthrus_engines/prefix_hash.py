@@ -1,4 +1,4 @@
-"""Prefix identity shared by the engine's prefix cache and the cluster router (DESIGN.md §4).
+"""Prefix identity shared by the engine's prefix cache and the cluster router (docs/ARCHITECTURE.md §4).
 
 A full block of `page_size` tokens is named by a hash chain: sha256(previous block's hash, the
 block's token ids), seeded with a fingerprint of the model and tokenizer. The same in every process

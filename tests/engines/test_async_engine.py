@@ -1,4 +1,4 @@
-"""The online engine (DESIGN.md §3): concurrent streams share one batch and each equals the offline
+"""The online engine (docs/ARCHITECTURE.md §3): concurrent streams share one batch and each equals the offline
 result; abort, cancellation and abandoned streams free everything; bad requests raise in the caller;
 streamed text never splits a UTF-8 character."""
 

@@ -1,4 +1,4 @@
-"""Model sources (DESIGN.md §3): official Orthrus checkpoints, plain base checkpoints, an Orthrus head
+"""Model sources (docs/ARCHITECTURE.md §3): official Orthrus checkpoints, plain base checkpoints, an Orthrus head
 stored apart, and the mask-token choice. Weights must land exactly where the official names say."""
 
 import json

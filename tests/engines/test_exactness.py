@@ -1,4 +1,4 @@
-"""Lossless decoding (DESIGN.md §1): greedy Orthrus output is token-identical to HF transformers
+"""Lossless decoding (docs/ARCHITECTURE.md §1): greedy Orthrus output is token-identical to HF transformers
 greedy `generate` of the same base weights in fp32, whatever K, the batch, the arrival order, the
 page pool and the diffusion weights are.
 

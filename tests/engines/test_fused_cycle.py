@@ -171,7 +171,7 @@ def test_drafts_carried_into_a_plain_step_are_still_verified(causal_model):
 
 @pytest.mark.parametrize("block_size", ["auto", 8])
 def test_transient_rows_stay_within_one_block(causal_model, block_size):
-    """DESIGN.md §1: at most one block (the model's K = 8 rows) of transient K/V per sequence. The
+    """docs/ARCHITECTURE.md §1: at most one block (the model's K = 8 rows) of transient K/V per sequence. The
     fused cycle caps K at 3 (3 verify rows x 2 transient rows each), whatever K is asked for."""
     _, path = causal_model
     llm = LLM(str(path), block_size=block_size, num_pages=64)

@@ -1,5 +1,5 @@
 """Invalid input raises OrthrusInputError naming the field, and the engine stays healthy
-(DESIGN.md §3): after every bad request a good one is served correctly and nothing is left held."""
+(docs/ARCHITECTURE.md §3): after every bad request a good one is served correctly and nothing is left held."""
 
 from contextlib import contextmanager
 

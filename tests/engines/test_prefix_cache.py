@@ -1,4 +1,4 @@
-"""Prefix cache (DESIGN.md §4): full 16-token pages are shared by requests with the same prefix,
+"""Prefix cache (docs/ARCHITECTURE.md §4): full 16-token pages are shared by requests with the same prefix,
 outputs do not change, and the stored / removed / cleared events name the blocks by the one shared
 hash chain (orthrus_engines.prefix_hash), identical in every process."""
 

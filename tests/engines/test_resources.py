@@ -1,6 +1,6 @@
-"""Everything a request holds comes back (DESIGN.md §3): after finishing, aborting, stopping and
+"""Everything a request holds comes back (docs/ARCHITECTURE.md §3): after finishing, aborting, stopping and
 preemption every KV page is free again. Stops inside an accepted Orthrus block end the output at the
-first stop, never past it (DESIGN.md §1, known traps)."""
+first stop, never past it (docs/ARCHITECTURE.md §1, known traps)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Sampling with Orthrus has exactly the AR sampling distribution (DESIGN.md §1), and seeds reproduce.
+"""Sampling with Orthrus has exactly the AR sampling distribution (docs/ARCHITECTURE.md §1), and seeds reproduce.
 
 A tiny-vocabulary model (V = 8) makes the whole space of 3-token continuations (512 sequences)
 enumerable: the exact AR distribution comes from the HF oracle, and the engine's empirical

@@ -1,5 +1,5 @@
 """The batched, paged forward passes of the ModelRunner against dense single-sequence references
-written here straight from DESIGN.md §1:
+written here straight from docs/ARCHITECTURE.md §1:
 
 - draft: the prefix [0, n-1) is cached by the AR view (causal); the block [anchor, MASK x (K-1)] at
   positions n-1 .. n+K-2 goes through the diffusion view, every block query attending to the whole

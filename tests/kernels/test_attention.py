@@ -1,7 +1,7 @@
 """orthrus_kernels.paged_attention + build_attention_metadata against a dense per-sequence
 reference, on random tensors, random page tables and random cache contents.
 
-Semantics (DESIGN.md §1 and the op's docstring): sequence b has prefix_lens[b] positions in the
+Semantics (docs/ARCHITECTURE.md §1 and the op's docstring): sequence b has prefix_lens[b] positions in the
 paged cache and q_lens[b] new tokens; every new query sees the whole cached prefix and, among the
 new tokens, the earlier ones (causal) or all of them (bidirectional). With write_kv the new K/V go
 to the cache slots of positions [prefix, prefix + q); without, the cache is untouched.

@@ -1,4 +1,4 @@
-"""Fixtures for the serving end-to-end tests (DESIGN.md §5).
+"""Fixtures for the serving end-to-end tests (docs/ARCHITECTURE.md §5).
 
 One local Ray cluster with Serve (gRPC and HTTP proxies on free loopback ports) for the whole
 session; applications are deployed per module with `serve_cluster.deploy(name, **config)` under

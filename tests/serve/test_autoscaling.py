@@ -1,4 +1,4 @@
-"""Autoscaling on throughput (DESIGN.md §5), live: a short synthetic load scales the engine
+"""Autoscaling on throughput (docs/ARCHITECTURE.md §5), live: a short synthetic load scales the engine
 deployment from 1 to 2 replicas; idle, it scales back to 1. And, without Ray, how the application
 hands the policy to Ray Serve 2.60."""
 

@@ -1,4 +1,4 @@
-"""Losing an engine replica under load (DESIGN.md §5): its in-flight calls fail with UNAVAILABLE,
+"""Losing an engine replica under load (docs/ARCHITECTURE.md §5): its in-flight calls fail with UNAVAILABLE,
 every other call succeeds, and Serve replaces the replica."""
 
 import threading

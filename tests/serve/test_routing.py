@@ -1,4 +1,4 @@
-"""Prefix-aware routing across two engine replicas with the Redis prefix index (DESIGN.md §5):
+"""Prefix-aware routing across two engine replicas with the Redis prefix index (docs/ARCHITECTURE.md §5):
 shared prefixes go to the replica holding them while unrelated load spreads; a killed replica
 leaves routing within the heartbeat timeout; with Redis down every request still succeeds."""
 

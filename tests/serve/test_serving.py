@@ -1,4 +1,4 @@
-"""The serving layer end to end (DESIGN.md §5) with one engine replica: gRPC and HTTP return what the
+"""The serving layer end to end (docs/ARCHITECTURE.md §5) with one engine replica: gRPC and HTTP return what the
 engine alone returns; the official OpenAI client works; cancelled streams free the engine; bad input
 gets INVALID_ARGUMENT / HTTP 400 naming the field and the server keeps serving."""
 

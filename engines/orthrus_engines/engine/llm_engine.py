@@ -59,7 +59,7 @@ class LLMEngine:
         self.runner = ModelRunner(src, self.device, self.dtype, args.page_size, num_pages, self.max_model_len,
                                   args.cpu_packed_weights, args.compile)
         self.fused = args.fused_cycle and self.runner.anchor_causal  # the verify+draft cycle is available
-        # its V x (K - 1) transient rows per sequence (V <= K) stay within one block (DESIGN.md §1)
+        # its V x (K - 1) transient rows per sequence (V <= K) stay within one block (docs/ARCHITECTURE.md §1)
         self.fused_k = min(self.block_size, fused_block_limit(src.block_size)) if self.fused else 0
         fingerprint = model_fingerprint(  # of the checkpoint as stored: replicas in any dtype share prefixes
             json.loads((path / "config.json").read_text()),
@@ -207,7 +207,7 @@ class LLMEngine:
                     exc_info=not isinstance(e, FloatingPointError))
 
     def _decode_two_pass(self, batch: DecodeBatch, outs: list[RequestOutput]) -> None:
-        """A draft pass for the sequences with K > 1, then one verify pass for all (DESIGN.md §1).
+        """A draft pass for the sequences with K > 1, then one verify pass for all (docs/ARCHITECTURE.md §1).
         A sequence that carries drafts from a fused pass verifies them instead of drafting."""
         if self.policy is not None and self.device.type == "cuda":
             torch.cuda.synchronize()  # the policy times this step's passes, not a prefill still running

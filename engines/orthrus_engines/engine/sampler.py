@@ -1,4 +1,4 @@
-"""Token choice and draft acceptance (DESIGN.md §1).
+"""Token choice and draft acceptance (docs/ARCHITECTURE.md §1).
 
 Greedy: accept the longest prefix of drafts that equals the AR argmax, then the AR argmax after it.
 Temperature > 0: speculative rejection sampling with p (AR) and q (draft) filtered the same way,

@@ -4,7 +4,7 @@
   states and every layer's rotated K/V, which the diffusion view reads as its prefix.
 - `student_forward`: the diffusion view over A blocks per window, each `[anchor, MASK x (K-1)]` at
   positions p..p+K-1. A block query sees the AR keys before its anchor and all keys of its own block,
-  exactly what it sees at inference (DESIGN.md §1). With `anchor_view` "ar", the anchor rows use
+  exactly what it sees at inference (docs/ARCHITECTURE.md §1). With `anchor_view` "ar", the anchor rows use
   the AR projections and only the MASK rows the twins. With "causal", an anchor row is exactly the
   teacher's row at p, so the block is only its K-1 MASK rows at p+1..p+K-1, reading the AR keys
   through p.
