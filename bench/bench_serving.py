@@ -78,7 +78,7 @@ def main() -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from orthrus_serve.app import GRPC_SERVICER, build_app
+    from orthrus_serve.app import GRPC_SERVICERS, build_app
 
     prompts = [f"Question {i}: explain topic number {i} of European history briefly." for i in range(NUM_REQUESTS)]
     with open("/tmp/orthrus_bench_prompts.txt", "w") as f:
@@ -103,7 +103,7 @@ def main() -> None:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
     grpc_address, base = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
     serve.run(build_app({"app_name": "one", "engine": ENGINE}), name="one", route_prefix="/one")
     through_server(None, grpc_address, "one", "/tmp/orthrus_bench_prompts.txt", 1)  # warm up

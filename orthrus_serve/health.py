@@ -36,8 +36,7 @@ class EngineHealth:
             self.failures, self.first_failure_at, self.last_failure_at = 0, None, None
 
     def check(self) -> None:
-        # AsyncEngine exposes no liveness property yet; its thread is the engine.
-        if not self.engine._thread.is_alive():
+        if not self.engine.is_alive:
             raise EngineUnhealthy("the engine thread has stopped")
         span_s = (self.last_failure_at - self.first_failure_at) if self.failures else 0.0
         if self.failures >= self.min_failures and span_s >= self.failing_for_s:

@@ -133,11 +133,11 @@ def test_serve_config_v2_parses_and_its_import_path_builds_the_app():
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
 
-    from orthrus_serve.app import GRPC_SERVICER
+    from orthrus_serve.app import GRPC_SERVICERS
     from orthrus_serve.config import ServeConfig
 
     cfg = ServeDeploySchema.model_validate(serve_config_v2(rayservice(render_kustomization(KUBERAY))))
-    assert cfg.grpc_options.grpc_servicer_functions == [GRPC_SERVICER]
+    assert cfg.grpc_options.grpc_servicer_functions == GRPC_SERVICERS
     (app,) = cfg.applications
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
     assert isinstance(built, Application)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orthrus_serve.app import GRPC_SERVICER, engine_options
+from orthrus_serve.app import GRPC_SERVICERS, engine_options
 from orthrus_serve.config import ServeConfig
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
@@ -40,7 +40,7 @@ def test_serve_config_is_valid_and_builds_the_app(name):
 
     raw = load(name)
     cfg = ServeDeploySchema.model_validate(raw)
-    assert cfg.grpc_options.grpc_servicer_functions == [GRPC_SERVICER]
+    assert cfg.grpc_options.grpc_servicer_functions == GRPC_SERVICERS
     assert cfg.http_options.port != cfg.grpc_options.port
     (app,) = cfg.applications
     assert app.import_path == "orthrus_serve.app:build_app" and app.route_prefix == "/"

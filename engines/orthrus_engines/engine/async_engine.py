@@ -30,6 +30,11 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="orthrus-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def is_alive(self) -> bool:
+        """Whether the engine thread still runs (it stops only on shutdown or an internal failure)."""
+        return self._thread.is_alive()
+
     async def generate(
         self, request_id: str, prompt: Prompt, params: SamplingParams | None = None
     ) -> AsyncIterator[RequestOutput]:
