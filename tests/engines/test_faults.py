@@ -78,14 +78,15 @@ def test_one_faulty_request_fails_alone(model, fault, monkeypatch):
         if fault == "detokenizer":
             eng.seqs["b"].detok = BrokenDetokenizer(after=3)
         else:
-            real = llm_engine.probs_from_logits
+            for name in ("probs_from_logits", "seeded_draws"):  # "b" is seeded: the second one is its sampler
+                real = getattr(llm_engine, name)
 
-            def probs(logits, p):
-                if p is ps["b"] and eng.seqs["b"].num_output_tokens >= 2:
-                    raise RuntimeError("boom: bad probabilities")
-                return real(logits, p)
+                def broken(logits, p, *rest, real=real):
+                    if p is ps["b"] and eng.seqs["b"].num_output_tokens >= 2:
+                        raise RuntimeError("boom: bad probabilities")
+                    return real(logits, p, *rest)
 
-            monkeypatch.setattr(llm_engine, "probs_from_logits", probs)
+                monkeypatch.setattr(llm_engine, name, broken)
 
     got = run(llm, ps, setup)
     assert got["b"]["reason"] == "error" and "boom" in got["b"]["error"]

@@ -1,5 +1,8 @@
 """Sampling with Orthrus has exactly the AR sampling distribution (docs/ARCHITECTURE.md §1), and seeds reproduce.
 
+Two paths: unseeded requests use speculative rejection sampling (their generator), seeded ones the
+coupled Gumbel-max draws (test_seeded.py); both are tested against the exact distribution.
+
 A tiny-vocabulary model (V = 8) makes the whole space of 3-token continuations (512 sequences)
 enumerable: the exact AR distribution comes from the HF oracle, and the engine's empirical
 distributions (Orthrus K = 4 and plain AR) are compared with it and with each other by chi-square
@@ -19,7 +22,7 @@ from tiny_models import hf_model, write_orthrus
 
 import orthrus_engines.engine.llm_engine as llm_engine_mod
 from orthrus_engines import LLM, SamplingParams
-from orthrus_engines.engine.sampler import sample
+from orthrus_engines.engine.sampler import sample, seeded_draws
 
 V = 8  # vocabulary
 PROMPT = [1, 2, 3]
@@ -109,10 +112,13 @@ def exact_distribution(step_logits, sp: dict) -> dict[tuple, float]:
     return out
 
 
-def sample_counts(llm, sp: dict, seeds, **extra) -> tuple[Counter, float]:
-    params = [SamplingParams(max_tokens=L, seed=s, **sp, **extra) for s in seeds]
+def sample_counts(llm, sp: dict, seeds, seeded: bool = False, length: int = L, **extra) -> tuple[Counter, float]:
+    """Seeded requests (the coupled path), or unseeded ones (rejection sampling) whose generators are
+    seeded from torch's global generator, itself seeded with seeds[0]: deterministic either way."""
+    torch.manual_seed(seeds[0])
+    params = [SamplingParams(max_tokens=length, seed=s if seeded else None, **sp, **extra) for s in seeds]
     outs = llm.generate([PROMPT] * len(params), params)
-    assert all(len(o.token_ids) == L for o in outs)
+    assert all(len(o.token_ids) == length for o in outs)
     drafted = sum(o.num_drafted_tokens for o in outs)
     accepted = sum(o.num_accepted_tokens for o in outs)
     return Counter(tuple(o.token_ids) for o in outs), accepted / max(drafted, 1)
@@ -144,14 +150,15 @@ def two_sample_pvalue(a: Counter, b: Counter) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seeded", [False, True], ids=["rejection", "coupled"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_orthrus_sampling_matches_ar_distribution(llm, step_logits, config):
+def test_orthrus_sampling_matches_ar_distribution(llm, step_logits, config, seeded):
     """Orthrus (K=4) samples, plain AR samples and the exact AR distribution all agree."""
     sp = CONFIGS[config]
     exact = exact_distribution(step_logits, sp)
     assert abs(sum(exact.values()) - 1) < 1e-9
-    orthrus, acceptance = sample_counts(llm, sp, range(N))
-    ar, _ = sample_counts(llm, sp, range(10**6, 10**6 + N), use_diffusion=False)
+    orthrus, acceptance = sample_counts(llm, sp, range(N), seeded)
+    ar, _ = sample_counts(llm, sp, range(10**6, 10**6 + N), seeded, use_diffusion=False)
     # The test only means something if drafts are both accepted and rejected.
     assert 0.1 < acceptance < 0.95, acceptance
     p_orthrus, p_ar, p_two = gof_pvalue(orthrus, exact), gof_pvalue(ar, exact), two_sample_pvalue(orthrus, ar)
@@ -161,14 +168,111 @@ def test_orthrus_sampling_matches_ar_distribution(llm, step_logits, config):
 
 
 @pytest.mark.slow
-def test_fused_cycle_sampling_matches_ar_distribution(fused_llm, step_logits):
+@pytest.mark.parametrize("seeded", [False, True], ids=["rejection", "coupled"])
+def test_fused_cycle_sampling_matches_ar_distribution(fused_llm, step_logits, seeded):
     """The verify+draft cycle (drafts carried from one pass to the next, with their q) samples the
     exact AR distribution too."""
     sp = CONFIGS["t0.8_topk5_topp0.9"]
-    counts, acceptance = sample_counts(fused_llm, sp, range(3 * 10**6, 3 * 10**6 + N))
+    counts, acceptance = sample_counts(fused_llm, sp, range(3 * 10**6, 3 * 10**6 + N), seeded)
     assert 0.1 < acceptance < 0.95, acceptance
     p = gof_pvalue(counts, exact_distribution(step_logits, sp))
     assert p > P_MIN, f"fused Orthrus vs exact AR: p={p:.2e}"
+
+
+# -- long blocks: one cycle verifies >= 5 drafts ---------------------------------------------------
+
+LONG = 7  # generated tokens: K = 7 (two-pass) verifies 6 drafts in its first cycle, K = 6 (fused) 5 in its second
+LONG_SP = dict(temperature=0.8, top_k=5, top_p=0.85)
+
+
+@pytest.fixture(scope="module")
+def long_dir(tmp_path_factory):
+    """V = 8 with sharp logits (the likely 7-token continuations are few), twins close to the AR, a
+    causal anchor, and a model K of 32 so the fused cycle may take K = 6."""
+    import json
+
+    d = write_orthrus(tmp_path_factory.mktemp("long") / "m", "qwen3", seed=3, twin_noise=0.02, vocab_size=V,
+                      anchor_view="causal")
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 10.0
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "block_size": 32}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def likely_sequences(long_dir) -> dict[tuple, float]:
+    """Every LONG-token continuation whose exact AR probability (HF, float64 filtering) gives it an
+    expected count >= 5 in N samples: a tree search that drops prefixes below that."""
+    hf, floor = hf_model(long_dir, "qwen3"), 5 / N
+    frontier = {(): 1.0}
+    for _ in range(LONG):
+        heads = list(frontier)
+        with torch.no_grad():
+            logits = hf(torch.tensor([PROMPT + list(h) for h in heads])).logits[:, -1].double().numpy()
+        frontier = {h + (t,): frontier[h] * p for h, row in zip(heads, logits)
+                    for t, p in enumerate(filtered_probs(row, **LONG_SP)) if frontier[h] * p >= floor}
+    assert 0.5 < sum(frontier.values()) < 1  # most of the mass, in cells the test can see
+    return frontier
+
+
+def likely_pvalue(counts: Counter, likely: dict[tuple, float]) -> float:
+    """Chi-square goodness of fit over the likely sequences and one cell for all the others."""
+    n = sum(counts.values())
+    keys = sorted(likely)
+    e = np.array([likely[k] for k in keys]) * n
+    o = np.array([counts[k] for k in keys], dtype=float)
+    return stats.chisquare(np.append(o, n - o.sum()), np.append(e, n - e.sum())).pvalue
+
+
+def long_counts(long_dir, fused: bool, k: int, seeded: bool) -> tuple[Counter, float, int]:
+    """Samples, acceptance rate, and the most drafts one pass verified."""
+    llm = LLM(model=str(long_dir), block_size=k, fused_cycle=fused, num_pages=2000, max_num_seqs=1024,
+              max_num_batched_tokens=16384)
+    runner, verified = llm.engine.runner, [0]
+    run = runner.verify_and_draft if fused else runner.verify
+
+    def spy(seqs, blocks, *rest):
+        verified[0] = max([verified[0]] + [len(b) - 1 for b in blocks])
+        return run(seqs, blocks, *rest)
+
+    setattr(runner, "verify_and_draft" if fused else "verify", spy)
+    counts, acceptance = sample_counts(llm, LONG_SP, range(4 * 10**6, 4 * 10**6 + N), seeded, LONG, ignore_eos=True)
+    return counts, acceptance, verified[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused,k,seeded", [(False, 7, True), (True, 6, True), (True, 6, False)],
+                         ids=["two_pass_k7_coupled", "fused_k6_coupled", "fused_k6_rejection"])
+def test_long_blocks_sample_ar_distribution(long_dir, likely_sequences, fused, k, seeded):
+    """Cycles that verify >= 5 drafts (accepted in runs, rejected anywhere) still sample exactly the AR
+    distribution of 7-token continuations: the coupled path in both cycles, and rejection sampling
+    with q carried from pass to pass in the fused cycle."""
+    counts, acceptance, verified = long_counts(long_dir, fused, k, seeded)
+    assert verified >= 5 and acceptance > 0.03, (verified, acceptance)
+    p = likely_pvalue(counts, likely_sequences)
+    assert p > P_MIN, f"K={k} fused={fused} seeded={seeded} vs exact AR: p={p:.2e}"
+
+
+def _accept_every_coupled_draft(drafts, target):
+    """Wrong: keeps the seeded drafts without comparing them with the AR draws."""
+    return drafts + [target[len(drafts)]]
+
+
+def _noise_by_block_slot(logits, params, seed, start):
+    """Wrong: noise indexed by the slot in the block, not the sequence position (reused every cycle)."""
+    return seeded_draws(logits, params, seed, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,wrong", [("greedy_accept", _accept_every_coupled_draft),
+                                        ("seeded_draws", _noise_by_block_slot)], ids=["accept_all", "slot_noise"])
+def test_chi_square_detects_a_wrong_coupling(long_dir, likely_sequences, monkeypatch, name, wrong):
+    """The long-block test has power against a wrong coupled sampler."""
+    monkeypatch.setattr(llm_engine_mod, name, wrong)
+    counts, _, _ = long_counts(long_dir, False, 7, True)
+    assert likely_pvalue(counts, likely_sequences) < 1e-6
 
 
 def _accept_every_draft(drafts, q, p, generator):
@@ -191,7 +295,7 @@ def test_chi_square_detects_a_wrong_sampler(llm, step_logits, monkeypatch, wrong
     """The distribution test has power: subtly wrong acceptance rules fail it by a wide margin."""
     sp = CONFIGS["t1"]
     monkeypatch.setattr(llm_engine_mod, "speculative_accept", wrong)
-    counts, _ = sample_counts(llm, sp, range(2 * 10**6, 2 * 10**6 + N))
+    counts, _ = sample_counts(llm, sp, range(2 * 10**6, 2 * 10**6 + N))  # unseeded: rejection sampling
     assert gof_pvalue(counts, exact_distribution(step_logits, sp)) < 1e-6
 
 

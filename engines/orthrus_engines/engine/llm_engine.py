@@ -13,7 +13,7 @@ from orthrus_engines.engine.block_manager import BlockManager
 from orthrus_engines.engine.detokenizer import Detokenizer
 from orthrus_engines.engine.draft_policy import AcceptanceStats, AutoDraftPolicy, ForwardTimes
 from orthrus_engines.engine.model_runner import ModelRunner
-from orthrus_engines.engine.sampler import greedy_accept, probs_from_logits, sample, speculative_accept
+from orthrus_engines.engine.sampler import greedy_accept, probs_from_logits, sample, seeded_draws, speculative_accept
 from orthrus_engines.engine.scheduler import DecodeBatch, PrefillBatch, Scheduler
 from orthrus_engines.engine.sequence import Sequence, Status
 from orthrus_engines.errors import OrthrusInputError
@@ -261,7 +261,8 @@ class LLMEngine:
             row = 0
             for i in drafting:
                 n = ks[i] - 1
-                drafts[i], q_probs[i] = self._draw(seqs[i], logits[row : row + n], argmax[row : row + n])
+                drafts[i], q_probs[i] = self._draw(seqs[i], logits[row : row + n], argmax[row : row + n],
+                                                   len(seqs[i].token_ids))
                 row += n
         except Exception as e:
             self._draft_fallback(e)
@@ -331,8 +332,9 @@ class LLMEngine:
             _check_finite(logits)
             argmax = logits.argmax(-1).tolist()
             out, row = [], 0
-            for seq, _, _, m in running:
-                out.append(self._draw(seq, logits[row : row + m], argmax[row : row + m]) if m else ([], None))
+            for seq, _, new, m in running:  # drafts for the positions after the tokens this step commits
+                start = len(seq.token_ids) + len(new)
+                out.append(self._draw(seq, logits[row : row + m], argmax[row : row + m], start) if m else ([], None))
                 row += m
             return out
         except Exception as e:
@@ -340,19 +342,27 @@ class LLMEngine:
             return none
 
     @staticmethod
-    def _draw(seq: Sequence, logits: torch.Tensor, argmax: list[int]) -> tuple[list[int], torch.Tensor | None]:
-        """Drafts from draft logits: their argmax (greedy), or samples and the q they came from."""
+    def _draw(seq: Sequence, logits: torch.Tensor, argmax: list[int], start: int
+              ) -> tuple[list[int], torch.Tensor | None]:
+        """Drafts for sequence positions start, start + 1, ..: their argmax (greedy), the seeded draws
+        from q (seeded), or samples and the q they came from."""
         if seq.params.greedy:
             return argmax, None
+        if seq.seeded:
+            return seeded_draws(logits, seq.params, seq.params.seed, start), None
         q = probs_from_logits(logits, seq.params).cpu()
         return [sample(q[j], seq.generator) for j in range(len(argmax))], q
 
     @staticmethod
     def _accept(seq: Sequence, drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor,
                 argmax: list[int]) -> list[int]:
-        """Tokens a step commits: accepted drafts and one more, from the AR logits of `[anchor, drafts...]`."""
+        """Tokens a step commits: accepted drafts and one more, from the AR logits of `[anchor, drafts...]`.
+        Seeded: the drafts equal to the AR's own seeded draws, then its draw at the first mismatch (or
+        after the last draft): exactly plain AR with that noise."""
         if seq.params.greedy:
             return greedy_accept(drafts, argmax)
+        if seq.seeded:
+            return greedy_accept(drafts, seeded_draws(logits, seq.params, seq.params.seed, len(seq.token_ids)))
         p = probs_from_logits(logits, seq.params).cpu()
         return speculative_accept(drafts, q, p, seq.generator) if drafts else [sample(p[0], seq.generator)]
 

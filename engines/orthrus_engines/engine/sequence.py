@@ -39,7 +39,7 @@ class Sequence:
         self.block_hashes: list[str] = []  # hashes of the full blocks registered in the prefix cache
         self.num_cached_prompt_tokens = 0
         # Verify+draft cycle: drafts for the positions after the anchor, made by the last pass (and the
-        # probabilities they were sampled from, at temperature > 0).
+        # probabilities they were sampled from, at temperature > 0 without a seed).
         self.next_drafts: list[int] = []
         self.next_draft_probs: torch.Tensor | None = None
         # Counters.
@@ -55,6 +55,12 @@ class Sequence:
         self.error: str | None = None
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def seeded(self) -> bool:
+        """Sampled with a seed: counter-based noise per position (sampler.seeded_draws), never the generator,
+        so the output does not depend on the block size, cycle or batch."""
+        return self.params.seed is not None and not self.params.greedy
 
     @property
     def num_output_tokens(self) -> int:

@@ -15,15 +15,22 @@ from orthrus_engines.training.data import packaged_prompts, read_prompts
 
 
 def evaluate(llm, prompts: list[str] | list[list[int]], max_tokens: int = 256, temperature: float = 0.0,
-             seed: int = 0) -> dict:
-    """Chat prompts (strings, templated) or raw token-id prompts."""
+             seed: int = 0, seeded: bool = False) -> dict:
+    """Chat prompts (strings, templated) or raw token-id prompts. At temperature > 0, requests are
+    unseeded (speculative rejection sampling; `seed` seeds torch's global generator, from which their
+    generators are seeded) unless `seeded` (request seeds seed + i: the coupled seeded path)."""
+    import torch
+
     from orthrus_engines.sampling_params import SamplingParams
 
     eng = llm.engine
     ids = [p if isinstance(p, list) else list(llm.tokenizer.apply_chat_template(
         [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         for p in prompts]
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i) for i in range(len(ids))]
+    if not seeded:
+        torch.manual_seed(seed)
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i if seeded else None)
+              for i in range(len(ids))]
     stats = eng.fused_acceptance if eng.fused else eng.acceptance  # a fixed K runs the fused cycle where it can
     c0, d0, a0 = stats.snapshot()
     start = time.perf_counter()
@@ -42,6 +49,7 @@ def evaluate(llm, prompts: list[str] | list[list[int]], max_tokens: int = 256, t
         "block_size": eng.block_size,
         "cycle": "verify+draft" if eng.fused else "draft, verify",
         "temperature": temperature,
+        "sampling": "greedy" if temperature == 0 else "seeded (coupled)" if seeded else "rejection",
         "max_tokens": max_tokens,
         "output_tokens": tokens,
         "forward_passes": passes,
