@@ -172,11 +172,7 @@ class LLMEngine:
             return []
         try:
             if isinstance(batch, PrefillBatch):
-                self.runner.prefill(batch.seqs, batch.ends)
-                for seq, end in zip(batch.seqs, batch.ends):
-                    seq.num_cached = end
-                    self.blocks.register_full_pages(seq)
-                return []
+                return self._prefill(batch)
             return self._decode(batch)
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
@@ -185,6 +181,23 @@ class LLMEngine:
                 seq.finish_reason, seq.error = "error", f"{type(e).__name__}: {e}"
                 outs.append(self._finish(seq))
             return outs
+
+    def _prefill(self, batch: PrefillBatch) -> list[RequestOutput]:
+        """Cache the chunks; a chunk that ends with the anchor also commits the next token from its
+        logits, as the official generate's first pass does (1 prefill pass + 2 per cycle)."""
+        logits = self.runner.prefill(batch.seqs, batch.ends)
+        argmax = logits.argmax(-1).tolist() if logits is not None else []
+        outs, row = [], 0
+        for seq, end in zip(batch.seqs, batch.ends):
+            emits = end == len(seq.token_ids)
+            seq.num_cached = end - emits  # _settle counts the anchor's row, as after a verify
+            if not emits:
+                self.blocks.register_full_pages(seq)
+                continue
+            new = self._accept(seq, [], None, logits[row : row + 1], argmax[row : row + 1])
+            row += 1
+            outs.append(self._settle(seq, new))
+        return outs
 
     def _decode(self, batch: DecodeBatch) -> list[RequestOutput]:
         if self.fused:

@@ -1,9 +1,10 @@
 """Continuous batching: admission by free pages, chunked prefill, preemption by recompute.
 
-Each step is either a prefill step (chunks of prompts, at most `max_num_batched_tokens` tokens) or
-a decode step (one Orthrus draft + verify for the running sequences: two passes of K rows per
-sequence, or one verify+draft pass of K x K rows with a causal-anchor head). When both kinds of work are
-waiting, steps alternate, so a stream of long prompts cannot stall running requests.
+Each step is either a prefill step (chunks of prompts, at most `max_num_batched_tokens` tokens; a
+prompt's last chunk also commits its first token) or a decode step (one Orthrus draft + verify for
+the running sequences: two passes of K rows per sequence, or one verify+draft pass of K x K rows
+with a causal-anchor head). When both kinds of work are waiting, steps alternate, so a stream of long
+prompts cannot stall running requests.
 """
 
 from collections import deque
@@ -17,7 +18,7 @@ from orthrus_engines.engine.sequence import Sequence, Status
 @dataclass
 class PrefillBatch:
     seqs: list[Sequence]
-    ends: list[int]  # cache positions [num_cached, end) this step
+    ends: list[int]  # cache positions [num_cached, end) this step; end = len(token_ids): a first token too
 
 
 @dataclass
@@ -57,21 +58,27 @@ class Scheduler:
         seq.status = Status.FINISHED
 
     def block_length(self, seq: Sequence, policy_k: int | None = None) -> int:
-        """K for this step: the policy's K (or the request's), no more than it may still emit or the
-        window allows."""
+        """K for this step: the policy's K (or the request's), cut at the request's tail as the official
+        generate cuts it (a block reaching one slot past the last token it may emit: the same drafts,
+        so never more passes), a last token alone being one AR pass; never past the window."""
         k = min(policy_k, seq.block_size) if policy_k is not None and seq.auto_k else seq.block_size
-        return self._within_room(seq, k)
+        remaining = seq.params.max_tokens - seq.num_output_tokens
+        return 1 if remaining <= 1 else max(1, min(k, remaining + 1, self._window(seq)))
 
     def verify_length(self, seq: Sequence) -> int:
         """Fused cycle: the anchor and every draft the sequence carries (they are paid for; a step of
-        K = 1 after a drafting one still verifies them), no more than it may still emit."""
-        return self._within_room(seq, 1 + len(seq.next_drafts))
-
-    def _within_room(self, seq: Sequence, n: int) -> int:
-        """n, but no more tokens than the request may still emit or the window allows (at least 1)."""
+        K = 1 after a drafting one still verifies them), no more than it may still emit or the window allows."""
         remaining = seq.params.max_tokens - seq.num_output_tokens
-        window = self.max_model_len - len(seq.token_ids) + 1
-        return max(1, min(n, remaining, window))
+        return max(1, min(1 + len(seq.next_drafts), remaining, self._window(seq)))
+
+    def fused_block_length(self, seq: Sequence, k: int, v: int) -> int:
+        """Fused cycle: K, but short enough that the MASK rows after the last of v verify slots (at
+        positions up to num_cached + v - 1 + K - 1) stay inside the window."""
+        return max(1, min(k, self._window(seq) - v + 1))
+
+    def _window(self, seq: Sequence) -> int:
+        """Positions left in the window from the anchor's on (the anchor sits at len - 1)."""
+        return self.max_model_len - len(seq.token_ids) + 1
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -80,7 +87,7 @@ class Scheduler:
             need = seq.prefill_target + self.block_length(seq)
             headroom = self.blocks.pages_for(need) - len(seq.block_table) + len(self.running)  # 1 page/running seq
             fits = headroom <= self.blocks.num_free or not self.running  # an empty engine takes anyone
-            if not (fits and self.blocks.ensure(seq, seq.prefill_target)):
+            if not (fits and self.blocks.ensure(seq, seq.prefill_target + 1)):  # the anchor's page too
                 # Wait without holding pages: the hits keep their hashes and can be matched again.
                 self.blocks.free_all(seq)
                 return
@@ -105,7 +112,7 @@ class Scheduler:
             for s in prefills:
                 if budget <= 0:
                     break
-                end = min(s.prefill_target, s.num_cached + budget)
+                end = min(s.prefill_end, s.num_cached + budget)
                 budget -= end - s.num_cached
                 seqs.append(s)
                 ends.append(end)
@@ -119,8 +126,10 @@ class Scheduler:
         for s in sorted(decodes, key=lambda s: s.arrival):
             if s.status != Status.RUNNING:
                 continue  # preempted below
-            k = self.block_length(s, policy_k)
-            v = self.verify_length(s) if self.fused else k
+            k = v = self.block_length(s, policy_k)
+            if self.fused:
+                v = self.verify_length(s)
+                k = self.fused_block_length(s, k, v)
             rows = v * k if self.fused else k  # fused: v verify rows, each followed by a block of k - 1
             if batch and rows > budget:
                 break
