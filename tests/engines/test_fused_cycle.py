@@ -90,7 +90,7 @@ def test_verify_and_draft_keeps_only_the_verified_kv(causal_model):
 def test_fused_cycle_is_lossless_and_one_pass_per_cycle(causal_model, k):
     """Greedy output equals HF for a batch of different prompt lengths, and that of the two-pass
     cycle; every pass commits its accepted drafts plus one token (the prefill pass, the first token;
-    so output = accepted + passes)."""
+    the last pass may be cut at max_tokens: so output = accepted + passes, or one less)."""
     family, path = causal_model
     prompts = [list(range(1, 1 + n)) for n in (3, 9, 17, 30)]
     new = [12, 20, 7, 16]
@@ -101,7 +101,7 @@ def test_fused_cycle_is_lossless_and_one_pass_per_cycle(causal_model, k):
     hf = hf_model(path, family)
     for p, n, o in zip(prompts, new, outs):
         assert list(o.token_ids) == hf_greedy(hf, p, n)
-        assert o.num_output_tokens == o.num_accepted_tokens + o.num_forward_passes
+        assert o.num_output_tokens - o.num_accepted_tokens in (o.num_forward_passes, o.num_forward_passes - 1)
     assert sum(o.num_drafted_tokens for o in outs) > 0
     two = LLM(str(path), block_size=k, num_pages=64, fused_cycle=False)
     assert not two.engine.fused

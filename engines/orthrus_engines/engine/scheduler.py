@@ -67,9 +67,10 @@ class Scheduler:
 
     def verify_length(self, seq: Sequence) -> int:
         """Fused cycle: the anchor and every draft the sequence carries (they are paid for; a step of
-        K = 1 after a drafting one still verifies them), no more than it may still emit or the window allows."""
+        K = 1 after a drafting one still verifies them), up to the last token it may emit (the drafts
+        for it are verified too, as in the two-pass block) and inside the window."""
         remaining = seq.params.max_tokens - seq.num_output_tokens
-        return max(1, min(1 + len(seq.next_drafts), remaining, self._window(seq)))
+        return max(1, min(1 + len(seq.next_drafts), remaining + 1, self._window(seq)))
 
     def fused_block_length(self, seq: Sequence, k: int, v: int) -> int:
         """Fused cycle: K, but short enough that the MASK rows after the last of v verify slots (at
