@@ -262,7 +262,7 @@ def _run_bounded(engine: LLMEngine, max_steps: int = 400) -> dict[str, list[int]
 @pytest.mark.parametrize("k", [1, 8])
 def test_exact_under_preemption(zoo, family, k):
     """A page pool too small for the whole batch forces preemption by recompute; still exact."""
-    engine = LLM(str(zoo.path("orthrus", family)), block_size=k, num_pages=6).engine
+    engine = LLM(str(zoo.path("orthrus", family)), block_size=k, num_pages=20, page_size=4).engine
     for i, p in enumerate(PROMPTS):
         engine.add_request(f"r{i}", p, _params(MAX_NEW))
     tokens = _run_bounded(engine)

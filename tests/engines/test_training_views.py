@@ -3,6 +3,7 @@ a training block's diffusion logits equal the engine's paged draft pass for the 
 
 import pytest
 import torch
+from single_pass import prefill_to_anchor
 from tiny_models import hf_model, write_base, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
@@ -46,9 +47,7 @@ def test_student_block_matches_engine_draft(tmp_path, family, anchor_view):
         assert not torch.allclose(student, other, atol=1e-3)
     for a, p in enumerate(anchors[0].tolist()):
         seq = eng.add_request(f"r{p}", ids[0, : p + 1].tolist(), SamplingParams(max_tokens=16))
-        while seq.in_prefill:
-            eng.step()
-        assert eng.blocks.ensure(seq, seq.num_cached + K)  # the block's look-ahead pages
+        prefill_to_anchor(eng, [seq], K)  # with the block's look-ahead pages
         engine_draft = eng.runner.draft([seq], [K])
         torch.testing.assert_close(student[a], engine_draft, rtol=1e-4, atol=1e-4)
         eng.abort_request(f"r{p}")
@@ -64,10 +63,7 @@ def test_batched_draft_of_mixed_block_sizes_equals_one_at_a_time(tmp_path, ancho
     for i, n in enumerate([7, 3, 12]):
         seq = eng.add_request(f"r{i}", list(range(1, n + 1)), SamplingParams(max_tokens=16))
         seqs.append(seq)
-    while any(s.in_prefill for s in seqs):
-        eng.step()
-    for seq, k in zip(seqs, ks):
-        assert eng.blocks.ensure(seq, seq.num_cached + k)
+    prefill_to_anchor(eng, seqs, max(ks))
     batched = eng.runner.draft(seqs, ks)
     alone = torch.cat([eng.runner.draft([s], [k]) for s, k in zip(seqs, ks)])
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)

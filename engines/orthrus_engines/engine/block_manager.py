@@ -3,7 +3,10 @@
 A page holds `page_size` positions of every layer. Full pages of committed tokens are registered
 under their prefix hash (prefix_hash.py) and can be shared by later sequences with the same prefix.
 A page whose last user leaves goes to the back of the free list but keeps its hash, so it can still
-be hit; it is evicted (its hash forgotten, a `removed` event) only when the free list reaches it.
+be hit; it is evicted (its hash forgotten, a `removed` event) only when the free list reaches it. A
+page with no hash (look-ahead past the valid cache, a partial last page) holds nothing to hit: it
+goes to the front and is reused first, so the pages a decode step trims and the next one takes back
+are the same ones, and no cached prefix is evicted while such a page is free.
 """
 
 from collections import OrderedDict, deque
@@ -105,7 +108,9 @@ class BlockManager:
     def _release(self, page: int) -> None:
         self.ref_count[page] -= 1
         if self.ref_count[page] == 0:
-            self.free[page] = None  # most recently freed: evicted last
+            self.free[page] = None  # hashed: most recently freed, evicted last
+            if self.page_hash[page] is None:
+                self.free.move_to_end(page, last=False)  # nothing cached in it: reused first
 
     def trim(self, seq: Sequence) -> None:
         """Rollback: free the pages past the valid cache length."""

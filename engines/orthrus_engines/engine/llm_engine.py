@@ -177,10 +177,7 @@ class LLMEngine:
         outs: list[RequestOutput] = []  # appended as sequences settle: a later fault cannot undo them
         try:
             if isinstance(batch, PrefillBatch):
-                self.runner.prefill(batch.seqs, batch.ends)
-                for seq, end in zip(batch.seqs, batch.ends):
-                    seq.num_cached = end
-                    self.blocks.register_full_pages(seq)
+                self._prefill(batch, outs)
             elif batch.fused:
                 self._decode_fused(batch, outs)
             else:
@@ -190,6 +187,25 @@ class LLMEngine:
             settled = {o.request_id for o in outs}
             outs += [self._fail(seq, e) for seq in batch.seqs if seq.request_id not in settled]
         return outs
+
+    def _prefill(self, batch: PrefillBatch, outs: list[RequestOutput]) -> None:
+        """Cache the chunks; a chunk that ends with the anchor also commits the next token from its
+        logits, as the official generate's first pass does (1 prefill pass + 2 per cycle)."""
+        logits = self.runner.prefill(batch.seqs, batch.ends)
+        argmax = logits.argmax(-1).tolist() if logits is not None else []
+        row = 0
+        for seq, end in zip(batch.seqs, batch.ends):
+            emits = end == len(seq.token_ids)
+            seq.num_cached = end - emits  # _settle counts the anchor's row, as after a verify
+            if not emits:
+                self.blocks.register_full_pages(seq)
+                continue
+            try:
+                new = self._accept(seq, [], None, logits[row : row + 1], argmax[row : row + 1])
+                outs.append(self._settle(seq, new))
+            except Exception as e:
+                outs.append(self._fail_one(seq, e))
+            row += 1
 
     def _fail(self, seq: Sequence, e: Exception) -> RequestOutput:
         seq.finish_reason, seq.error = "error", f"{type(e).__name__}: {e}"

@@ -1,6 +1,7 @@
 """Owns the model and the paged KV cache; runs the three kinds of forward pass.
 
-- prefill: AR view, causal, writes KV, no logits;
+- prefill: AR view, causal, writes KV; logits only at the anchor of a chunk that ends with it (the
+           first token, as the official generate's first pass);
 - draft:   diffusion view over `[anchor, MASK x (k-1)]`, bidirectional in the block, reads the cached
            prefix, writes nothing; logits at slots 0..k-2 (with an `anchor_view: "ar"` head the
            anchor rows use the AR projections; with `"causal"` they also see only the prefix and
@@ -26,6 +27,7 @@ class ModelRunner:
     def __init__(self, src: ModelSource, device: torch.device, dtype: torch.dtype, page_size: int,
                  num_pages: int, max_model_len: int, pack_weights: bool = True, compile: bool = False):
         self.device, self.dtype, self.page_size = device, dtype, page_size
+        self.max_model_len = max_model_len  # rows of the rotary table: no pass may address a position past it
         self.mask_token_id = src.mask_token_id
         self.anchor_ar = src.anchor_view in ("ar", "causal")
         self.anchor_causal = src.anchor_view == "causal"
@@ -57,6 +59,9 @@ class ModelRunner:
     def _run(self, seqs: list[Sequence], ids: list[int], positions: torch.Tensor, meta: AttentionMetadata,
              diffusion: bool, ar_rows: list[int] | None = None) -> torch.Tensor:
         """Final hidden states [T, H] of one batched pass."""
+        last = int(positions.max()) if positions.numel() else -1
+        if last >= self.max_model_len:  # the scheduler keeps every row inside; never index past the table
+            raise RuntimeError(f"a pass would address position {last}, outside the window of {self.max_model_len}")
         ar = torch.tensor(ar_rows, device=self.device) if ar_rows is not None else None
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden = self.forward_model(ids_t, positions.to(self.device), meta, self.kv_cache, diffusion, ar)
@@ -79,10 +84,16 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         return self.model.logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
 
-    def prefill(self, seqs: list[Sequence], ends: list[int]) -> None:
-        """Cache positions [num_cached, end) of each sequence."""
+    def prefill(self, seqs: list[Sequence], ends: list[int]) -> torch.Tensor | None:
+        """Cache positions [num_cached, end) of each sequence; AR logits [n, V] at the last row of each
+        of the n chunks that end with the anchor (end = len(token_ids)), None if none does."""
         tokens = [s.token_ids[s.num_cached : e] for s, e in zip(seqs, ends)]
-        self._forward(seqs, tokens, [s.num_cached for s in seqs], True, True, False, None)
+        rows, offset = [], 0
+        for s, t, e in zip(seqs, tokens, ends):
+            offset += len(t)
+            if e == len(s.token_ids):
+                rows.append(offset - 1)
+        return self._forward(seqs, tokens, [s.num_cached for s in seqs], True, True, False, rows or None)
 
     def draft(self, seqs: list[Sequence], ks: list[int]) -> torch.Tensor:
         """[sum(k - 1), V] diffusion logits: row i of a sequence predicts block slot i + 1."""

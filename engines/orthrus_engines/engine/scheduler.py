@@ -1,10 +1,11 @@
 """Continuous batching: admission by free pages, chunked prefill, preemption by recompute.
 
-Each step is either a prefill step (chunks of prompts, at most `max_num_batched_tokens` tokens) or
-a decode step (one Orthrus cycle for the running sequences: a draft pass and a verify pass of K
-rows per sequence, or with a causal-anchor head one verify+draft pass of K x K rows). The plan of
-a decode step (K and cycle) comes from the draft policy for the sequences that let it choose; the
-others keep their own K. When both kinds of work are waiting, steps alternate, so a stream of long
+Each step is either a prefill step (chunks of prompts, at most `max_num_batched_tokens` tokens; a
+prompt's last chunk also commits its first token) or a decode step (one Orthrus cycle for the
+running sequences: a draft pass and a verify pass of K rows per sequence, or with a causal-anchor
+head one verify+draft pass of K x K rows). The plan of a decode step (K and cycle) comes from the
+draft policy for the sequences that let it choose; the others keep their own K. When both kinds
+of work are waiting, steps alternate, so a stream of long
 prompts cannot stall running requests.
 """
 
@@ -20,7 +21,7 @@ from orthrus_engines.engine.sequence import Sequence, Status
 @dataclass
 class PrefillBatch:
     seqs: list[Sequence]
-    ends: list[int]  # cache positions [num_cached, end) this step
+    ends: list[int]  # cache positions [num_cached, end) this step; end = len(token_ids): a first token too
 
 
 @dataclass
@@ -61,21 +62,30 @@ class Scheduler:
         seq.status = Status.FINISHED
 
     def block_length(self, seq: Sequence, plan: Plan | None = None, fused: bool = False) -> int:
-        """K for this step: the plan's K (or the request's), capped in the fused cycle, no more than
-        it may still emit or the window allows."""
+        """K for this step: the plan's K (or the request's), capped in the fused cycle, cut at the
+        request's tail as the official generate cuts it (a block reaching one slot past the last token
+        it may emit: the same drafts, so never more passes), a last token alone being one AR pass;
+        never past the window."""
         k = min(plan.k, seq.block_size) if plan is not None and seq.auto_k else seq.block_size
-        return self._within_room(seq, min(k, self.fused_k) if fused else k)
+        k = min(k, self.fused_k) if fused else k
+        remaining = seq.params.max_tokens - seq.num_output_tokens
+        return 1 if remaining <= 1 else max(1, min(k, remaining + 1, self._window(seq)))
 
     def verify_length(self, seq: Sequence) -> int:
         """Fused cycle: the anchor and every draft the sequence carries (they are paid for; a step of
-        K = 1 after a drafting one still verifies them), no more than it may still emit."""
-        return self._within_room(seq, 1 + len(seq.next_drafts))
-
-    def _within_room(self, seq: Sequence, n: int) -> int:
-        """n, but no more tokens than the request may still emit or the window allows (at least 1)."""
+        K = 1 after a drafting one still verifies them), up to the last token it may emit (the drafts
+        for it are verified too, as in the two-pass block) and inside the window."""
         remaining = seq.params.max_tokens - seq.num_output_tokens
-        window = self.max_model_len - len(seq.token_ids) + 1
-        return max(1, min(n, remaining, window))
+        return max(1, min(1 + len(seq.next_drafts), remaining + 1, self._window(seq)))
+
+    def fused_block_length(self, seq: Sequence, k: int, v: int) -> int:
+        """Fused cycle: K, but short enough that the MASK rows after the last of v verify slots (at
+        positions up to num_cached + v - 1 + K - 1) stay inside the window."""
+        return max(1, min(k, self._window(seq) - v + 1))
+
+    def _window(self, seq: Sequence) -> int:
+        """Positions left in the window from the anchor's on (the anchor sits at len - 1)."""
+        return self.max_model_len - len(seq.token_ids) + 1
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -84,7 +94,7 @@ class Scheduler:
             need = seq.prefill_target + self.block_length(seq)
             headroom = self.blocks.pages_for(need) - len(seq.block_table) + len(self.running)  # 1 page/running seq
             fits = headroom <= self.blocks.num_free or not self.running  # an empty engine takes anyone
-            if not (fits and self.blocks.ensure(seq, seq.prefill_target)):
+            if not (fits and self.blocks.ensure(seq, seq.prefill_target + 1)):  # the anchor's page too
                 # Wait without holding pages: the hits keep their hashes and can be matched again.
                 self.blocks.free_all(seq)
                 return
@@ -109,7 +119,7 @@ class Scheduler:
             for s in prefills:
                 if budget <= 0:
                     break
-                end = min(s.prefill_target, s.num_cached + budget)
+                end = min(s.prefill_end, s.num_cached + budget)
                 budget -= end - s.num_cached
                 seqs.append(s)
                 ends.append(end)
@@ -125,7 +135,8 @@ class Scheduler:
             if s.status != Status.RUNNING:
                 continue  # preempted below
             if fused:  # v verify rows, each followed by a block of k - 1
-                k, v = self.block_length(s, plan, fused), self.verify_length(s)
+                v = self.verify_length(s)
+                k = self.fused_block_length(s, self.block_length(s, plan, fused), v)
                 rows = v * k
             elif s.next_drafts:  # drafts carried from a fused pass: verified, nothing drafted
                 k = v = rows = self.verify_length(s)

@@ -1,8 +1,8 @@
 """A request's decoding state.
 
 Invariant while decoding: the KV cache holds `num_cached` = len(token_ids) - 1 positions; the last
-committed token (the anchor) is not cached yet. Before that, the prompt is prefilled up to
-len(prompt) - 1 positions in chunks.
+committed token (the anchor) is not cached yet. Before that, the prompt is prefilled in chunks, the
+last of which takes the last prompt token too and commits the first output token.
 """
 
 import enum
@@ -76,8 +76,15 @@ class Sequence:
         return len(self.token_ids) - 1
 
     @property
+    def prefill_end(self) -> int:
+        """Where prefill stops: for a new request past the anchor, whose logits give the first token (as
+        the official generate's first pass); for a recompute after preemption at the anchor, so that it
+        resumes the very state it left (seeded sampling does not depend on preemption)."""
+        return self.prefill_target + (self.num_output_tokens == 0)
+
+    @property
     def in_prefill(self) -> bool:
-        return self.num_cached < self.prefill_target
+        return self.num_cached < self.prefill_end
 
     @property
     def finished(self) -> bool:
