@@ -35,9 +35,10 @@ def test_compiled_engine_matches_hf_greedy_with_a_bounded_set_of_graphs(setup, b
     start = frames["ok"]
     llm = LLM(str(path), block_size=block_size, num_pages=64, compile=True)
     params = SamplingParams(max_tokens=NEW, ignore_eos=True)
-    # auto picks K from timings, so its warm-up also forces AR and full-K drafting per request:
-    # every kind of pass compiles, whichever K the policy picks later
-    ks = (1, llm.engine.block_size) if block_size == "auto" else ()
+    # the warm-up also forces AR and full-K drafting per request: every kind of pass compiles, whichever
+    # K the policy picks later, and a batch whose sequences all reach their last token together (one AR
+    # row each) is one of them
+    ks = sorted({1, llm.engine.block_size})
     forced = [SamplingParams(max_tokens=NEW, ignore_eos=True, block_size=k) for k in ks]
     for batch in WARM_UP:
         for warm in (*forced, params):

@@ -41,6 +41,9 @@ class ModelRunner:
         self.forward_model = torch.compile(self.model, dynamic=True) if compile else self.model
         if compile:  # room for every kind of pass before torch.compile falls back to eager
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+            # no guard that two sizes are equal because they were the first time (a prompt's first chunk
+            # has as many keys as queries; a later chunk or a prefix hit has more)
+            torch.fx.experimental._config.use_duck_shape = False
         s = self.model.shape
         attn = self.model.layers[0].self_attn
         slots = num_pages * page_size
