@@ -30,6 +30,7 @@ def engine_options(cfg: ServeConfig) -> dict:
                 "min_match_blocks": cfg.router.min_match_blocks,
                 "heartbeat_timeout_s": cfg.index.heartbeat_timeout_s,
                 "redis_password_env": cfg.index.redis_password_env,
+                "redis_ca_file": cfg.index.redis_ca_file,
             },
             request_routing_stats_period_s=1.0,
         )

@@ -8,6 +8,7 @@ import time
 
 from orthrus_serve.auth import add_api_key_argument, key_from_env
 from orthrus_serve.bench import add_arguments as add_bench_arguments
+from orthrus_serve.client import add_tls_arguments
 
 
 def up_message(cfg, key_set: bool | None) -> str:
@@ -19,10 +20,11 @@ def up_message(cfg, key_set: bool | None) -> str:
                 False: f"API key: none (set ${cfg.api_key_env} or pass --api-key): anyone who reaches the ports "
                        "can call",
                 None: f"API key: required if ${cfg.api_key_env} is set in the Ray nodes' environment"}[key_set]
+    scheme, cacert = ("https", f" --cacert {cfg.ssl_certfile}") if cfg.ssl_certfile else ("http", "")
     return f"""
 orthrus-serve is up: {cfg.served_model_name}
-  HTTP (OpenAI) on {cfg.host}:{cfg.http_port}:
-    curl http://{cfg.host}:{cfg.http_port}/v1/completions -H 'Content-Type: application/json'{auth} \\
+  {scheme.upper()} (OpenAI) on {cfg.host}:{cfg.http_port}:
+    curl{cacert} {scheme}://{cfg.host}:{cfg.http_port}/v1/completions -H 'Content-Type: application/json'{auth} \\
          -d '{{"prompt": "The capital of France is", "max_tokens": 16}}'
   gRPC on port {cfg.grpc_port} of ALL interfaces (Ray Serve's gRPC proxy has no bind address; README: Security):
     orthrus-serve generate "The capital of France is" --address {grpc_host}:{cfg.grpc_port}
@@ -30,18 +32,38 @@ orthrus-serve is up: {cfg.served_model_name}
 Ctrl-C stops it."""
 
 
-def _up(args) -> int:
-    import ray
-    from ray import serve
+def serve_start_options(cfg) -> dict:
+    """`serve.start`'s keyword arguments for a ServeConfig: where the proxies listen, HTTPS."""
     from ray.serve.config import gRPCOptions, HTTPOptions
 
-    from orthrus_serve.app import GRPC_SERVICERS, build_app
+    from orthrus_serve.app import GRPC_SERVICERS
+
+    return {"http_options": HTTPOptions(host=cfg.host, port=cfg.http_port, ssl_certfile=cfg.ssl_certfile,
+                                        ssl_keyfile=cfg.ssl_keyfile),
+            "grpc_options": gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=GRPC_SERVICERS)}
+
+
+def up_config(args):
+    """The ServeConfig that `up` serves: the --config file (or the defaults) with the flags over it."""
     from orthrus_serve.config import ServeConfig
 
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     overrides = {k: v for k, v in (("model", args.model), ("http_port", args.http_port),
-                                   ("grpc_port", args.grpc_port)) if v is not None}
-    cfg = cfg.model_copy(update=overrides)
+                                   ("grpc_port", args.grpc_port), ("ssl_certfile", args.ssl_certfile),
+                                   ("ssl_keyfile", args.ssl_keyfile)) if v is not None}
+    return ServeConfig.model_validate(cfg.model_dump() | overrides)  # validated again: cert and key together
+
+
+def _up(args) -> int:
+    import ray
+    from ray import serve
+
+    from orthrus_serve.app import build_app
+
+    try:
+        cfg = up_config(args)
+    except ValueError as e:  # pydantic's ValidationError is one
+        sys.exit(f"orthrus-serve up: {e}")
     if args.api_key:
         if cfg.api_key_env is None:
             sys.exit("--api-key: the config's api_key_env is null (no key is read)")
@@ -53,8 +75,7 @@ def _up(args) -> int:
     # Without RAY_ADDRESS always a new local cluster (not one found in /tmp/ray): it inherits this
     # process's environment, so what is printed about the key is true.
     ray.init(address=remote or "local", ignore_reinit_error=True)
-    serve.start(http_options=HTTPOptions(host=cfg.host, port=cfg.http_port),
-                grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
+    serve.start(**serve_start_options(cfg))
     serve.run(build_app(cfg.model_dump()), name=cfg.app_name, route_prefix="/")
     print(up_message(cfg, None if remote else key_from_env(cfg.api_key_env) is not None), flush=True)
     try:
@@ -68,7 +89,8 @@ def _up(args) -> int:
 def _generate(args) -> int:
     from orthrus_serve.client import OrthrusClient
 
-    with OrthrusClient(args.address, application=args.application, api_key=args.api_key) as client:
+    with OrthrusClient(args.address, application=args.application, api_key=args.api_key, tls=args.tls,
+                       ca_file=args.ca_file) as client:
         if args.stream:
             for delta in client.generate_stream(args.prompt, max_tokens=args.max_tokens,
                                                 temperature=args.temperature):
@@ -94,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model")
     up.add_argument("--http-port", type=int)
     up.add_argument("--grpc-port", type=int)
+    up.add_argument("--ssl-certfile", help="HTTPS: the server's certificate chain (PEM); with --ssl-keyfile")
+    up.add_argument("--ssl-keyfile", help="HTTPS: the server's private key (PEM)")
     add_api_key_argument(up)
     gen = sub.add_parser("generate", help="call a running server over gRPC")
     gen.add_argument("prompt")
@@ -104,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true")
     gen.add_argument("--json", action="store_true")
     add_api_key_argument(gen)
+    add_tls_arguments(gen)
     bench = sub.add_parser("bench", help="benchmark a running server (gRPC, or HTTP with --http)")
     add_bench_arguments(bench)
     return p

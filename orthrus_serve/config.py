@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orthrus_serve.auth import DEFAULT_API_KEY_ENV
 
@@ -34,8 +34,17 @@ class IndexSettings(_Strict):
     # An environment variable that holds the Redis password (on Kubernetes, from a Secret). It is
     # read by each process that connects, so the password appears in no config or dashboard.
     redis_password_env: str | None = None
+    # TLS to Redis: a `rediss://` URL; this PEM file holds the CA certificates that sign the
+    # server's certificate (None: the system's roots). It must exist on every node.
+    redis_ca_file: str | None = None
     heartbeat_s: float = Field(1.0, gt=0)
     heartbeat_timeout_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ca_file_needs_tls(self) -> "IndexSettings":
+        if self.redis_ca_file is not None and not (self.redis_url or "").startswith("rediss://"):
+            raise ValueError("index.redis_ca_file is for TLS: the redis_url must start with rediss://")
+        return self
 
 
 class ServeConfig(_Strict):
@@ -58,6 +67,16 @@ class ServeConfig(_Strict):
     host: str = "127.0.0.1"  # where HTTP listens; gRPC listens on all interfaces (README, Security)
     http_port: int = 8000
     grpc_port: int = 9000
+    # HTTPS on the HTTP port (PEM files on the node; Serve's http_options.ssl_* in a Serve config
+    # file). `orthrus-serve up` only. gRPC has no TLS in Ray's proxy: a gateway terminates it.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> "ServeConfig":
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (HTTPS needs both)")
+        return self
 
     @property
     def served_model_name(self) -> str:

@@ -47,8 +47,9 @@ class EngineServer:
         self.engine = AsyncEngine(self.config.model, head=self.config.head, **self.config.engine)
         self.health = EngineHealth(self.engine)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.index = make_prefix_index(self.config.index.redis_url, self.config.index_namespace,
-                                       self.config.index.heartbeat_timeout_s, self.config.index.redis_password_env)
+        idx = self.config.index
+        self.index = make_prefix_index(idx.redis_url, self.config.index_namespace, idx.heartbeat_timeout_s,
+                                       idx.redis_password_env, idx.redis_ca_file)
         self.meter = ThroughputMeter()
         self.metrics = EngineMetrics.create(self.config.served_model_name)
         self.prompt_totals: dict = {}  # for the prefix hit-rate gauge

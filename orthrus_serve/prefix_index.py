@@ -174,6 +174,27 @@ return 1
 """
 
 
+def redis_connection_kwargs(url: str, password: str | None, ca_file: str | None, socket_timeout_s: float) -> dict:
+    """redis-py's keyword arguments besides the URL. A `rediss://` URL is TLS, verifying the
+    server's certificate and host name against `ca_file` (None: the system's roots)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    tls = url.startswith("rediss://")
+    if ca_file is not None and not tls:
+        raise ValueError(f"a Redis CA file is for TLS: use a rediss:// URL, not {url.split('://')[0]}://")
+    kwargs = {
+        "password": password,
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": socket_timeout_s,
+        "retry": Retry(NoBackoff(), 1),  # one retry on a fresh connection: pooled ones go stale on restarts
+        "decode_responses": True,
+    }
+    if tls:
+        kwargs |= {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": ca_file}
+    return kwargs
+
+
 class RedisPrefixIndex:
     """Index shared through Redis; see the module docstring for keys, TTLs and failure handling."""
 
@@ -187,10 +208,9 @@ class RedisPrefixIndex:
         retry_interval_s: float = 1.0,
         warn_interval_s: float = 30.0,
         password: str | None = None,  # when the URL has none
+        ca_file: str | None = None,  # TLS (a rediss:// URL): the CA certificates to trust
     ):
         import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.block_ttl_s = block_ttl_s if block_ttl_s is not None else max(3600.0, 20 * heartbeat_timeout_s)
@@ -201,15 +221,7 @@ class RedisPrefixIndex:
         self._blk = self._prefix + "blk:"
         self._hb = self._prefix + "hb"
         self._errors = (redis.RedisError, OSError)
-        # one retry on a fresh connection covers pooled connections left stale by a server restart
-        self._redis = redis.Redis.from_url(
-            url,
-            password=password,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 1),
-            decode_responses=True,
-        )
+        self._redis = redis.Redis.from_url(url, **redis_connection_kwargs(url, password, ca_file, socket_timeout_s))
         self._lock = threading.Lock()
         self._down_until = 0.0  # time.monotonic() before which Redis is not tried
         self._last_warning = float("-inf")
@@ -347,14 +359,16 @@ class RedisPrefixIndex:
 
 
 def make_prefix_index(redis_url: str | None, namespace: str, heartbeat_timeout_s: float,
-                      password_env: str | None = None) -> PrefixIndex:
+                      password_env: str | None = None, ca_file: str | None = None) -> PrefixIndex:
     """Redis when a URL is configured (the cluster case), else the in-process index. The password,
-    if any, comes from the environment variable `password_env` of this process."""
+    if any, comes from the environment variable `password_env` of this process; `ca_file`: TLS
+    (rediss://) trusting that CA."""
     if redis_url:
         password = None
         if password_env:
             password = os.environ.get(password_env)
             if password is None:
                 log.warning("prefix index: %s is not set; connecting to Redis without a password", password_env)
-        return RedisPrefixIndex(redis_url, namespace, heartbeat_timeout_s=heartbeat_timeout_s, password=password)
+        return RedisPrefixIndex(redis_url, namespace, heartbeat_timeout_s=heartbeat_timeout_s, password=password,
+                                ca_file=ca_file)
     return LocalPrefixIndex(heartbeat_timeout_s=heartbeat_timeout_s)

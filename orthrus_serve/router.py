@@ -39,10 +39,11 @@ def rank_replicas(
 class PrefixAwareRouter(RequestRouter):
     def initialize_state(self, redis_url: str | None = None, namespace: str = "default",
                          imbalance_threshold: float = 8, min_match_blocks: int = 1,
-                         heartbeat_timeout_s: float = 5.0, redis_password_env: str | None = None, **_):
+                         heartbeat_timeout_s: float = 5.0, redis_password_env: str | None = None,
+                         redis_ca_file: str | None = None, **_):
         self.local = redis_url is None
         self.index = LocalPrefixIndex(heartbeat_timeout_s) if self.local else make_prefix_index(
-            redis_url, namespace, heartbeat_timeout_s, redis_password_env)
+            redis_url, namespace, heartbeat_timeout_s, redis_password_env, redis_ca_file)
         self.imbalance_threshold = imbalance_threshold
         self.min_match_blocks = min_match_blocks
         self._seen_stats: dict[str, int] = {}

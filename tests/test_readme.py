@@ -30,6 +30,9 @@ ELSEWHERE = {
     "docker build": "Docker (tests/cluster/test_dockerfile.py lints the Dockerfile)",
     "kubectl apply -k cluster/kuberay": "Kubernetes (tests/cluster/test_kuberay_manifests.py renders and validates it)",
     "scripts/train_builtin_head_gpu.sh": "a CUDA GPU",
+    "orthrus-serve up --ssl-certfile": "tests/serve/test_tls.py (Ray's HTTPS server with the options `up` passes)",
+    "curl --cacert": "tests/serve/test_tls.py (HTTPS trusting a private CA)",
+    "orthrus-serve generate \"Hello\" --address gateway": "tests/serve/test_tls.py (generate --ca-file over TLS)",
 }
 
 

@@ -247,19 +247,64 @@ def pod_templates(obj: dict) -> list[tuple[str, dict]]:
     return []
 
 
-def check_references(objs: list[dict]) -> list[str]:
-    """Across one set of manifests: Secrets referenced exist with the key, Services select some pod
-    template and their named target ports exist there, StatefulSets' selectors and serviceNames."""
+def secret_key_refs(objs: list[dict]) -> list[tuple[str, str, str | None]]:
+    """(where, Secret name, key or None for a whole-Secret volume) of every Secret reference: env
+    secretKeyRefs, secret volumes, and a RayService's GCS fault tolerance Redis password."""
+    refs = []
+    for o in objs:
+        for where, t in pod_templates(o):
+            for c in t["spec"].get("containers", []):
+                for e in c.get("env", []):
+                    ref = e.get("valueFrom", {}).get("secretKeyRef")
+                    if ref and not ref.get("optional"):
+                        refs.append((f"{where}: env {e['name']}", ref.get("name"), ref.get("key")))
+            for v in t["spec"].get("volumes", []):
+                if "secret" in v and not v["secret"].get("optional"):
+                    refs.append((f"{where}: volume {v['name']}", v["secret"].get("secretName"), None))
+        if o["kind"] == "RayService":
+            gcs = o["spec"]["rayClusterConfig"].get("gcsFaultToleranceOptions") or {}
+            ref = (gcs.get("redisPassword") or {}).get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                refs.append((f"RayService {o['metadata']['name']}: gcsFaultToleranceOptions.redisPassword",
+                             ref.get("name"), ref.get("key")))
+    return refs
+
+
+def label_selector_matches(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions In/NotIn/Exists/DoesNotExist) against labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def check_references(objs: list[dict], external_secrets: dict[str, set[str]] | None = None) -> list[str]:
+    """Across one set of manifests: Secrets referenced exist with the key (in the manifests or in
+    `external_secrets`, name -> keys, those created by hand), ConfigMap volumes name a ConfigMap,
+    Services select some pod template and their named target ports exist there, PodDisruptionBudgets
+    and NetworkPolicies select some pod template, StatefulSets' selectors and serviceNames."""
     problems = []
     secrets = {o["metadata"]["name"]: set(o.get("data", {})) | set(o.get("stringData", {}))
-               for o in objs if o["kind"] == "Secret"}
+               for o in objs if o["kind"] == "Secret"} | (external_secrets or {})
     templates = [t for o in objs for t in pod_templates(o)]
+    for where, name, key in secret_key_refs(objs):
+        if name not in secrets or (key is not None and key not in secrets[name]):
+            problems.append(f"{where} needs Secret {name}" + (f" key {key}" if key else ""))
+    config_maps = {o["metadata"]["name"] for o in objs if o["kind"] == "ConfigMap"}
     for where, t in templates:
-        for c in t["spec"].get("containers", []):
-            for e in c.get("env", []):
-                ref = e.get("valueFrom", {}).get("secretKeyRef")
-                if ref and not ref.get("optional") and ref.get("key") not in secrets.get(ref.get("name"), set()):
-                    problems.append(f"{where}: env {e['name']} needs Secret {ref.get('name')} key {ref.get('key')}")
+        for v in t["spec"].get("volumes", []):
+            if "configMap" in v and v["configMap"].get("name") not in config_maps:
+                problems.append(f"{where}: volume {v['name']} names no ConfigMap")
+    for o in objs:
+        if o["kind"] in ("PodDisruptionBudget", "NetworkPolicy"):
+            sel = o["spec"]["selector"] if o["kind"] == "PodDisruptionBudget" else o["spec"]["podSelector"]
+            if not any(label_selector_matches(sel, t.get("metadata", {}).get("labels", {})) for _, t in templates):
+                problems.append(f"{o['kind']} {o['metadata']['name']}: selector {sel} matches no pod template")
     for o in objs:
         if o["kind"] == "Service":
             sel = o["spec"].get("selector") or {}
@@ -339,6 +384,12 @@ def kuberay_rules(rs: dict) -> list[str]:
             problems.append(f"{w}: the ray.io/ft-enabled annotation conflicts with gcsFaultToleranceOptions")
     elif "RAY_REDIS_ADDRESS" in head_env:
         problems.append(f"{w}: RAY_REDIS_ADDRESS enables GCS FT implicitly; use gcsFaultToleranceOptions")
+    # A pinned namespace is shared by the old and the new cluster of a NewCluster upgrade: the new head
+    # reads the old Serve state, and the old cluster's Redis cleanup deletes the live state.
+    upgrade = (rs["spec"].get("upgradeStrategy") or {}).get("type", "NewCluster")
+    if (spec.get("gcsFaultToleranceOptions") or {}).get("externalStorageNamespace") and upgrade == "NewCluster":
+        problems.append(f"{w}: externalStorageNamespace is pinned while upgradeStrategy is NewCluster: the "
+                        "old and new clusters share (and the old one's cleanup deletes) the GCS state")
     auth = spec.get("authOptions", {})
     if auth.get("mode") == "token":
         version = tuple(int(x) for x in str(spec.get("rayVersion", "0")).split(".")[:3])
@@ -362,6 +413,36 @@ def kuberay_rules(rs: dict) -> list[str]:
             problems.append(f"{w}: serveService port {p['name']} targets {p.get('targetPort')}, "
                             f"the head serves it on {serving[p['name']]}")
     return problems
+
+
+# -- NetworkPolicy ---------------------------------------------------------------------------
+def connection_allowed(policies: list[dict], src: dict, dst_labels: dict, port: int) -> bool:
+    """Whether NetworkPolicies (ingress, one namespace) admit a TCP connection from a pod to a port
+    of a pod with `dst_labels`. `src`: {"labels": ..., "same_namespace": bool, "namespace_labels":
+    ...}. A pod that no policy selects takes everything; otherwise some rule must match."""
+    selecting = [p for p in policies if label_selector_matches(p["spec"]["podSelector"], dst_labels)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    return any(_rule_admits(rule, src, port) for p in selecting for rule in p["spec"].get("ingress", []))
+
+
+def _rule_admits(rule: dict, src: dict, port: int) -> bool:
+    ports = rule.get("ports")
+    if ports and not any(p.get("port") in (None, port) and p.get("protocol", "TCP") == "TCP" for p in ports):
+        return False
+    peers = rule.get("from")
+    if not peers:
+        return True
+    for peer in peers:
+        if "ipBlock" in peer:
+            continue  # pod traffic is judged by labels here
+        ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
+        ns_ok = (src["same_namespace"] if ns_sel is None
+                 else label_selector_matches(ns_sel, src.get("namespace_labels", {})))
+        if ns_ok and (pod_sel is None or label_selector_matches(pod_sel, src["labels"])):
+            return True
+    return False
 
 
 # -- kustomize -------------------------------------------------------------------------------
