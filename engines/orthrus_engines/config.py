@@ -1,6 +1,5 @@
-from dataclasses import dataclass
-
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 

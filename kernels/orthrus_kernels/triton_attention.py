@@ -11,11 +11,9 @@ the output accumulate in fp32 (online softmax); fp32 inputs multiply in IEEE fp3
 Without a GPU, Triton's interpreter runs the kernels on CPU tensors (see triton_setup.py).
 """
 
-import os
-
 import torch
 
-from orthrus_kernels.triton_setup import tl, triton
+from orthrus_kernels.triton_setup import INTERPRET, tl, triton
 from orthrus_kernels.triton_store import store_kv
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -122,12 +120,12 @@ def triton_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     heads = _heads_per_program(group, r.tile_rows)
     block_m = max(16, triton.next_power_of_2(r.tile_rows * heads))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     if T == 0:
         return out
     splits = group // heads
     # the interpreter multiplies bf16 as raw integers: there, bf16 products run in fp32
-    interpret_bf16 = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret_bf16 = q.dtype == torch.bfloat16 and INTERPRET
     dot_dtype = tl.float32 if q.dtype == torch.float32 or interpret_bf16 else _TL_DTYPES[q.dtype]
     key_slots = meta.key_slots
     grid = (r.tiles.shape[0], num_kv_heads * splits)
@@ -139,5 +137,6 @@ def triton_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
         GROUP=group, HEADS=heads, SPLITS=splits, TILE_ROWS=r.tile_rows,
         BLOCK_M=block_m, BLOCK_N=32 if block_d > 64 else 64, BLOCK_D=block_d,
         DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+        num_warps=8 if block_m * block_d >= 128 * 64 else 4,
     )
     return out

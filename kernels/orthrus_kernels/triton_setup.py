@@ -33,7 +33,8 @@ def _fix_interpreter_scalar_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # how the kernels imported next are decorated
+if INTERPRET:
     _fix_interpreter_scalar_index()
 
-__all__ = ["triton", "tl"]
+__all__ = ["INTERPRET", "triton", "tl"]
