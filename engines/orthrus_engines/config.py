@@ -1,6 +1,11 @@
+import importlib.util
 from dataclasses import dataclass
 
 import torch
+
+from orthrus_engines.errors import OrthrusInputError
+
+ATTENTION_BACKENDS = ("torch", "triton")
 
 
 @dataclass
@@ -26,6 +31,9 @@ class EngineArgs:
     # transient rows fit in one block of the model's K: 3 for K = 8). False: docs/ARCHITECTURE.md §1's two passes.
     fused_cycle: bool = True
     compile: bool = False  # torch.compile the model (inductor): less per-op overhead; each new pass shape compiles first
+    # paged attention: "torch" (gather + SDPA) or "triton" (orthrus_kernels' kernels; on CPU under Triton's
+    # interpreter, slow: for tests); None: triton on CUDA when Triton is installed, torch otherwise
+    attention_backend: str | None = None
 
     def resolve_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -34,6 +42,16 @@ class EngineArgs:
         if self.dtype is not None:
             return getattr(torch, self.dtype)
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def resolve_attention_backend(self, device: torch.device) -> str:
+        backend = self.attention_backend
+        if backend is None:
+            return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
+        if backend not in ATTENTION_BACKENDS:
+            raise OrthrusInputError("attention_backend", f"must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        if backend == "triton" and importlib.util.find_spec("triton") is None:
+            raise OrthrusInputError("attention_backend", "'triton' needs the triton package (Linux x86_64)")
+        return backend
 
     def kv_cache_bytes(self, device: torch.device) -> int:
         if self.kv_cache_gb is not None:

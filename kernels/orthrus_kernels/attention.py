@@ -10,12 +10,20 @@ transient. A verify+draft pass (`build_verify_draft_metadata`) mixes both: AR ro
 causal, then transient diffusion blocks that each read the cache up to one of those AR rows.
 
 Cache layout per layer: `[num_slots, num_kv_heads, head_dim]`, slot = page * page_size + offset.
+
+Two backends compute the same op: "torch" (this file: gather + masked SDPA, any device) and "triton"
+(triton_attention.py: a KV store and one attention kernel for every kind of pass, driven by per-row
+ranges; compiled on CUDA, Triton's interpreter on CPU). The metadata builders choose it.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from orthrus_kernels.row_ranges import RowRanges, pass_row_ranges, verify_draft_row_ranges
+
+BACKENDS = ("torch", "triton")
 
 
 @dataclass
@@ -32,6 +40,13 @@ class AttentionMetadata:
     # Verify+draft pass: only these rows of the new tokens are written (None: all rows, if any);
     # the others are transient keys, laid out after the gathered cache keys.
     write_rows: torch.Tensor | None = None
+    backend: str = "torch"  # "triton": `ranges` drive the kernels; mask, pad_index and is_causal are unused
+    ranges: RowRanges | None = None
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _slots(table: list[int], n: int, page_size: int) -> torch.Tensor:
@@ -50,12 +65,15 @@ def build_attention_metadata(
     device: torch.device,
     every_field: bool = False,
     causal_anchor: bool = False,
+    backend: str = "torch",
 ) -> AttentionMetadata:
     """`causal_anchor` (transient bidirectional passes): each sequence's first new token sees none of
     the others.
     `every_field`: always build the mask and the padding index, never the shortcuts for one
     sequence or equal query lengths, so that a compiled model sees one structure per kind of pass
-    (torch.compile makes a graph per structure; sizes stay symbolic)."""
+    (torch.compile makes a graph per structure; sizes stay symbolic).
+    `backend`: "torch" or "triton" (`paged_attention` runs the one the metadata was built for)."""
+    _check_backend(backend)
     B, max_q, max_p = len(q_lens), max(q_lens), max(prefix_lens)
     uniform = all(q == max_q for q in q_lens) and not every_field
     totals = [p + q for p, q in zip(prefix_lens, q_lens)]
@@ -68,6 +86,9 @@ def build_attention_metadata(
         key_slots[b, :n] = slots[:n]
         write.extend(slots[p:].tolist())
     write_slots = torch.tensor(write, dtype=torch.long, device=device) if write_kv else None
+    if backend == "triton":
+        ranges = pass_row_ranges(q_lens, prefix_lens, causal, write_kv, causal_anchor, device)
+        return AttentionMetadata(False, key_slots.to(device), write_slots, None, None, backend=backend, ranges=ranges)
 
     pad_index = None
     if not uniform:
@@ -104,12 +125,14 @@ def build_verify_draft_metadata(
     block_tables: list[list[int]],
     page_size: int,
     device: torch.device,
+    backend: str = "torch",
 ) -> AttentionMetadata:
     """One pass that verifies a block and drafts the next (causal-anchor heads). Sequence b has
     v = verify_lens[b] AR rows `[anchor, drafts...]` at positions p..p+v-1 (p = prefix_lens[b]),
     causal and written to the cache, then v transient blocks of m = block_lens[b] rows: block j
     (rows v + j*m ..) sees the cache through AR row j and its own rows (bidirectional), nothing else.
     Keys: the cache slots of positions [0, p + v), then the new tokens padded to max_q."""
+    _check_backend(backend)
     B = len(verify_lens)
     q_lens = [v + v * m for v, m in zip(verify_lens, block_lens)]
     max_q = max(q_lens)
@@ -129,6 +152,16 @@ def build_verify_draft_metadata(
         mask[b, : q_lens[b], :max_keys] = torch.arange(max_keys).view(1, -1) <= sees.view(-1, 1)
         blocks = mask[b, v : q_lens[b], max_keys + v : max_keys + q_lens[b]]
         blocks.copy_(block_of.view(-1, 1) == block_of.view(1, -1))
+    if backend == "triton":
+        return AttentionMetadata(
+            uniform_q=False,
+            key_slots=key_slots.to(device),
+            write_slots=torch.tensor(write, dtype=torch.long, device=device),
+            mask=None,
+            pad_index=None,
+            backend=backend,
+            ranges=verify_draft_row_ranges(verify_lens, block_lens, prefix_lens, device),
+        )
     mask[:, :, 0] = True  # padded query rows need one visible key (dropped later)
     pad_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(q_lens)]).to(device)
     return AttentionMetadata(
@@ -167,6 +200,10 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
+    if meta.backend == "triton":
+        from orthrus_kernels.triton_attention import triton_paged_attention  # imports Triton on first use
+
+        return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale)
     qp = _pad(q, meta)
     if meta.write_rows is not None:  # verify+draft: AR rows to the cache, keys = [cache | every new row]
         k_cache.index_copy_(0, meta.write_slots, k.index_select(0, meta.write_rows))

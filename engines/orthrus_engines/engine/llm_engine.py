@@ -57,7 +57,8 @@ class LLMEngine:
             1, args.kv_cache_bytes(self.device) // ModelRunner.bytes_per_page(src, self.dtype, args.page_size))
         self.max_model_len = min(self.max_model_len, num_pages * args.page_size)
         self.runner = ModelRunner(src, self.device, self.dtype, args.page_size, num_pages, self.max_model_len,
-                                  args.cpu_packed_weights, args.compile)
+                                  args.cpu_packed_weights, args.compile,
+                                  attention_backend=args.resolve_attention_backend(self.device))
         self.fused = args.fused_cycle and self.runner.anchor_causal  # the verify+draft cycle is available
         # its V x (K - 1) transient rows per sequence (V <= K) stay within one block (docs/ARCHITECTURE.md §1)
         self.fused_k = min(self.block_size, fused_block_limit(src.block_size)) if self.fused else 0

@@ -25,9 +25,11 @@ from orthrus_engines.models.loader import ModelSource, build_model
 
 class ModelRunner:
     def __init__(self, src: ModelSource, device: torch.device, dtype: torch.dtype, page_size: int,
-                 num_pages: int, max_model_len: int, pack_weights: bool = True, compile: bool = False):
+                 num_pages: int, max_model_len: int, pack_weights: bool = True, compile: bool = False,
+                 attention_backend: str = "torch"):
         self.device, self.dtype, self.page_size = device, dtype, page_size
         self.max_model_len = max_model_len  # rows of the rotary table: no pass may address a position past it
+        self.attention_backend = attention_backend  # the metadata carries it to paged_attention
         self.mask_token_id = src.mask_token_id
         self.anchor_ar = src.anchor_view in ("ar", "causal")
         self.anchor_causal = src.anchor_view == "causal"
@@ -79,7 +81,7 @@ class ModelRunner:
         positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens)])
         meta = build_attention_metadata(q_lens, starts, [s.block_table for s in seqs], self.page_size,
                                         causal, write_kv, self.device, every_field=self.compiled,
-                                        causal_anchor=causal_anchor)
+                                        causal_anchor=causal_anchor, backend=self.attention_backend)
         hidden = self._run(seqs, [t for ts in tokens for t in ts], positions, meta, diffusion, ar_rows)
         return None if logit_rows is None else self.logits(hidden, logit_rows)
 
@@ -134,7 +136,7 @@ class ModelRunner:
             mask_rows += range(row + v, row + v + v * m)
             row += v + v * m
         meta = build_verify_draft_metadata([len(b) for b in blocks], ms, starts, [s.block_table for s in seqs],
-                                           self.page_size, self.device)
+                                           self.page_size, self.device, self.attention_backend)
         hidden = self._run(seqs, ids, torch.tensor(positions), meta, True, ar_rows)
         return self.logits(hidden, ar_rows), hidden[torch.tensor(mask_rows, dtype=torch.long, device=self.device)]
 
@@ -144,7 +146,7 @@ class ModelRunner:
         scratch K/V into the first pages, which hold nothing yet."""
         table = list(range(-(-n // self.page_size)))
         meta = build_attention_metadata([n], [0], [table], self.page_size, True, True, self.device,
-                                        every_field=self.compiled)
+                                        every_field=self.compiled, backend=self.attention_backend)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         positions = torch.arange(n, device=self.device)
         return self._best_time(lambda: self.model.logits(self.forward_model(ids, positions, meta, self.kv_cache)),
