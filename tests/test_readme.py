@@ -7,6 +7,7 @@ what this machine has not (Docker, Kubernetes, a remote cluster, a GPU) are list
 and the paths they name must exist.
 """
 
+import contextlib
 import os
 import re
 import shlex
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,8 +63,8 @@ def typed(command: str, extra: str) -> str:
     return re.sub(r"\s*\[--[^\]]*\]", "", command).replace(".venv/bin/", "") + " " + extra
 
 
-def run(command: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+def run(command: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     out = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=timeout)
     assert out.returncode == 0, f"`{command}` failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
@@ -75,7 +77,7 @@ def by_prefix(prefix: str) -> list[str]:
 
 def test_every_readme_command_is_run_here_or_named_elsewhere():
     runs_here = ("orthrus gen-data", "orthrus train", "orthrus eval", ".venv/bin/orthrus-serve up",
-                 ".venv/bin/orthrus-serve generate", "curl localhost:8000/v1/completions")
+                 ".venv/bin/orthrus-serve generate", "curl localhost:8000/v1/completions", "export ORTHRUS_API_KEY=")
     for command in readme_commands():
         here = command.startswith(runs_here)
         elsewhere = next((k for k in ELSEWHERE if command.startswith(k)), None)
@@ -137,16 +139,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_serving_commands(tiny_model_dir, tmp_path):
-    """`orthrus-serve up`, then its gRPC client and the curl call, on their own ports; Ctrl-C stops it."""
+@contextlib.contextmanager
+def serving(up: str, env: dict, cwd: Path, model: Path) -> Iterator[tuple[int, int]]:
+    """`orthrus-serve up` as typed, on free ports; Ctrl-C stops it, and it must exit cleanly."""
     http, grpc = _free_port(), _free_port()
-    (up,), (gen,), (curl,) = (by_prefix(".venv/bin/orthrus-serve up"), by_prefix(".venv/bin/orthrus-serve generate"),
-                              by_prefix("curl localhost:8000"))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PATH": f"{BIN}:{os.environ['PATH']}"}
-    server = subprocess.Popen(["bash", "-c", "exec " + typed(up, f"--model {tiny_model_dir} --http-port {http} "
-                                                                 f"--grpc-port {grpc}")],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    server = subprocess.Popen(["bash", "-c", "exec " + typed(up, f"--model {model} --http-port {http} --grpc-port {grpc}")],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     try:
         seen, deadline = "", time.monotonic() + 240
@@ -155,10 +153,7 @@ def test_serving_commands(tiny_model_dir, tmp_path):
             assert line or server.poll() is None, f"orthrus-serve up exited:\n{seen[-4000:]}"
             assert time.monotonic() < deadline, f"orthrus-serve up did not come up:\n{seen[-4000:]}"
             seen += line
-        out = run(typed(gen, f"--address 127.0.0.1:{grpc} --max-tokens 4"), tmp_path)
-        assert out.stdout.strip()
-        out = run(typed(curl.replace("localhost:8000", f"127.0.0.1:{http}"), "--fail -s"), tmp_path)
-        assert '"choices"' in out.stdout
+        yield http, grpc
     finally:
         server.send_signal(signal.SIGINT)  # Ctrl-C
         try:
@@ -167,6 +162,29 @@ def test_serving_commands(tiny_model_dir, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             raise
     assert server.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", ["open", "with a key"])
+def test_serving_commands(block, tiny_model_dir, tmp_path):
+    """The "Serving" block (up, its gRPC client, the curl call) and the "Security" block (a key made as
+    typed, then up and the client, which sends it; a call without it is refused)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ORTHRUS_API_KEY")}
+    env["PATH"] = f"{BIN}:{os.environ['PATH']}"
+    ups, gens = by_prefix(".venv/bin/orthrus-serve up"), by_prefix(".venv/bin/orthrus-serve generate")
+    assert len(ups) == len(gens) == 2, "the Serving and Security blocks each start a server and call it"
+    (curl,) = by_prefix("curl localhost:8000")
+    if block == "with a key":
+        (export,) = by_prefix("export ORTHRUS_API_KEY=")
+        env["ORTHRUS_API_KEY"] = run(f"{export} && echo $ORTHRUS_API_KEY", tmp_path).stdout.strip()
+        assert len(env["ORTHRUS_API_KEY"]) >= 32
+    up, gen = (ups[0], gens[0]) if block == "open" else (ups[1], gens[1])
+    with serving(up, env, tmp_path, tiny_model_dir) as (http, grpc):
+        out = run(typed(gen, f"--address 127.0.0.1:{grpc} --max-tokens 4"), tmp_path, env=env)
+        assert out.stdout.strip()
+        call = typed(curl.replace("localhost:8000", f"127.0.0.1:{http}"), "-s -o /dev/stderr -w '%{http_code}'")
+        status = run(call, tmp_path, env=env).stdout
+        assert status == ("200" if block == "open" else "401")
 
 
 def test_typed_drops_placeholders():
