@@ -41,8 +41,8 @@ def run_wave(llm, prompts: list[list[int]], tokens: int, plan: Plan | None) -> d
     outs = llm.generate(prompts, SamplingParams(max_tokens=tokens))
     seconds = time.perf_counter() - start
     sched.policy = policy
-    return {"tokens": sum(o.num_output_tokens for o in outs), "seconds": seconds,
-            "passes": sum(o.num_forward_passes for o in outs), "chosen": dict(chosen)}
+    return {"tokens": sum(o.completion_tokens for o in outs), "seconds": seconds,
+            "passes": sum(o.forward_passes for o in outs), "chosen": dict(chosen)}
 
 
 def label(plan: Plan) -> str:
@@ -65,9 +65,7 @@ def main() -> None:
     # waves repeat prompts: no mode may reuse KV
     llm = LLM(head=args.head, enable_prefix_cache=False)
     eng = llm.engine
-    tok = llm.tokenizer
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"])
+    prompts = [eng.inputs.chat_ids([{"role": "user", "content": p}])
                for p in read_prompts(packaged_prompts("prompts_eval.txt"))]
     llm.generate(prompts[:2], None)  # warm-up
     plans = [Plan(1)] + [Plan(k) for k in args.two_pass_k if k <= eng.block_size]

@@ -62,9 +62,9 @@ def bench_engine(llm, batch: int, new_tokens: int, block_size: int | None = None
     start = time.perf_counter()
     outs = llm.generate(prompts_for(batch), params)
     elapsed = time.perf_counter() - start
-    tokens = sum(o.num_output_tokens for o in outs)
-    passes = sum(o.num_forward_passes for o in outs)
-    accepted = sum(o.num_accepted_tokens for o in outs)
+    tokens = sum(o.completion_tokens for o in outs)
+    passes = sum(o.forward_passes for o in outs)
+    accepted = sum(o.accepted_tokens for o in outs)
     cycles = tokens - accepted  # every verify cycle commits its accepted drafts plus one token
     return {
         "batch": batch,

@@ -25,12 +25,12 @@ def message(e: BaseException) -> str:
 
 def copy_counters(msg: pb.GenerateResponse, delta: dict) -> None:
     msg.finish_reason = delta["finish_reason"] or ""
-    msg.prompt_tokens = delta["num_prompt_tokens"]
-    msg.cached_prompt_tokens = delta["num_cached_prompt_tokens"]
-    msg.completion_tokens = delta["num_output_tokens"]
-    msg.forward_passes = delta["num_forward_passes"]
-    msg.drafted_tokens = delta["num_drafted_tokens"]
-    msg.accepted_tokens = delta["num_accepted_tokens"]
+    msg.prompt_tokens = delta["prompt_tokens"]
+    msg.cached_prompt_tokens = delta["cached_prompt_tokens"]
+    msg.completion_tokens = delta["completion_tokens"]
+    msg.forward_passes = delta["forward_passes"]
+    msg.drafted_tokens = delta["drafted_tokens"]
+    msg.accepted_tokens = delta["accepted_tokens"]
 
 
 def set_error(ctx, e: BaseException) -> None:

@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from orthrus_engines import OrthrusInputError
-from orthrus_engines.engine.llm_engine import load_tokenizer
+from orthrus_engines.inputs import load_tokenizer
 from orthrus_serve import grpc_api, grpc_health
 from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve import openai_api as oai

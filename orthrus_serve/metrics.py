@@ -85,16 +85,16 @@ class RequestMetrics:
             else:
                 self.m.itl.observe((now - self.last) / n)  # a chunk of n tokens: per-token latency
             self.last = now
-        if delta["num_drafted_tokens"] > self.drafted:
-            self.m.drafted.inc(delta["num_drafted_tokens"] - self.drafted)
-            self.drafted = delta["num_drafted_tokens"]
-        if delta["num_accepted_tokens"] > self.accepted:
-            self.m.accepted.inc(delta["num_accepted_tokens"] - self.accepted)
-            self.accepted = delta["num_accepted_tokens"]
+        if delta["drafted_tokens"] > self.drafted:
+            self.m.drafted.inc(delta["drafted_tokens"] - self.drafted)
+            self.drafted = delta["drafted_tokens"]
+        if delta["accepted_tokens"] > self.accepted:
+            self.m.accepted.inc(delta["accepted_tokens"] - self.accepted)
+            self.accepted = delta["accepted_tokens"]
         if delta["finished"]:
-            self.m.prompt_tokens.inc(delta["num_prompt_tokens"])
-            if delta["num_cached_prompt_tokens"]:
-                self.m.cached_prompt_tokens.inc(delta["num_cached_prompt_tokens"])
-            self.totals["prompt"] = self.totals.get("prompt", 0) + delta["num_prompt_tokens"]
-            self.totals["cached"] = self.totals.get("cached", 0) + delta["num_cached_prompt_tokens"]
+            self.m.prompt_tokens.inc(delta["prompt_tokens"])
+            if delta["cached_prompt_tokens"]:
+                self.m.cached_prompt_tokens.inc(delta["cached_prompt_tokens"])
+            self.totals["prompt"] = self.totals.get("prompt", 0) + delta["prompt_tokens"]
+            self.totals["cached"] = self.totals.get("cached", 0) + delta["cached_prompt_tokens"]
             self.m.prefix_hit_rate.set(self.totals["cached"] / max(1, self.totals["prompt"]))

@@ -46,11 +46,11 @@ def completion_prompt(body: dict):
 
 
 def _usage(d: dict) -> dict:
-    return {"prompt_tokens": d["num_prompt_tokens"], "completion_tokens": d["num_output_tokens"],
-            "total_tokens": d["num_prompt_tokens"] + d["num_output_tokens"],
-            "prompt_tokens_details": {"cached_tokens": d["num_cached_prompt_tokens"]},
-            "orthrus": {"forward_passes": d["num_forward_passes"], "drafted_tokens": d["num_drafted_tokens"],
-                        "accepted_tokens": d["num_accepted_tokens"]}}
+    return {"prompt_tokens": d["prompt_tokens"], "completion_tokens": d["completion_tokens"],
+            "total_tokens": d["prompt_tokens"] + d["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": d["cached_prompt_tokens"]},
+            "orthrus": {"forward_passes": d["forward_passes"], "drafted_tokens": d["drafted_tokens"],
+                        "accepted_tokens": d["accepted_tokens"]}}
 
 
 def new_id(prefix: str) -> str:

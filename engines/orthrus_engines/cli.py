@@ -177,17 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for prompt, out in zip(prompts, outputs):
         if args.json:
-            print(json.dumps({
-                "prompt": prompt, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-                "prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens,
-                "forward_passes": out.num_forward_passes, "drafted_tokens": out.num_drafted_tokens,
-                "accepted_tokens": out.num_accepted_tokens,
-            }))
+            print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason, **out.counters()}))
         else:
             print(out.text)
     if not args.json:
-        n = sum(o.num_output_tokens for o in outputs)
-        passes = sum(o.num_forward_passes for o in outputs)
+        n = sum(o.completion_tokens for o in outputs)
+        passes = sum(o.forward_passes for o in outputs)
         print(f"\n[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s, "
               f"{n / max(passes, 1):.2f} tokens per forward pass]", file=sys.stderr)
     return 0

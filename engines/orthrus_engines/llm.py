@@ -2,7 +2,8 @@
 
 import itertools
 
-from orthrus_engines.engine.llm_engine import LLMEngine, Prompt, engine_args_from
+from orthrus_engines.engine.llm_engine import LLMEngine, engine_args_from
+from orthrus_engines.inputs import Prompt
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.sampling_params import SamplingParams
@@ -47,11 +48,6 @@ class LLM:
         return [results[r] for r in rids]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None):
-        if self.tokenizer is None or not self.tokenizer.chat_template:
-            raise OrthrusInputError("messages", "this model has no chat template")
+        """One conversation ([{role, content}, ...]) or a list of them, through the chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            list(self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-            for c in convs
-        ]
-        return self.generate(prompts, sampling_params)
+        return self.generate([self.engine.inputs.chat_ids(c) for c in convs], sampling_params)

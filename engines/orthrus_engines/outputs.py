@@ -1,5 +1,10 @@
 from dataclasses import dataclass
 
+# The request's counters, by the one name each has everywhere: here, in the gRPC response, in the
+# OpenAI usage object ("orthrus" extension), the CLIs' JSON and the benchmarks.
+COUNTERS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "forward_passes", "drafted_tokens",
+            "accepted_tokens")
+
 
 @dataclass
 class RequestOutput:
@@ -12,13 +17,12 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_prompt_tokens: int = 0
-    num_forward_passes: int = 0  # every pass this request took part in: prefill, draft, verify
-    num_drafted_tokens: int = 0  # draft tokens proposed by the diffusion view
-    num_accepted_tokens: int = 0  # drafts the AR view accepted (counted before a stop cuts the block)
-    num_output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    forward_passes: int = 0  # every pass this request took part in: prefill, draft, verify
+    drafted_tokens: int = 0  # draft tokens proposed by the diffusion view
+    accepted_tokens: int = 0  # drafts the AR view accepted (counted before a stop cuts the block)
+    completion_tokens: int = 0
 
-    @property
-    def tokens_per_forward(self) -> float:
-        return self.num_output_tokens / max(self.num_forward_passes, 1)
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COUNTERS}

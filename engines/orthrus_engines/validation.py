@@ -16,10 +16,10 @@ def check_token_ids(ids, field: str, vocab_size: int, max_model_len: int) -> lis
     return list(ids)
 
 
-def check_budget(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
-    if num_prompt_tokens + max_tokens > max_model_len:
+def check_budget(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    if prompt_tokens + max_tokens > max_model_len:
         raise OrthrusInputError(
-            "max_tokens", f"prompt ({num_prompt_tokens}) + max_tokens ({max_tokens}) exceeds the window of {max_model_len}")
+            "max_tokens", f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) exceeds the window of {max_model_len}")
 
 
 def check_stop_token_ids(ids: list[int], vocab_size: int) -> None:

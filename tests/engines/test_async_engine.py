@@ -81,9 +81,9 @@ def test_concurrent_streams_equal_offline_generate(engine, offline):
         assert deltas[-1].finished and deltas[-1].finish_reason == "length"
         assert not any(d.finished for d in deltas[:-1])
         assert all(d.request_id == deltas[0].request_id for d in deltas)
-        assert deltas[-1].num_output_tokens == sp.max_tokens
-        assert deltas[-1].num_prompt_tokens == len(p)
-    assert sum(d.num_drafted_tokens > 0 for d in (s[-1] for s in streams)) >= 4  # Orthrus really ran
+        assert deltas[-1].completion_tokens == sp.max_tokens
+        assert deltas[-1].prompt_tokens == len(p)
+    assert sum(d.drafted_tokens > 0 for d in (s[-1] for s in streams)) >= 4  # Orthrus really ran
     asyncio.run(wait_all_free(engine))
 
 

@@ -43,7 +43,7 @@ def test_triton_backend_generates_what_torch_and_hf_generate(causal_model, fused
         llm = LLM(str(causal_model), block_size=3, num_pages=32, page_size=4, fused_cycle=fused,
                   attention_backend=backend)
         assert llm.engine.runner.attention_backend == backend and llm.engine.fused == fused
-        outs[backend] = [(list(o.token_ids), o.num_accepted_tokens, o.num_forward_passes)
+        outs[backend] = [(list(o.token_ids), o.accepted_tokens, o.forward_passes)
                          for o in llm.generate(prompts, params)]
     assert outs["triton"] == outs["torch"]
     assert sum(accepted for _, accepted, _ in outs["torch"]) > 0

@@ -168,8 +168,8 @@ def test_head_stored_apart_equals_full_checkpoint(orthrus, tmp_path):
     for sp in (SamplingParams(max_tokens=24), SamplingParams(max_tokens=24, temperature=1.0, seed=3)):
         for x, y in zip(full.generate(prompts, sp), apart.generate(prompts, sp)):
             assert x.token_ids == y.token_ids
-            assert (x.num_forward_passes, x.num_drafted_tokens, x.num_accepted_tokens) == (
-                y.num_forward_passes, y.num_drafted_tokens, y.num_accepted_tokens)
+            assert (x.forward_passes, x.drafted_tokens, x.accepted_tokens) == (
+                y.forward_passes, y.drafted_tokens, y.accepted_tokens)
 
 
 def test_head_metadata_sets_block_size_and_mask(orthrus, tmp_path):

@@ -212,7 +212,7 @@ def test_engine_drafts_long_blocks_when_all_are_accepted(tmp_path):
     assert llm.engine.policy is not None and llm.engine.block_size == 8
     out = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=64, ignore_eos=True))[0]
     assert out.token_ids == [0] * 64
-    assert out.num_accepted_tokens >= 50  # nearly every step drafted the full block
+    assert out.accepted_tokens >= 50  # nearly every step drafted the full block
 
 
 def _always_rejected(llm: LLM, token: int) -> LLM:
@@ -238,15 +238,15 @@ def test_engine_falls_back_to_ar_when_drafts_are_rejected(tmp_path):
     fixed = _always_rejected(LLM(str(path), block_size=raw["block_size"]), never)
     a, f = auto.generate(prompts, params), fixed.generate(prompts, params)
     assert [o.token_ids for o in a] == [o.token_ids for o in f] == [o.token_ids for o in ar]  # lossless
-    assert sum(o.num_accepted_tokens for o in a + f) == 0  # every draft rejected
-    assert sum(o.num_drafted_tokens for o in a) < 0.25 * sum(o.num_drafted_tokens for o in f)
-    assert sum(o.num_forward_passes for o in a) < sum(o.num_forward_passes for o in f)
+    assert sum(o.accepted_tokens for o in a + f) == 0  # every draft rejected
+    assert sum(o.drafted_tokens for o in a) < 0.25 * sum(o.drafted_tokens for o in f)
+    assert sum(o.forward_passes for o in a) < sum(o.forward_passes for o in f)
 
 
 def test_request_block_size_overrides_the_policy(tmp_path):
     llm = LLM(str(_always_accepting(tmp_path)))
     out = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=12, ignore_eos=True, block_size=1))[0]
-    assert out.num_drafted_tokens == 0
+    assert out.drafted_tokens == 0
 
 
 @pytest.mark.parametrize("value", ["fast", 0, -2, 2.5, True])
@@ -259,4 +259,4 @@ def test_start_up_timing_fits_a_short_window(tmp_path):
     """The forward-time ladder never runs past the model window (nor the KV cache)."""
     llm = LLM(str(write_base(tmp_path / "b", "llama", seed=2)), max_model_len=40, num_pages=4, page_size=16)
     assert llm.engine.policy is not None and max(llm.engine.policy.times.ns) <= 40
-    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))[0].num_output_tokens == 8
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))[0].completion_tokens == 8

@@ -87,7 +87,7 @@ def _assert_exact(outs, prompts, max_tokens, expect):
             pytest.fail(f"request {i} (prompt of {len(prompt)} tokens): first mismatch at output token {at}\n"
                         f"  engine: {got}\n  HF:     {want}")
         assert out.finish_reason == "length", (i, out.finish_reason)
-        assert out.num_output_tokens == n
+        assert out.completion_tokens == n
 
 
 def _assert_drained(engine: LLMEngine):
@@ -104,8 +104,8 @@ def test_batch_greedy_matches_hf(zoo, family, k, batch):
     llm = LLM(str(zoo.path("orthrus", family)), block_size=k, num_pages=64)
     outs = llm.generate(prompts, [_params(n) for n in max_tokens])
     _assert_exact(outs, prompts, max_tokens, lambda p, n: zoo.oracle("orthrus", family, p, n))
-    drafted = sum(o.num_drafted_tokens for o in outs)
-    accepted = sum(o.num_accepted_tokens for o in outs)
+    drafted = sum(o.drafted_tokens for o in outs)
+    accepted = sum(o.accepted_tokens for o in outs)
     if k == 1:
         assert drafted == accepted == 0, "K = 1 is plain AR decoding: nothing is drafted"
     else:
@@ -128,7 +128,7 @@ def test_anchor_views_match_hf(zoo, family, k, view):
     assert llm.engine.runner.anchor_ar and llm.engine.runner.anchor_causal == (view == "causal")
     outs = llm.generate(PROMPTS, [_params(n) for n in MAX_TOKENS])
     _assert_exact(outs, PROMPTS, MAX_TOKENS, lambda p, n: zoo.oracle("orthrus", family, p, n))
-    accepted, drafted = sum(o.num_accepted_tokens for o in outs), sum(o.num_drafted_tokens for o in outs)
+    accepted, drafted = sum(o.accepted_tokens for o in outs), sum(o.drafted_tokens for o in outs)
     assert 0 < accepted < drafted or (view == "causal" and k == 2 and accepted == drafted)
     _, drafted, accepted = llm.engine.acceptance.snapshot()
     assert (accepted[0] == drafted[0]) == (view == "causal"), (accepted, drafted)
@@ -162,7 +162,7 @@ def test_requests_arriving_while_others_run(zoo, family, k):
     for _ in range(3):
         step()
     running = [engine.seqs[r] for r in ("r0", "r1", "r3") if r in engine.seqs]
-    assert any(s.num_output_tokens > 0 for s in running), "the first wave should be mid-decode"
+    assert any(s.completion_tokens > 0 for s in running), "the first wave should be mid-decode"
     add(2)
     add(6, block_size=32)
     add(4, use_diffusion=False)
@@ -202,8 +202,8 @@ def test_output_independent_of_batch_composition(zoo, family):
     expect = lambda p, n: zoo.oracle("orthrus", family, p, n)  # noqa: E731
     _assert_exact(batched, PROMPTS, [MAX_NEW] * len(PROMPTS), expect)
     _assert_exact(mixed, PROMPTS, [MAX_NEW] * len(PROMPTS), expect)
-    assert all(o.num_drafted_tokens == 0 for o, k in zip(mixed, mixed_ks) if k == 1)
-    assert all(o.num_drafted_tokens > 0 for o, k in zip(mixed, mixed_ks) if k > 1)
+    assert all(o.drafted_tokens == 0 for o, k in zip(mixed, mixed_ks) if k == 1)
+    assert all(o.drafted_tokens > 0 for o, k in zip(mixed, mixed_ks) if k > 1)
     _assert_drained(llm.engine)
 
 
@@ -240,7 +240,7 @@ def test_plain_base_checkpoint(zoo, family, k):
     outs = llm.generate(prompts, [_params(n) for n in max_tokens])
     _assert_exact(outs, prompts, max_tokens, lambda p, n: zoo.oracle("base", family, p, n))
     if k > 1:
-        assert sum(o.num_drafted_tokens for o in outs) > 0
+        assert sum(o.drafted_tokens for o in outs) > 0
 
 
 def _run_bounded(engine: LLMEngine, max_steps: int = 400) -> dict[str, list[int]]:
@@ -299,8 +299,8 @@ def test_exact_with_prefix_cache_hits(zoo, family):
     branch = long[:32] + _prompts(7, [5])[0]
     prompts = [long, branch, PROMPTS[2]]
     outs = llm.generate(prompts, [_params(MAX_NEW)] * 3)
-    assert first[0].num_cached_prompt_tokens == 0
-    assert outs[0].num_cached_prompt_tokens >= 32 and outs[1].num_cached_prompt_tokens == 32
+    assert first[0].cached_prompt_tokens == 0
+    assert outs[0].cached_prompt_tokens >= 32 and outs[1].cached_prompt_tokens == 32
     _assert_exact(first + outs, [long] + prompts, [MAX_NEW] * 4, lambda p, n: zoo.oracle("orthrus", family, p, n))
     _assert_drained(llm.engine)
 
@@ -342,8 +342,8 @@ def test_builtin_model_matches_hf(builtin_dir, builtin_oracle, k):
     for text, out in zip(BUILTIN_PROMPTS, outs):
         prompt_ids, want = builtin_oracle[text]
         assert llm.engine.tokenize(text) == prompt_ids
-        assert out.num_prompt_tokens == len(prompt_ids)
+        assert out.prompt_tokens == len(prompt_ids)
         assert out.token_ids == want, f"{text!r}:\n  engine {out.token_ids}\n  HF     {want}"
         assert out.finish_reason == "length"
     if k > 1:
-        assert sum(o.num_drafted_tokens for o in outs) > 0
+        assert sum(o.drafted_tokens for o in outs) > 0

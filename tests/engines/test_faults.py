@@ -82,7 +82,7 @@ def test_one_faulty_request_fails_alone(model, fault, monkeypatch):
                 real = getattr(llm_engine, name)
 
                 def broken(logits, p, *rest, real=real):
-                    if p is ps["b"] and eng.seqs["b"].num_output_tokens >= 2:
+                    if p is ps["b"] and eng.seqs["b"].completion_tokens >= 2:
                         raise RuntimeError("boom: bad probabilities")
                     return real(logits, p, *rest)
 

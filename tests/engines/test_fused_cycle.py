@@ -102,8 +102,8 @@ def test_fused_cycle_is_lossless_and_one_pass_per_cycle(causal_model, k):
     hf = hf_model(path, family)
     for p, n, o in zip(prompts, new, outs):
         assert list(o.token_ids) == hf_greedy(hf, p, n)
-        assert o.num_output_tokens - o.num_accepted_tokens in (o.num_forward_passes, o.num_forward_passes - 1)
-    assert sum(o.num_drafted_tokens for o in outs) > 0
+        assert o.completion_tokens - o.accepted_tokens in (o.forward_passes, o.forward_passes - 1)
+    assert sum(o.drafted_tokens for o in outs) > 0
     two = LLM(str(path), block_size=k, num_pages=64, fused_cycle=False)
     assert not two.engine.fused
     outs2 = two.generate(prompts, params)
@@ -121,9 +121,9 @@ def test_fused_cycle_takes_fewer_passes(tmp_path):
     fused = LLM(str(path), block_size=5).generate(prompts, params)
     two = LLM(str(path), block_size=5, fused_cycle=False).generate(prompts, params)
     assert [o.token_ids for o in fused] == [o.token_ids for o in two]
-    accepted, drafted = sum(o.num_accepted_tokens for o in fused), sum(o.num_drafted_tokens for o in fused)
+    accepted, drafted = sum(o.accepted_tokens for o in fused), sum(o.drafted_tokens for o in fused)
     assert 0 < accepted < drafted, (accepted, drafted)
-    passes, passes2 = sum(o.num_forward_passes for o in fused), sum(o.num_forward_passes for o in two)
+    passes, passes2 = sum(o.forward_passes for o in fused), sum(o.forward_passes for o in two)
     assert passes < passes2, (passes, passes2)
 
 
@@ -162,8 +162,8 @@ def test_drafts_carried_into_a_plain_step_are_still_verified(causal_model):
     prompt = list(range(1, 10))
     out = llm.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
     assert list(out.token_ids) == hf_greedy(hf_model(path, family), prompt, 12)
-    assert out.num_drafted_tokens == 2 and llm.engine.fused_acceptance.cycles == 1
-    assert out.num_forward_passes == 12 - out.num_accepted_tokens  # each pass, the prefill too: one token + accepted
+    assert out.drafted_tokens == 2 and llm.engine.fused_acceptance.cycles == 1
+    assert out.forward_passes == 12 - out.accepted_tokens  # each pass, the prefill too: one token + accepted
 
 
 @pytest.mark.parametrize("block_size", ["auto", 8])

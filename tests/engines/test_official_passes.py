@@ -64,7 +64,7 @@ def test_no_more_passes_than_the_official_generate(official, n, max_tokens, k):
     out = LLM(str(path), block_size=k, page_size=4, num_pages=64).generate(
         [prompt], SamplingParams(max_tokens=max_tokens, ignore_eos=True))[0]
     assert list(out.token_ids) == want and out.finish_reason == "length"
-    assert out.num_forward_passes <= official_passes(engine_drafter(probe), prompt, want, k)
+    assert out.forward_passes <= official_passes(engine_drafter(probe), prompt, want, k)
 
 
 def test_reference_counts_like_the_official_loop():

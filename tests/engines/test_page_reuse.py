@@ -32,10 +32,10 @@ def test_long_decode_keeps_a_cached_prefix(model):
     long_prompt = [7, 3, 9, 1, 4]
     out = llm.generate([long_prompt], SamplingParams(max_tokens=59, ignore_eos=True))[0]
     assert list(out.token_ids) == hf_greedy(hf, long_prompt, 59)
-    assert out.num_forward_passes > 20  # many steps, each trimming and taking back its look-ahead
+    assert out.forward_passes > 20  # many steps, each trimming and taking back its look-ahead
     removed = [h for kind, hs in eng.drain_prefix_events() if kind == "removed" for h in hs]
     assert not removed, f"{len(removed)} cached prefix pages evicted with free pages to spare"
 
     again = llm.generate([prefix + [2]], SamplingParams(max_tokens=2, ignore_eos=True))[0]
-    assert again.num_cached_prompt_tokens == 20
+    assert again.cached_prompt_tokens == 20
     assert eng.blocks.num_free == eng.blocks.num_pages

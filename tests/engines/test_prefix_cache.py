@@ -66,13 +66,13 @@ def test_shared_prefix_is_cached_and_output_unchanged(model_dir, plain, oracle):
     llm = new_llm(model_dir)
     prefix = tokens(40, 1)
     first = llm.generate(prefix + [5, 6], GREEDY)[0]
-    assert first.num_cached_prompt_tokens == 0
+    assert first.cached_prompt_tokens == 0
     second = prefix + [7, 8, 9]
     for sp in (GREEDY, SAMPLED):
         out = llm.generate(second, sp)[0]
         ref = plain.generate(second, sp)[0]
-        assert out.num_cached_prompt_tokens == 32  # the two full pages of the shared prefix
-        assert ref.num_cached_prompt_tokens == 0
+        assert out.cached_prompt_tokens == 32  # the two full pages of the shared prefix
+        assert ref.cached_prompt_tokens == 0
         assert out.token_ids == ref.token_ids
     assert llm.generate(second, GREEDY)[0].token_ids == hf_greedy(oracle, second, 12)
     assert llm.engine.blocks.num_free == llm.engine.blocks.num_pages
@@ -86,8 +86,8 @@ def test_repeated_prompt_caches_full_pages_before_the_anchor(model_dir, plain, l
     prompt = tokens(length, 2)
     first = llm.generate(prompt, GREEDY)[0]
     again = llm.generate(prompt, GREEDY)[0]
-    assert again.num_cached_prompt_tokens == cached
-    assert again.num_cached_prompt_tokens % PAGE == 0
+    assert again.cached_prompt_tokens == cached
+    assert again.cached_prompt_tokens % PAGE == 0
     assert again.token_ids == first.token_ids == plain.generate(prompt, GREEDY)[0].token_ids
 
 
@@ -98,7 +98,7 @@ def test_generated_tokens_are_cached_for_a_follow_up(model_dir, plain):
     out = llm.generate(prompt, SamplingParams(max_tokens=40))[0]
     follow = prompt + out.token_ids + [1, 2]  # 62 tokens: 3 full pages before the anchor
     res = llm.generate(follow, GREEDY)[0]
-    assert res.num_cached_prompt_tokens == 48
+    assert res.cached_prompt_tokens == 48
     assert res.token_ids == plain.generate(follow, GREEDY)[0].token_ids
 
 
@@ -115,7 +115,7 @@ def test_prefix_shared_with_a_running_request(model_dir, plain):
     def step():
         for d in eng.step():
             results[d.request_id] += d.token_ids
-            cached[d.request_id] = d.num_cached_prompt_tokens
+            cached[d.request_id] = d.cached_prompt_tokens
 
     eng.add_request("a", a, SamplingParams(max_tokens=30))
     for _ in range(3):  # prefill + a couple of decode steps
@@ -138,7 +138,7 @@ def test_batch_sharing_a_prefix_matches_uncached(model_dir, plain):
     for _ in range(2):  # the second round hits the pages the first stored
         outs = llm.generate(prompts, GREEDY)
         assert [o.token_ids for o in outs] == [o.token_ids for o in plain.generate(prompts, GREEDY)]
-    assert all(o.num_cached_prompt_tokens >= 32 for o in outs)
+    assert all(o.cached_prompt_tokens >= 32 for o in outs)
 
 
 def test_stored_events_name_the_blocks_by_prefix_hash(model_dir):
@@ -187,7 +187,7 @@ def test_eviction_emits_removed_and_events_mirror_the_cache(model_dir):
                 break
             expected_hit += PAGE
         out = llm.generate(p, SamplingParams(max_tokens=3))[0]
-        assert out.num_cached_prompt_tokens == expected_hit
+        assert out.cached_prompt_tokens == expected_hit
         replay()
         assert index == set(eng.blocks.hash_to_page)
         assert eng.blocks.num_free == eng.blocks.num_pages
@@ -203,11 +203,11 @@ def test_cleared_event_and_cache_off(model_dir):
     llm.engine.drain_prefix_events()
     llm.engine.blocks.clear_prefix_cache()
     assert llm.engine.drain_prefix_events() == [("cleared", [])]
-    assert llm.generate(prompt, GREEDY)[0].num_cached_prompt_tokens == 0
+    assert llm.generate(prompt, GREEDY)[0].cached_prompt_tokens == 0
 
     off = new_llm(model_dir, enable_prefix_cache=False)
     for _ in range(2):
-        assert off.generate(prompt, GREEDY)[0].num_cached_prompt_tokens == 0
+        assert off.generate(prompt, GREEDY)[0].cached_prompt_tokens == 0
     assert off.engine.drain_prefix_events() == []
 
 

@@ -44,8 +44,8 @@ def install_oracle_drafter(monkeypatch, engine, continuations: dict[tuple, list[
     def draft(seqs, ks):
         rows = []
         for seq, k in zip(seqs, ks):
-            cont = continuations[tuple(seq.token_ids[: seq.num_prompt_tokens])]
-            done = seq.num_output_tokens
+            cont = continuations[tuple(seq.token_ids[: seq.prompt_tokens])]
+            done = seq.completion_tokens
             for i in range(k - 1):
                 rows.append(cont[done + i] if done + i < len(cont) else 0)
         logits = torch.full((len(rows), vocab), -10.0)
@@ -181,7 +181,7 @@ def test_stop_token_inside_accepted_block(model_dir, oracle, monkeypatch):
     install_oracle_drafter(monkeypatch, full_llm.engine, {tuple(prompt): ref})
     full = full_llm.generate(prompt, SamplingParams(max_tokens=40))[0]
     assert full.token_ids == ref
-    assert full.num_accepted_tokens == full.num_drafted_tokens > 0  # the drafter works: whole blocks
+    assert full.accepted_tokens == full.drafted_tokens > 0  # the drafter works: whole blocks
 
     llm = LLM(model=str(model_dir), block_size=K, num_pages=64)
     eng = llm.engine
@@ -192,7 +192,7 @@ def test_stop_token_inside_accepted_block(model_dir, oracle, monkeypatch):
     out = llm.generate(prompt, SamplingParams(max_tokens=40, stop_token_ids=[ref[j]]))[0]
     assert out.token_ids == ref[: j + 1]
     assert out.finish_reason == "stop"
-    assert out.num_output_tokens == j + 1
+    assert out.completion_tokens == j + 1
     assert all_free(llm)
     kept = prompt + out.token_ids
     stored = [h for kind, hs in eng.drain_prefix_events() if kind == "stored" for h in hs]
@@ -201,7 +201,7 @@ def test_stop_token_inside_accepted_block(model_dir, oracle, monkeypatch):
     monkeypatch.undo()
     follow = kept + [1, 2, 3]
     res = llm.generate(follow, SamplingParams(max_tokens=8))[0]
-    assert res.num_cached_prompt_tokens == 16
+    assert res.cached_prompt_tokens == 16
     assert res.token_ids == hf_greedy(oracle, follow, 8)
 
 
@@ -235,7 +235,7 @@ def test_stop_token_with_real_drafts_and_sampling(model_dir):
         else:
             assert o.finish_reason == "length" and len(o.token_ids) == 30 and stop not in o.token_ids
     assert 0 < stopped < 40
-    assert sum(o.num_accepted_tokens for o in outs) > 0
+    assert sum(o.accepted_tokens for o in outs) > 0
     assert all_free(llm)
 
 
@@ -289,5 +289,5 @@ def test_stop_string_inside_accepted_block(builtin_llm, builtin_ref, monkeypatch
     # The last token is the one that completed the stop string; nothing after it.
     j = next(i for i in range(len(ids)) if any(s in eng.tokenizer.decode(ids[: i + 1]) for s in stops))
     assert out_ids == ids[: j + 1]
-    assert deltas[-1].num_accepted_tokens > 0
+    assert deltas[-1].accepted_tokens > 0
     assert all_free(eng)

@@ -119,8 +119,8 @@ def sample_counts(llm, sp: dict, seeds, seeded: bool = False, length: int = L, *
     params = [SamplingParams(max_tokens=length, seed=s if seeded else None, **sp, **extra) for s in seeds]
     outs = llm.generate([PROMPT] * len(params), params)
     assert all(len(o.token_ids) == length for o in outs)
-    drafted = sum(o.num_drafted_tokens for o in outs)
-    accepted = sum(o.num_accepted_tokens for o in outs)
+    drafted = sum(o.drafted_tokens for o in outs)
+    accepted = sum(o.accepted_tokens for o in outs)
     return Counter(tuple(o.token_ids) for o in outs), accepted / max(drafted, 1)
 
 

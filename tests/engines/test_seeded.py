@@ -135,7 +135,7 @@ def test_seeded_output_is_the_same_for_every_block_size(causal_dir, oracle, fuse
         assert llm.engine.fused == fused
         out = llm.generate([PROMPT], params)[0]
         assert out.token_ids == want, k
-        accepted += out.num_accepted_tokens
+        accepted += out.accepted_tokens
     assert accepted > 10
 
 
@@ -155,7 +155,7 @@ def test_seeded_output_ignores_batch_preemption_and_prefix_hits(causal_dir, orac
     assert outs[2].token_ids == want
     assert llm.generate([prompt], target)[0].token_ids == want  # its pages enter the cache again
     again = llm.generate([others[0], prompt], [other_params[1], target])[1]
-    assert again.num_cached_prompt_tokens > 0
+    assert again.cached_prompt_tokens > 0
     assert again.token_ids == want
 
 

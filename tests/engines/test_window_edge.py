@@ -55,7 +55,7 @@ def test_requests_filling_the_window_finish_with_length_and_exact(model, k):
     kinds = {kind for kind, _ in seen}
     assert kinds == ({"ar", "verify+draft"} if view == "causal" else {"ar", "draft"})
     assert max(pos for _, pos in seen) >= WINDOW - 2  # the edge was reached: the window's last token was committed
-    assert sum(o.num_drafted_tokens for o in outs) > 0
+    assert sum(o.drafted_tokens for o in outs) > 0
     assert eng.blocks.num_free == eng.blocks.num_pages
 
 

@@ -18,8 +18,8 @@ class Recorder:
 
 
 def delta(tokens, drafted, accepted, finished=False, prompt=40, cached=32):
-    return {"token_ids": tokens, "num_drafted_tokens": drafted, "num_accepted_tokens": accepted,
-            "finished": finished, "num_prompt_tokens": prompt, "num_cached_prompt_tokens": cached}
+    return {"token_ids": tokens, "drafted_tokens": drafted, "accepted_tokens": accepted,
+            "finished": finished, "prompt_tokens": prompt, "cached_prompt_tokens": cached}
 
 
 def test_ttft_itl_counters_and_hit_rate():

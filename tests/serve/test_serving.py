@@ -74,7 +74,7 @@ def test_grpc_unary_and_stream_equal_the_engine(client, reference_llm, refs, pro
     r = client.generate(prompt, max_tokens=MAX_TOKENS)
     assert list(r.token_ids) == ref.token_ids and r.text == ref.text
     assert r.finish_reason == ref.finish_reason and r.request_id
-    assert (r.prompt_tokens, r.completion_tokens) == (ref.num_prompt_tokens, len(ref.token_ids))
+    assert (r.prompt_tokens, r.completion_tokens) == (ref.prompt_tokens, len(ref.token_ids))
     assert r.forward_passes > 0
 
     msgs = list(client.generate_stream(prompt, max_tokens=MAX_TOKENS))
@@ -98,7 +98,7 @@ def test_http_completions_equal_the_engine(http, reference_llm, refs, prompt):
     assert body["object"] == "text_completion" and body["model"] == MODEL
     assert body["choices"][0]["text"] == ref.text and body["choices"][0]["finish_reason"] == ref.finish_reason
     assert body["usage"]["completion_tokens"] == len(ref.token_ids)
-    assert body["usage"]["prompt_tokens"] == ref.num_prompt_tokens
+    assert body["usage"]["prompt_tokens"] == ref.prompt_tokens
 
     ids = reference_llm.tokenizer(prompt)["input_ids"]
     r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": MAX_TOKENS})
@@ -130,7 +130,7 @@ def test_openai_client_chat(oai, refs):
     assert c.object == "chat.completion"
     assert c.choices[0].message.role == "assistant" and c.choices[0].message.content == ref.text
     assert c.choices[0].finish_reason == ref.finish_reason
-    assert c.usage.prompt_tokens == ref.num_prompt_tokens and c.usage.completion_tokens == len(ref.token_ids)
+    assert c.usage.prompt_tokens == ref.prompt_tokens and c.usage.completion_tokens == len(ref.token_ids)
 
     chunks = list(oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
                                               stream=True))

@@ -11,7 +11,8 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from orthrus_engines.engine.llm_engine import LLMEngine, Prompt, engine_args_from
+from orthrus_engines.engine.llm_engine import LLMEngine, engine_args_from
+from orthrus_engines.inputs import Prompt
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.sampling_params import SamplingParams

@@ -48,8 +48,8 @@ class BlockManager:
             seq.block_table.append(page)
             seq.block_hashes.append(h)
         seq.num_cached = len(seq.block_table) * self.page_size
-        if seq.num_output_tokens == 0:  # a recompute after preemption keeps the first figure
-            seq.num_cached_prompt_tokens = seq.num_cached
+        if seq.completion_tokens == 0:  # a recompute after preemption keeps the first figure
+            seq.cached_prompt_tokens = seq.num_cached
 
     def register_full_pages(self, seq: Sequence) -> None:
         """Name every newly completed page of valid KV by its prefix hash."""

@@ -17,30 +17,22 @@ from orthrus_engines.engine.sampler import greedy_accept, probs_from_logits, sam
 from orthrus_engines.engine.scheduler import DecodeBatch, PrefillBatch, Scheduler
 from orthrus_engines.engine.sequence import Sequence, Status
 from orthrus_engines.errors import OrthrusInputError
+from orthrus_engines.inputs import InputProcessor, Prompt, load_tokenizer
 from orthrus_engines.models.builtin import default_head
 from orthrus_engines.models.loader import model_dir, read_head_metadata, resolve_model, weights_digest
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.prefix_hash import model_fingerprint
 from orthrus_engines.sampling_params import SamplingParams
-from orthrus_engines.validation import check_budget, check_stop_token_ids, check_token_ids
 
 log = logging.getLogger(__name__)
-Prompt = str | list[int] | dict
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
         path = model_dir(args.model)
-        self.tokenizer = load_tokenizer(Path(args.tokenizer).expanduser() if args.tokenizer else path)
+        self.tokenizer_path = Path(args.tokenizer).expanduser() if args.tokenizer else path
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
         src = resolve_model(path, default_head(args.model, args.head), self.tokenizer)
         self.source = src
         bs = args.block_size
@@ -56,6 +48,7 @@ class LLMEngine:
         num_pages = args.num_pages or max(
             1, args.kv_cache_bytes(self.device) // ModelRunner.bytes_per_page(src, self.dtype, args.page_size))
         self.max_model_len = min(self.max_model_len, num_pages * args.page_size)
+        self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
         self.runner = ModelRunner(src, self.device, self.dtype, args.page_size, num_pages, self.max_model_len,
                                   args.cpu_packed_weights, args.compile,
                                   attention_backend=args.resolve_attention_backend(self.device))
@@ -115,26 +108,7 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """A string, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return self._check_ids(prompt["prompt_token_ids"], "prompt_token_ids")
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise OrthrusInputError("prompt", "a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise OrthrusInputError("prompt", "must not be empty")
-            if self.tokenizer is None:
-                raise OrthrusInputError("prompt", "this model has no tokenizer: pass token ids")
-            return self._check_ids(self.tokenizer(prompt)["input_ids"], "prompt")
-        if isinstance(prompt, (list, tuple)):
-            return self._check_ids(prompt, "prompt_token_ids")
-        raise OrthrusInputError("prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}")
-
-    def _check_ids(self, ids, field: str) -> list[int]:
-        return check_token_ids(ids, field, self.vocab_size, self.max_model_len)
+        return self.inputs.prompt_ids(prompt)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Sequence:
         params = params or SamplingParams()
@@ -143,11 +117,8 @@ class LLMEngine:
         params.validate()
         if request_id in self.seqs:
             raise OrthrusInputError("request_id", f"{request_id!r} is already running")
-        ids = self.tokenize(prompt)
-        check_budget(len(ids), params.max_tokens, self.max_model_len)
-        if params.stop and self.tokenizer is None:
-            raise OrthrusInputError("stop", "stop strings need a tokenizer")
-        check_stop_token_ids(params.stop_token_ids, self.vocab_size)
+        ids = self.inputs.prompt_ids(prompt)
+        self.inputs.check_request(ids, params)
         k = 1 if not params.use_diffusion else (params.block_size or self.block_size)
         auto_k = self.policy is not None and params.use_diffusion and params.block_size is None
         detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
@@ -244,8 +215,8 @@ class LLMEngine:
             seq.next_drafts, seq.next_draft_probs = [], None  # verified now (or dropped by a fallback)
             try:
                 new = self._accept(seq, block[1:], q, logits[row : row + k], argmax[row : row + k])
-                seq.num_drafted += k - 1
-                seq.num_accepted += len(new) - 1
+                seq.drafted_tokens += k - 1
+                seq.accepted_tokens += len(new) - 1
                 if carried and k > 1:  # a fused pass's drafts: its positions count the AR's own token first
                     self.fused_acceptance.record(k, len(new))
                 elif k > 1:
@@ -326,8 +297,8 @@ class LLMEngine:
         passes = [(sum(len(b) * (1 + m) for b, m in zip(blocks, ms)), time.perf_counter() - start)]  # one pass
         for (seq, drafted, new, _), (drafts, q) in zip(running, next_drafts):
             try:
-                seq.num_drafted += drafted
-                seq.num_accepted += len(new) - 1
+                seq.drafted_tokens += drafted
+                seq.accepted_tokens += len(new) - 1
                 if drafted:
                     self.fused_acceptance.record(drafted + 1, len(new))
                 seq.next_drafts, seq.next_draft_probs = drafts, q
@@ -413,7 +384,7 @@ class LLMEngine:
             if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
                 seq.finish_reason = "stop"
                 break
-            if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            if seq.completion_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
                 seq.finish_reason = "length"
                 break
         if seq.finish_reason is not None:
@@ -441,14 +412,14 @@ class LLMEngine:
             finished=finished,
             finish_reason=seq.finish_reason,
             error=seq.error,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
-            num_forward_passes=seq.num_forward_passes,
-            num_drafted_tokens=seq.num_drafted,
-            num_accepted_tokens=seq.num_accepted,
-            num_output_tokens=seq.num_output_tokens,
+            prompt_tokens=seq.prompt_tokens,
+            cached_prompt_tokens=seq.cached_prompt_tokens,
+            forward_passes=seq.forward_passes,
+            drafted_tokens=seq.drafted_tokens,
+            accepted_tokens=seq.accepted_tokens,
+            completion_tokens=seq.completion_tokens,
         )
-        seq.emitted_tokens, seq.emitted_text = seq.num_output_tokens, visible
+        seq.emitted_tokens, seq.emitted_text = seq.completion_tokens, visible
         return out
 
     def fail_all(self, error: str) -> list[RequestOutput]:

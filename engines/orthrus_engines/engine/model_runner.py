@@ -71,7 +71,7 @@ class ModelRunner:
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden = self.forward_model(ids_t, positions.to(self.device), meta, self.kv_cache, diffusion, ar)
         for s in seqs:
-            s.num_forward_passes += 1
+            s.forward_passes += 1
         return hidden
 
     def _forward(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int], causal: bool,
@@ -156,7 +156,7 @@ class ModelRunner:
         """Seconds for one verify+draft pass of `batch` sequences with k verify rows and k blocks of
         k - 1 each (batch * k * k rows), the draft logits of one block included. Start-up only, as
         `time_forward`."""
-        seqs = [SimpleNamespace(num_cached=0, block_table=list(range(-(-k // self.page_size))), num_forward_passes=0)
+        seqs = [SimpleNamespace(num_cached=0, block_table=list(range(-(-k // self.page_size))), forward_passes=0)
                 for _ in range(batch)]
         blocks, ms = [[0] * k] * batch, [k - 1] * batch
 

@@ -68,14 +68,14 @@ class Scheduler:
         never past the window."""
         k = min(plan.k, seq.block_size) if plan is not None and seq.auto_k else seq.block_size
         k = min(k, self.fused_k) if fused else k
-        remaining = seq.params.max_tokens - seq.num_output_tokens
+        remaining = seq.params.max_tokens - seq.completion_tokens
         return 1 if remaining <= 1 else max(1, min(k, remaining + 1, self._window(seq)))
 
     def verify_length(self, seq: Sequence) -> int:
         """Fused cycle: the anchor and every draft the sequence carries (they are paid for; a step of
         K = 1 after a drafting one still verifies them), up to the last token it may emit (the drafts
         for it are verified too, as in the two-pass block) and inside the window."""
-        remaining = seq.params.max_tokens - seq.num_output_tokens
+        remaining = seq.params.max_tokens - seq.completion_tokens
         return max(1, min(1 + len(seq.next_drafts), remaining + 1, self._window(seq)))
 
     def fused_block_length(self, seq: Sequence, k: int, v: int) -> int:

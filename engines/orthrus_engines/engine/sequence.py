@@ -28,7 +28,7 @@ class Sequence:
         self.request_id = request_id
         self.params = params
         self.token_ids: list[int] = list(prompt_ids)
-        self.num_prompt_tokens = len(prompt_ids)
+        self.prompt_tokens = len(prompt_ids)
         self.block_size = block_size  # K for this request (1 = plain AR), the most the policy may pick
         self.auto_k = auto_k  # the engine's draft-length policy picks K each step
         self.status = Status.WAITING
@@ -37,15 +37,15 @@ class Sequence:
         self.num_cached = 0
         self.block_table: list[int] = []
         self.block_hashes: list[str] = []  # hashes of the full blocks registered in the prefix cache
-        self.num_cached_prompt_tokens = 0
+        self.cached_prompt_tokens = 0
         # Verify+draft cycle: drafts for the positions after the anchor, made by the last pass (and the
         # probabilities they were sampled from, at temperature > 0 without a seed).
         self.next_drafts: list[int] = []
         self.next_draft_probs: torch.Tensor | None = None
         # Counters.
-        self.num_forward_passes = 0
-        self.num_drafted = 0
-        self.num_accepted = 0
+        self.forward_passes = 0
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         # Output.
         self.detok = detokenizer
         self.text = ""
@@ -63,12 +63,12 @@ class Sequence:
         return self.params.seed is not None and not self.params.greedy
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+    def completion_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_tokens
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self.prompt_tokens :]
 
     @property
     def prefill_target(self) -> int:
@@ -80,7 +80,7 @@ class Sequence:
         """Where prefill stops: for a new request past the anchor, whose logits give the first token (as
         the official generate's first pass); for a recompute after preemption at the anchor, so that it
         resumes the very state it left (seeded sampling does not depend on preemption)."""
-        return self.prefill_target + (self.num_output_tokens == 0)
+        return self.prefill_target + (self.completion_tokens == 0)
 
     @property
     def in_prefill(self) -> bool:

@@ -37,9 +37,7 @@ def generate_samples(llm, prompts: list[str], samples_per_prompt: int, temperatu
 
     if samples_per_prompt < 1 or (samples_per_prompt > 1 and temperature == 0):
         raise OrthrusInputError("samples_per_prompt", "must be 1 for greedy responses, or >= 1 with a temperature > 0")
-    tok = llm.tokenizer
-    prompt_ids = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=True)["input_ids"]) for p in prompts]
+    prompt_ids = [llm.engine.inputs.chat_ids([{"role": "user", "content": p}]) for p in prompts]
     jobs, params = [], []
     for s in range(samples_per_prompt):
         for i, ids in enumerate(prompt_ids):

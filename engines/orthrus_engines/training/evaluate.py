@@ -24,9 +24,7 @@ def evaluate(llm, prompts: list[str] | list[list[int]], max_tokens: int = 256, t
     from orthrus_engines.sampling_params import SamplingParams
 
     eng = llm.engine
-    ids = [p if isinstance(p, list) else list(llm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        for p in prompts]
+    ids = [p if isinstance(p, list) else llm.engine.inputs.chat_ids([{"role": "user", "content": p}]) for p in prompts]
     if not seeded:
         torch.manual_seed(seed)
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i if seeded else None)
@@ -37,8 +35,8 @@ def evaluate(llm, prompts: list[str] | list[list[int]], max_tokens: int = 256, t
     outs = llm.generate(ids, params)
     seconds = time.perf_counter() - start
     c1, d1, a1 = stats.snapshot()
-    tokens = sum(o.num_output_tokens for o in outs)
-    passes = sum(o.num_forward_passes for o in outs)
+    tokens = sum(o.completion_tokens for o in outs)
+    passes = sum(o.forward_passes for o in outs)
     cycles = c1 - c0
     pad = lambda xs: xs + [0] * (len(d1) - len(xs))  # noqa: E731
     drafted_by_pos = [x - y for x, y in zip(d1, pad(d0))]

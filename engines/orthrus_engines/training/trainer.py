@@ -95,7 +95,7 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 def load_for_training(args: TrainArgs, head: str | None):
     """(model, tokenizer, source): the model in fp32 on the device, twins initialised."""
     from orthrus_engines.config import EngineArgs
-    from orthrus_engines.engine.llm_engine import load_tokenizer
+    from orthrus_engines.inputs import load_tokenizer
     from orthrus_engines.models.loader import build_model, model_dir, resolve_model
 
     path = model_dir(args.model)
