@@ -86,7 +86,7 @@ def bench_forward_time(llm, sizes: list[int], repeats: int = 5) -> dict[int, flo
         seq = engine.add_request(f"fwd-{T}", prompt, SamplingParams(max_tokens=1000, ignore_eos=True))
         while seq.status.value != "running" or seq.in_prefill:
             engine.step()
-        engine.blocks.ensure(seq, seq.num_cached + T)
+        engine.pages.ensure(seq, seq.num_cached + T)
         block = [[seq.token_ids[-1]] + [200] * (T - 1)]
         engine.runner.verify([seq], block)
         times = []

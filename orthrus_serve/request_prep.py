@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 
 from orthrus_engines import OrthrusInputError, SamplingParams
-from orthrus_engines.prefix_hash import block_hashes
+from orthrus_engines.prefix_hash import page_hashes
 from orthrus_engines.validation import check_budget, check_stop_token_ids, check_token_ids
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
@@ -20,7 +20,7 @@ class PreparedRequest:
     request_id: str
     token_ids: list[int]
     params: dict  # SamplingParams fields, validated
-    block_hashes: list[str]
+    page_hashes: list[str]
 
 
 class RequestPreparer:
@@ -60,5 +60,5 @@ class RequestPreparer:
         check_budget(len(ids), sp.max_tokens, self.max_model_len)
         check_stop_token_ids(sp.stop_token_ids, self.vocab_size)
         # The engine caches all but the last prompt token: those are the blocks a replica can hold.
-        hashes = block_hashes(ids[:-1], self.page_size, self.fingerprint)
+        hashes = page_hashes(ids[:-1], self.page_size, self.fingerprint)
         return PreparedRequest(request_id or uuid.uuid4().hex, ids, params, hashes)

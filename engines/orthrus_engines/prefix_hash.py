@@ -1,7 +1,7 @@
 """Prefix identity shared by the engine's prefix cache and the cluster router (docs/ARCHITECTURE.md §4).
 
-A full block of `page_size` tokens is named by a hash chain: sha256(previous block's hash, the
-block's token ids), seeded with a fingerprint of the model and tokenizer. The same in every process
+A full page of `page_size` tokens is named by a hash chain: sha256(previous page's hash, the
+page's token ids), seeded with a fingerprint of the model and tokenizer. The same in every process
 and on every machine. Hashes are 32 hex characters.
 """
 
@@ -21,18 +21,18 @@ def model_fingerprint(config: dict, tokenizer_vocab: dict[str, int] | None, weig
     return h.hexdigest()[:32]
 
 
-def next_block_hash(parent: str, block: list[int] | tuple[int, ...]) -> str:
+def next_page_hash(parent: str, page: list[int] | tuple[int, ...]) -> str:
     h = hashlib.sha256(parent.encode())
-    h.update(struct.pack(f"<{len(block)}q", *block))
+    h.update(struct.pack(f"<{len(page)}q", *page))
     return h.hexdigest()[:32]
 
 
-def block_hashes(token_ids: list[int], page_size: int, seed: str, start: int = 0, parent: str | None = None) -> list[str]:
-    """Hashes of the full blocks of `token_ids`, starting at block `start` whose parent hash is
+def page_hashes(token_ids: list[int], page_size: int, seed: str, start: int = 0, parent: str | None = None) -> list[str]:
+    """Hashes of the full pages of `token_ids`, starting at page `start` whose parent hash is
     `parent` (the seed when start is 0)."""
     out: list[str] = []
     h = seed if parent is None else parent
     for b in range(start, len(token_ids) // page_size):
-        h = next_block_hash(h, token_ids[b * page_size : (b + 1) * page_size])
+        h = next_page_hash(h, token_ids[b * page_size : (b + 1) * page_size])
         out.append(h)
     return out

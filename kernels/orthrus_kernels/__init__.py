@@ -6,5 +6,6 @@ from orthrus_kernels.attention import (
     build_verify_draft_metadata,
     paged_attention,
 )
+from orthrus_kernels.pass_kind import PassKind
 
-__all__ = ["AttentionMetadata", "build_attention_metadata", "build_verify_draft_metadata", "paged_attention"]
+__all__ = ["AttentionMetadata", "PassKind", "build_attention_metadata", "build_verify_draft_metadata", "paged_attention"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from orthrus_kernels.pass_kind import PassKind
 from orthrus_kernels.row_ranges import RowRanges, pass_row_ranges, verify_draft_row_ranges
 
 BACKENDS = ("torch", "triton")
@@ -56,38 +57,36 @@ def _slots(table: list[int], n: int, page_size: int) -> torch.Tensor:
 
 
 def build_attention_metadata(
+    kind: PassKind,
     q_lens: list[int],
     prefix_lens: list[int],
-    block_tables: list[list[int]],
+    page_tables: list[list[int]],
     page_size: int,
-    causal: bool,
-    write_kv: bool,
     device: torch.device,
     every_field: bool = False,
-    causal_anchor: bool = False,
     backend: str = "torch",
 ) -> AttentionMetadata:
-    """`causal_anchor` (transient bidirectional passes): each sequence's first new token sees none of
-    the others.
+    """Sequence b: q_lens[b] new tokens after prefix_lens[b] cached ones, its pages in page_tables[b].
     `every_field`: always build the mask and the padding index, never the shortcuts for one
     sequence or equal query lengths, so that a compiled model sees one structure per kind of pass
     (torch.compile makes a graph per structure; sizes stay symbolic).
     `backend`: "torch" or "triton" (`paged_attention` runs the one the metadata was built for)."""
     _check_backend(backend)
+    causal, write_kv, causal_anchor = kind.causal, kind.write_kv, kind.causal_anchor
     B, max_q, max_p = len(q_lens), max(q_lens), max(prefix_lens)
     uniform = all(q == max_q for q in q_lens) and not every_field
     totals = [p + q for p, q in zip(prefix_lens, q_lens)]
     max_keys = max(totals) if write_kv else max_p
     key_slots = torch.zeros(B, max_keys, dtype=torch.long)
     write: list[int] = []
-    for b, (p, q, table) in enumerate(zip(prefix_lens, q_lens, block_tables)):
+    for b, (p, q, table) in enumerate(zip(prefix_lens, q_lens, page_tables)):
         slots = _slots(table, p + q, page_size)
         n = p + q if write_kv else p
         key_slots[b, :n] = slots[:n]
         write.extend(slots[p:].tolist())
     write_slots = torch.tensor(write, dtype=torch.long, device=device) if write_kv else None
     if backend == "triton":
-        ranges = pass_row_ranges(q_lens, prefix_lens, causal, write_kv, causal_anchor, device)
+        ranges = pass_row_ranges(kind, q_lens, prefix_lens, device)
         return AttentionMetadata(False, key_slots.to(device), write_slots, None, None, backend=backend, ranges=ranges)
 
     pad_index = None
@@ -122,7 +121,7 @@ def build_verify_draft_metadata(
     verify_lens: list[int],
     block_lens: list[int],
     prefix_lens: list[int],
-    block_tables: list[list[int]],
+    page_tables: list[list[int]],
     page_size: int,
     device: torch.device,
     backend: str = "torch",
@@ -140,7 +139,7 @@ def build_verify_draft_metadata(
     key_slots = torch.zeros(B, max_keys, dtype=torch.long)
     mask = torch.zeros(B, max_q, max_keys + max_q, dtype=torch.bool)
     write, write_rows, row = [], [], 0
-    for b, (p, v, m, table) in enumerate(zip(prefix_lens, verify_lens, block_lens, block_tables)):
+    for b, (p, v, m, table) in enumerate(zip(prefix_lens, verify_lens, block_lens, page_tables)):
         slots = _slots(table, p + v, page_size)
         key_slots[b, : p + v] = slots
         write.extend(slots[p:].tolist())

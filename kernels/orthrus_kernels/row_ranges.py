@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from orthrus_kernels.pass_kind import PassKind
+
 MAX_TILE_ROWS = 16
 
 
@@ -57,21 +59,19 @@ def build_row_ranges(
     )
 
 
-def pass_row_ranges(q_lens: list[int], prefix_lens: list[int], causal: bool, write_kv: bool, causal_anchor: bool,
-                    device: torch.device) -> RowRanges:
-    """A prefill / decode / verify / draft pass (`build_attention_metadata`'s kinds): every row sees the
-    cached prefix; among the new rows, the earlier ones and itself (causal), or all of them, or (causal
-    anchor) the first row only itself."""
+def pass_row_ranges(kind: PassKind, q_lens: list[int], prefix_lens: list[int], device: torch.device) -> RowRanges:
+    """A prefill / decode / verify / draft pass: every row sees the cached prefix; among the new rows,
+    the earlier ones and itself (causal), or all of them, or (causal anchor) the first row only itself."""
     cache, lo, hi = [], [], []
     for p, q in zip(prefix_lens, q_lens):
         i = torch.arange(q)
         cache.append(torch.full((q,), p))
         lo.append(torch.zeros(q, dtype=torch.long))
-        end = i + 1 if causal else torch.full((q,), q)
-        if causal_anchor and not causal:
+        end = i + 1 if kind.causal else torch.full((q,), q)
+        if kind.causal_anchor:
             end[0] = 1
         hi.append(end)
-    return build_row_ranges(q_lens, cache, lo, hi, list(range(sum(q_lens))) if write_kv else [], device)
+    return build_row_ranges(q_lens, cache, lo, hi, list(range(sum(q_lens))) if kind.write_kv else [], device)
 
 
 def verify_draft_row_ranges(verify_lens: list[int], block_lens: list[int], prefix_lens: list[int],

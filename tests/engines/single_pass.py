@@ -6,7 +6,7 @@ def prefill_to_anchor(eng, seqs: list, lookahead: int = 0) -> None:
     `lookahead` more: the state a decode pass starts from. (A scheduled prefill would go on through
     the anchor and commit the next token.) The requests stay queued; abort them when done."""
     for s in seqs:
-        assert eng.blocks.ensure(s, s.prefill_target + lookahead)
+        assert eng.pages.ensure(s, s.prefill_target + lookahead)
     todo = [s for s in seqs if s.prefill_target > 0]
     if todo:
         eng.runner.prefill(todo, [s.prefill_target for s in todo])

@@ -28,7 +28,7 @@ def _prefilled(eng, prompts: list[list[int]]) -> list:
     while any(s.in_prefill for s in seqs):
         eng.step()
     for s in seqs:
-        assert eng.blocks.ensure(s, s.num_cached + 12)
+        assert eng.pages.ensure(s, s.num_cached + 12)
     return seqs
 
 

@@ -39,24 +39,24 @@ def ar_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
     """The engine's AR-view logits at every prompt position (one verify pass from position 0)."""
     eng = llm.engine
     seq = Sequence("probe", prompt, SamplingParams(), 1, None)
-    assert eng.blocks.ensure(seq, len(prompt))
+    assert eng.pages.ensure(seq, len(prompt))
     try:
         return eng.runner.verify([seq], [prompt])
     finally:
-        eng.blocks.free_all(seq)
+        eng.pages.free_all(seq)
 
 
 def draft_logits(llm: LLM, prompt: list[int], k: int) -> torch.Tensor:
     """The engine's diffusion-view logits for the block after `prompt` (prefill, then one draft)."""
     eng = llm.engine
     seq = Sequence("probe", prompt, SamplingParams(), k, None)
-    assert eng.blocks.ensure(seq, len(prompt) + k)
+    assert eng.pages.ensure(seq, len(prompt) + k)
     try:
         eng.runner.prefill([seq], [len(prompt) - 1])
         seq.num_cached = len(prompt) - 1
         return eng.runner.draft([seq], [k])
     finally:
-        eng.blocks.free_all(seq)
+        eng.pages.free_all(seq)
 
 
 def file_tensors(d) -> dict[str, torch.Tensor]:

@@ -92,7 +92,7 @@ def _assert_exact(outs, prompts, max_tokens, expect):
 
 def _assert_drained(engine: LLMEngine):
     assert not engine.has_unfinished()
-    assert engine.blocks.num_free == engine.blocks.num_pages
+    assert engine.pages.num_free == engine.pages.num_pages
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -253,9 +253,9 @@ def _run_bounded(engine: LLMEngine, max_steps: int = 400) -> dict[str, list[int]
             tokens.setdefault(d.request_id, []).extend(d.token_ids)
     s = engine.scheduler
     pytest.fail(f"engine made no progress in {max_steps} steps: running "
-                f"{[(q.request_id, q.num_cached, len(q.block_table)) for q in s.running]}, waiting "
-                f"{[(q.request_id, q.num_cached, len(q.block_table)) for q in s.waiting]}, "
-                f"free pages {engine.blocks.num_free}/{engine.blocks.num_pages}, preemptions {s.num_preemptions}")
+                f"{[(q.request_id, q.num_cached, len(q.page_table)) for q in s.running]}, waiting "
+                f"{[(q.request_id, q.num_cached, len(q.page_table)) for q in s.waiting]}, "
+                f"free pages {engine.pages.num_free}/{engine.pages.num_pages}, preemptions {s.num_preemptions}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

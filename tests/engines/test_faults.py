@@ -49,7 +49,7 @@ def run(llm: LLM, ps: dict[str, SamplingParams], setup=lambda eng: None) -> dict
             got[d.request_id]["tokens"] += d.token_ids
             if d.finished:
                 got[d.request_id] |= {"reason": d.finish_reason, "error": d.error}
-    assert eng.blocks.num_free == eng.blocks.num_pages
+    assert eng.pages.num_free == eng.pages.num_pages
     return got
 
 

@@ -73,12 +73,12 @@ def test_verify_and_draft_keeps_only_the_verified_kv(causal_model):
     a = LLM(str(path), block_size=8, device="cpu", page_size=4, enable_prefix_cache=False).engine
     b = LLM(str(path), block_size=8, device="cpu", page_size=4, enable_prefix_cache=False).engine
     (sa,), (sb,) = _prefilled(a, "a", [prompt]), _prefilled(b, "b", [prompt])
-    assert sa.block_table == sb.block_table
+    assert sa.page_table == sb.page_table
     before = [(k.clone(), v.clone()) for k, v in a.runner.kv_cache]
     a.runner.verify_and_draft([sa], [block], [5])
     b.runner.verify([sb], [block])
     p = len(prompt) - 1
-    written = torch.tensor([sa.block_table[i // 4] * 4 + i % 4 for i in range(p, p + len(block))])
+    written = torch.tensor([sa.page_table[i // 4] * 4 + i % 4 for i in range(p, p + len(block))])
     kept = torch.ones(a.runner.kv_cache[0][0].shape[0], dtype=torch.bool)
     kept[written] = False
     for (ka, va), (kb, vb), (k0, v0) in zip(a.runner.kv_cache, b.runner.kv_cache, before):
@@ -109,7 +109,7 @@ def test_fused_cycle_is_lossless_and_one_pass_per_cycle(causal_model, k):
     outs2 = two.generate(prompts, params)
     assert [o.token_ids for o in outs2] == [o.token_ids for o in outs]
     for eng in (fused.engine, two.engine):
-        assert eng.blocks.num_free == eng.blocks.num_pages
+        assert eng.pages.num_free == eng.pages.num_pages
 
 
 def test_fused_cycle_takes_fewer_passes(tmp_path):
@@ -201,4 +201,4 @@ def test_switching_cycles_between_steps_stays_exact(causal_model):
     outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
     assert [list(o.token_ids) for o in outs] == [hf_greedy(hf, p, 20) for p in prompts]
     assert llm.engine.fused_acceptance.cycles > 0 and llm.engine.acceptance.cycles > 0  # both cycles ran
-    assert llm.engine.blocks.num_free == llm.engine.blocks.num_pages
+    assert llm.engine.pages.num_free == llm.engine.pages.num_pages

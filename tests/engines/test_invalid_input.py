@@ -38,9 +38,9 @@ def good_output(model_dir):
 def assert_healthy(llm, good_output):
     eng = llm.engine
     assert not eng.has_unfinished(), "a rejected request was left queued"
-    assert eng.blocks.num_free == eng.blocks.num_pages
+    assert eng.pages.num_free == eng.pages.num_pages
     assert llm.generate(GOOD_PROMPT, SamplingParams(max_tokens=8))[0].token_ids == good_output
-    assert eng.blocks.num_free == eng.blocks.num_pages
+    assert eng.pages.num_free == eng.pages.num_pages
 
 
 @contextmanager

@@ -38,4 +38,4 @@ def test_long_decode_keeps_a_cached_prefix(model):
 
     again = llm.generate([prefix + [2]], SamplingParams(max_tokens=2, ignore_eos=True))[0]
     assert again.cached_prompt_tokens == 20
-    assert eng.blocks.num_free == eng.blocks.num_pages
+    assert eng.pages.num_free == eng.pages.num_pages

@@ -17,7 +17,7 @@ from tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.models.loader import save_head
-from orthrus_engines.prefix_hash import block_hashes
+from orthrus_engines.prefix_hash import page_hashes
 
 PAGE = 16
 VOCAB = 96
@@ -75,7 +75,7 @@ def test_shared_prefix_is_cached_and_output_unchanged(model_dir, plain, oracle):
         assert ref.cached_prompt_tokens == 0
         assert out.token_ids == ref.token_ids
     assert llm.generate(second, GREEDY)[0].token_ids == hf_greedy(oracle, second, 12)
-    assert llm.engine.blocks.num_free == llm.engine.blocks.num_pages
+    assert llm.engine.pages.num_free == llm.engine.pages.num_pages
 
 
 @pytest.mark.parametrize("length,cached", [(33, 32), (32, 16), (17, 16), (16, 0)])
@@ -127,7 +127,7 @@ def test_prefix_shared_with_a_running_request(model_dir, plain):
     assert cached["b"] == 32
     assert results["a"] == plain.generate(a, SamplingParams(max_tokens=30))[0].token_ids
     assert results["b"] == plain.generate(b, SamplingParams(max_tokens=20))[0].token_ids
-    assert eng.blocks.num_free == eng.blocks.num_pages
+    assert eng.pages.num_free == eng.pages.num_pages
 
 
 def test_batch_sharing_a_prefix_matches_uncached(model_dir, plain):
@@ -142,7 +142,7 @@ def test_batch_sharing_a_prefix_matches_uncached(model_dir, plain):
 
 
 def test_stored_events_name_the_blocks_by_prefix_hash(model_dir):
-    """`stored` events carry block_hashes(tokens, 16, engine.fingerprint) of the cached blocks, once."""
+    """`stored` events carry page_hashes(tokens, 16, engine.fingerprint) of the cached blocks, once."""
     llm = new_llm(model_dir)
     eng = llm.engine
     assert eng.drain_prefix_events() == []
@@ -150,12 +150,12 @@ def test_stored_events_name_the_blocks_by_prefix_hash(model_dir):
     llm.generate(prompt, SamplingParams(max_tokens=3))
     events = eng.drain_prefix_events()
     assert events and all(kind == "stored" for kind, _ in events)
-    assert stored_and_removed(events)[0] == block_hashes(prompt, PAGE, eng.fingerprint)  # 2 blocks
+    assert stored_and_removed(events)[0] == page_hashes(prompt, PAGE, eng.fingerprint)  # 2 blocks
     assert eng.drain_prefix_events() == []  # drained
     longer = prompt + tokens(20, 7)  # 60 tokens: only block 2 is new
     llm.generate(longer, SamplingParams(max_tokens=3))
     stored, removed = stored_and_removed(eng.drain_prefix_events())
-    assert stored == block_hashes(longer, PAGE, eng.fingerprint)[2:3]
+    assert stored == page_hashes(longer, PAGE, eng.fingerprint)[2:3]
     assert removed == []
 
 
@@ -182,15 +182,15 @@ def test_eviction_emits_removed_and_events_mirror_the_cache(model_dir):
     prompts = [tokens(40, 10 + i) for i in range(3)] + [tokens(40, 10)]  # the last repeats the first
     for p in prompts:
         expected_hit = 0
-        for h in block_hashes(p[:-1], PAGE, eng.fingerprint):
+        for h in page_hashes(p[:-1], PAGE, eng.fingerprint):
             if h not in index:
                 break
             expected_hit += PAGE
         out = llm.generate(p, SamplingParams(max_tokens=3))[0]
         assert out.cached_prompt_tokens == expected_hit
         replay()
-        assert index == set(eng.blocks.hash_to_page)
-        assert eng.blocks.num_free == eng.blocks.num_pages
+        assert index == set(eng.pages.hash_to_page)
+        assert eng.pages.num_free == eng.pages.num_pages
     assert removed, "the tiny pool never evicted anything"
 
 
@@ -201,7 +201,7 @@ def test_cleared_event_and_cache_off(model_dir):
     prompt = tokens(40, 20)
     llm.generate(prompt, GREEDY)
     llm.engine.drain_prefix_events()
-    llm.engine.blocks.clear_prefix_cache()
+    llm.engine.pages.clear_prefix_cache()
     assert llm.engine.drain_prefix_events() == [("cleared", [])]
     assert llm.generate(prompt, GREEDY)[0].cached_prompt_tokens == 0
 
@@ -221,10 +221,10 @@ def test_block_hash_chain_format():
         h = hashlib.sha256(parent.encode() + struct.pack("<16q", *toks[b * 16 : (b + 1) * 16])).hexdigest()[:32]
         expected.append(h)
         parent = h
-    assert block_hashes(toks, 16, seed) == expected
-    assert block_hashes(toks, 16, seed, start=1, parent=expected[0]) == expected[1:]
-    assert block_hashes(toks, 16, "0" * 32) != expected  # the seed matters
-    assert block_hashes(toks[:15], 16, seed) == []
+    assert page_hashes(toks, 16, seed) == expected
+    assert page_hashes(toks, 16, seed, start=1, parent=expected[0]) == expected[1:]
+    assert page_hashes(toks, 16, "0" * 32) != expected  # the seed matters
+    assert page_hashes(toks[:15], 16, seed) == []
 
 
 def test_fingerprint_depends_on_the_model(model_dir, tmp_path):
@@ -271,14 +271,14 @@ def test_hashes_identical_in_another_process(model_dir):
     code = (
         "import json, sys\n"
         "from orthrus_engines import LLM\n"
-        "from orthrus_engines.prefix_hash import block_hashes\n"
+        "from orthrus_engines.prefix_hash import page_hashes\n"
         "fp = LLM(model=sys.argv[1], num_pages=8).engine.fingerprint\n"
-        "print(json.dumps([fp, block_hashes(json.loads(sys.argv[2]), 16, fp)]))\n"
+        "print(json.dumps([fp, page_hashes(json.loads(sys.argv[2]), 16, fp)]))\n"
     )
     env = os.environ | {"PYTHONHASHSEED": "12345"}
     res = subprocess.run([sys.executable, "-c", code, str(model_dir), json.dumps(toks)], env=env,
                          capture_output=True, text=True, timeout=300, check=True)
     fp, hashes = json.loads(res.stdout.strip().splitlines()[-1])
     assert fp == llm.engine.fingerprint
-    assert hashes == block_hashes(toks, PAGE, llm.engine.fingerprint)
+    assert hashes == page_hashes(toks, PAGE, llm.engine.fingerprint)
     assert len(hashes) == 3

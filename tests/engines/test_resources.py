@@ -7,7 +7,7 @@ import torch
 from tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
-from orthrus_engines.prefix_hash import block_hashes
+from orthrus_engines.prefix_hash import page_hashes
 
 VOCAB = 96
 K = 8
@@ -33,7 +33,7 @@ def tokens(n: int, seed: int) -> list[int]:
 
 def all_free(llm_or_engine) -> bool:
     eng = getattr(llm_or_engine, "engine", llm_or_engine)
-    return not eng.has_unfinished() and eng.blocks.num_free == eng.blocks.num_pages
+    return not eng.has_unfinished() and eng.pages.num_free == eng.pages.num_pages
 
 
 def install_oracle_drafter(monkeypatch, engine, continuations: dict[tuple, list[int]]) -> None:
@@ -119,7 +119,7 @@ def test_abort_during_chunked_prefill(model_dir):
     eng.add_request("long", tokens(100, 5), SamplingParams(max_tokens=5))
     eng.step()
     seq = eng.seqs["long"]
-    assert seq.in_prefill and seq.num_cached > 0 and eng.blocks.num_free < eng.blocks.num_pages
+    assert seq.in_prefill and seq.num_cached > 0 and eng.pages.num_free < eng.pages.num_pages
     assert eng.abort_request("long").finish_reason == "abort"
     assert all_free(eng)
 
@@ -196,7 +196,7 @@ def test_stop_token_inside_accepted_block(model_dir, oracle, monkeypatch):
     assert all_free(llm)
     kept = prompt + out.token_ids
     stored = [h for kind, hs in eng.drain_prefix_events() if kind == "stored" for h in hs]
-    assert stored == block_hashes(kept[:-1], 16, eng.fingerprint)  # page 0 only
+    assert stored == page_hashes(kept[:-1], 16, eng.fingerprint)  # page 0 only
     # A follow-up that reuses the cached pages is exact.
     monkeypatch.undo()
     follow = kept + [1, 2, 3]

@@ -23,7 +23,7 @@ MODES = {"ar": (False, None), "diffusion": (True, None), "anchor_ar": (True, [0,
 
 
 def _forward(model_dir: Path, mode: str) -> torch.Tensor:
-    from orthrus_kernels import build_attention_metadata, build_verify_draft_metadata
+    from orthrus_kernels import PassKind, build_attention_metadata, build_verify_draft_metadata
 
     from orthrus_engines.models.loader import build_model, model_dir as resolve_dir, resolve_model
 
@@ -37,10 +37,11 @@ def _forward(model_dir: Path, mode: str) -> torch.Tensor:
     diffusion, ar_rows = MODES[mode]
     ids = torch.arange(3, 3 + 20) % src.shape.vocab_size
     # prefill 12 tokens, then a block of 8 through the chosen view on top of the cached prefix
-    meta = build_attention_metadata([12], [0], [[0, 1, 2, 3]], 16, True, True, torch.device("cpu"))
+    meta = build_attention_metadata(PassKind.CAUSAL, [12], [0], [[0, 1, 2, 3]], 16, torch.device("cpu"))
     model(ids[:12], torch.arange(12), meta, kv, diffusion=False)
     new, positions = ids[12:], torch.arange(12, 20)
-    meta = build_attention_metadata([8], [12], [[0, 1, 2, 3]], 16, not diffusion, not diffusion, torch.device("cpu"))
+    kind = PassKind.BLOCK if diffusion else PassKind.CAUSAL
+    meta = build_attention_metadata(kind, [8], [12], [[0, 1, 2, 3]], 16, torch.device("cpu"))
     if mode == "verify_draft":  # 9 rows: [anchor, 2 drafts], then 3 blocks of 2
         new, positions = torch.cat([ids[12:15], ids[14:20]]), torch.tensor([12, 13, 14, 13, 14, 14, 15, 15, 16])
         meta = build_verify_draft_metadata([3], [2], [12], [[0, 1, 2, 3]], 16, torch.device("cpu"))

@@ -160,7 +160,7 @@ def _past_prefill(engine, prompts, decode_steps=0):
 
 
 def _slot(seq, pos, page_size):
-    return seq.block_table[pos // page_size] * page_size + pos % page_size
+    return seq.page_table[pos // page_size] * page_size + pos % page_size
 
 
 def _snapshot(engine):
@@ -197,7 +197,7 @@ def test_draft_matches_dense_reference(ckpt, case, decode_steps):
     seqs = _past_prefill(engine, _prompts(lengths), decode_steps)
     P = engine.page_size
     for s, k in zip(seqs, ks):
-        assert engine.blocks.ensure(s, s.num_cached + k)
+        assert engine.pages.ensure(s, s.num_cached + k)
     before = _snapshot(engine)
     logits = engine.runner.draft(seqs, ks)
     assert logits.shape == (sum(k - 1 for k in ks), VOCAB)
@@ -223,7 +223,7 @@ def test_draft_block_is_bidirectional_and_reads_the_prefix(ckpt):
     ref = DenseReference(engine.runner.model, _rope_theta(ckpt))
     (s,) = _past_prefill(engine, _prompts([20]))
     k = 8
-    assert engine.blocks.ensure(s, s.num_cached + k)
+    assert engine.pages.ensure(s, s.num_cached + k)
     got = engine.runner.draft([s], [k])
     mask_id = engine.runner.mask_token_id
     torch.testing.assert_close(got, ref.draft(s.token_ids, k, mask_id)[: k - 1], **TOL)
@@ -269,7 +269,7 @@ def test_verify_matches_causal_forward(ckpt, case, decode_steps):
     rng = random.Random(5)
     blocks = [[s.token_ids[-1]] + [rng.randrange(VOCAB - 1) for _ in range(k - 1)] for s, k in zip(seqs, ks)]
     for s, k in zip(seqs, ks):
-        assert engine.blocks.ensure(s, s.num_cached + k)
+        assert engine.pages.ensure(s, s.num_cached + k)
     before = _snapshot(engine)
     logits = engine.runner.verify(seqs, blocks)
     assert logits.shape == (sum(ks), VOCAB)
@@ -310,7 +310,7 @@ def test_chunked_prefill_caches_reference_kv(ckpt, chunk):
             torch.testing.assert_close(vc[slots], values[layer], **TOL)
     ks = [6, 3]
     for s, k in zip(seqs, ks):
-        assert engine.blocks.ensure(s, s.num_cached + k)
+        assert engine.pages.ensure(s, s.num_cached + k)
     logits = engine.runner.draft(seqs, ks)
     torch.testing.assert_close(logits[:5], ref.draft(seqs[0].token_ids, 6, engine.runner.mask_token_id)[:5], **TOL)
     torch.testing.assert_close(logits[5:], ref.draft(seqs[1].token_ids, 3, engine.runner.mask_token_id)[:2], **TOL)

@@ -56,7 +56,7 @@ def test_requests_filling_the_window_finish_with_length_and_exact(model, k):
     assert kinds == ({"ar", "verify+draft"} if view == "causal" else {"ar", "draft"})
     assert max(pos for _, pos in seen) >= WINDOW - 2  # the edge was reached: the window's last token was committed
     assert sum(o.drafted_tokens for o in outs) > 0
-    assert eng.blocks.num_free == eng.blocks.num_pages
+    assert eng.pages.num_free == eng.pages.num_pages
 
 
 def test_max_tokens_past_the_window_is_refused(model):
@@ -79,4 +79,4 @@ def test_runner_refuses_a_position_past_the_window(model):
         with pytest.raises(RuntimeError, match=f"position {WINDOW},"):
             eng.runner.verify_and_draft([seq], [[seq.token_ids[-1], 1]], [3])  # MASK rows after slot 61: 62..64
     eng.abort_request("r")
-    assert eng.blocks.num_free == eng.blocks.num_pages
+    assert eng.pages.num_free == eng.pages.num_pages

@@ -3,15 +3,16 @@ reference, on random tensors, random page tables and random cache contents.
 
 Semantics (docs/ARCHITECTURE.md §1 and the op's docstring): sequence b has prefix_lens[b] positions in the
 paged cache and q_lens[b] new tokens; every new query sees the whole cached prefix and, among the
-new tokens, the earlier ones (causal) or all of them (bidirectional). With write_kv the new K/V go
-to the cache slots of positions [prefix, prefix + q); without, the cache is untouched.
+new tokens, the earlier ones (PassKind.CAUSAL, whose new K/V go to the cache slots of positions
+[prefix, prefix + q)) or all of them (PassKind.BLOCK: the cache is untouched; with a causal anchor,
+the first new token sees only itself among them).
 """
 
 import random
 
 import pytest
 import torch
-from orthrus_kernels import build_attention_metadata, build_verify_draft_metadata, paged_attention
+from orthrus_kernels import PassKind, build_attention_metadata, build_verify_draft_metadata, paged_attention
 
 HQ, HKV, D = 4, 2, 16  # grouped-query attention: 2 query heads per KV head
 
@@ -67,8 +68,8 @@ def _dense_reference(q, k, v, k_cache, v_cache, prefix_lens, q_lens, tables, pag
     return torch.cat(outs)
 
 
-def _run_case(prefix_lens, q_lens, causal, write_kv, page_size, device, dtype=torch.float32, seed=0,
-              share_first_page=False, every_field=False, causal_anchor=False):
+def _run_case(prefix_lens, q_lens, kind, page_size, device, dtype=torch.float32, seed=0, share_first_page=False,
+              every_field=False):
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     num_pages = sum(-(-(p + n) // page_size) + 1 for p, n in zip(prefix_lens, q_lens)) + 8  # some never used
@@ -82,11 +83,10 @@ def _run_case(prefix_lens, q_lens, causal, write_kv, page_size, device, dtype=to
     scale = D**-0.5
     q, k, v, k_cache, v_cache = (t.to(dtype) for t in (q, k, v, k_cache, v_cache))
     want = _dense_reference(q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(),
-                            prefix_lens, q_lens, tables, page_size, causal, scale, causal_anchor)
+                            prefix_lens, q_lens, tables, page_size, kind.causal, scale, kind.causal_anchor)
     kc0, vc0 = k_cache.clone(), v_cache.clone()
 
-    meta = build_attention_metadata(q_lens, prefix_lens, tables, page_size, causal, write_kv, torch.device(device),
-                                    every_field, causal_anchor)
+    meta = build_attention_metadata(kind, q_lens, prefix_lens, tables, page_size, torch.device(device), every_field)
     if every_field:
         assert meta.mask is not None and meta.pad_index is not None and not meta.is_causal
     kc, vc = k_cache.to(device), v_cache.to(device)
@@ -95,34 +95,32 @@ def _run_case(prefix_lens, q_lens, causal, write_kv, page_size, device, dtype=to
     return got.cpu(), want, (kc.cpu(), vc.cpu()), (kc0, vc0), (k, v), tables
 
 
-@pytest.mark.parametrize("write_kv", [True, False], ids=["write", "transient"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("kind", list(PassKind), ids=lambda k: k.value)
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_field_metadata_gives_the_same_attention(case, causal, write_kv):
+def test_every_field_metadata_gives_the_same_attention(case, kind):
     """The structure a compiled model uses (mask and padding index always built, no shortcuts for one
     sequence) computes the same attention as the shortcuts."""
     prefix_lens, q_lens = CASES[case]
-    got, want, *_ = _run_case(prefix_lens, q_lens, causal, write_kv, 16, "cpu", every_field=True)
+    got, want, *_ = _run_case(prefix_lens, q_lens, kind, 16, "cpu", every_field=True)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("page_size", [16, 4])
-@pytest.mark.parametrize("write_kv", [True, False], ids=["write", "transient"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("kind", list(PassKind), ids=lambda k: k.value)
 @pytest.mark.parametrize("case", list(CASES))
-def test_paged_attention_matches_dense(case, causal, write_kv, page_size, device):
+def test_paged_attention_matches_dense(case, kind, page_size, device):
     """Output equals the dense reference; the cache changes at exactly the new tokens' slots (with
     the new K/V) when writing, and not at all otherwise."""
     prefix_lens, q_lens = CASES[case]
     got, want, (kc, vc), (kc0, vc0), (k, v), tables = _run_case(
-        prefix_lens, q_lens, causal, write_kv, page_size, device)
+        prefix_lens, q_lens, kind, page_size, device)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
     written = [t[pos // page_size] * page_size + pos % page_size
                for p, n, t in zip(prefix_lens, q_lens, tables) for pos in range(p, p + n)]
     untouched = torch.ones(kc.shape[0], dtype=torch.bool)
-    if write_kv:
+    if kind.write_kv:
         untouched[written] = False
         torch.testing.assert_close(kc[written], k, rtol=0, atol=0)
         torch.testing.assert_close(vc[written], v, rtol=0, atol=0)
@@ -135,18 +133,17 @@ def test_causal_anchor(case, every_field):
     """A transient bidirectional block whose first token sees only the prefix and itself (the
     draft pass of an `anchor_view: "causal"` head); the others see the whole block."""
     prefix_lens, q_lens = CASES[case]
-    got, want, *_ = _run_case(prefix_lens, q_lens, False, False, 16, "cpu", every_field=every_field,
-                              causal_anchor=True)
+    got, want, *_ = _run_case(prefix_lens, q_lens, PassKind.BLOCK_CAUSAL_ANCHOR, 16, "cpu", every_field=every_field)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     if max(q_lens) > 1:  # it differs from the plain bidirectional block
-        plain, *_ = _run_case(prefix_lens, q_lens, False, False, 16, "cpu", every_field=every_field)
+        plain, *_ = _run_case(prefix_lens, q_lens, PassKind.BLOCK, 16, "cpu", every_field=every_field)
         assert not torch.allclose(got, plain, atol=1e-4)
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_shared_prefix_page(causal):
+@pytest.mark.parametrize("kind", list(PassKind), ids=lambda k: k.value)
+def test_shared_prefix_page(kind):
     """Two sequences reading one shared (prefix-cached) page see the same cached K/V there."""
-    got, want, *_ = _run_case([20, 35], [3, 6], causal, True, 16, "cpu", share_first_page=True)
+    got, want, *_ = _run_case([20, 35], [3, 6], kind, 16, "cpu", share_first_page=True)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -157,24 +154,24 @@ def test_random_batches(seed):
     B = rng.randint(1, 6)
     prefix_lens = [rng.choice([0, rng.randint(1, 70)]) for _ in range(B)]
     q_lens = [rng.randint(1, 33) for _ in range(B)]
-    causal, write_kv, page_size = rng.random() < 0.5, rng.random() < 0.5, rng.choice([1, 8, 16, 32])
-    got, want, *_ = _run_case(prefix_lens, q_lens, causal, write_kv, page_size, "cpu", seed=seed)
+    kind, page_size = rng.choice(list(PassKind)), rng.choice([1, 8, 16, 32])
+    got, want, *_ = _run_case(prefix_lens, q_lens, kind, page_size, "cpu", seed=seed)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_bf16(causal):
+@pytest.mark.parametrize("kind", list(PassKind), ids=lambda k: k.value)
+def test_bf16(kind):
     """The bf16 path (the CUDA default dtype) stays close to the fp32 reference."""
-    got, want, *_ = _run_case([5, 33, 16], [8, 1, 17], causal, True, 16, "cpu", dtype=torch.bfloat16)
+    got, want, *_ = _run_case([5, 33, 16], [8, 1, 17], kind, 16, "cpu", dtype=torch.bfloat16)
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
 
 
 def test_metadata_write_slots():
     """The metadata names the slots of the new tokens' positions, or None when transient."""
     tables = [[3, 1], [0], [2]]
-    m = build_attention_metadata([2, 1, 3], [17, 0, 2], tables, 16, True, True, torch.device("cpu"))
+    m = build_attention_metadata(PassKind.CAUSAL, [2, 1, 3], [17, 0, 2], tables, 16, torch.device("cpu"))
     assert m.write_slots.tolist() == [1 * 16 + 1, 1 * 16 + 2, 0, 2 * 16 + 2, 2 * 16 + 3, 2 * 16 + 4]
-    m = build_attention_metadata([4, 4], [3, 9], [[5], [6]], 16, False, False, torch.device("cpu"))
+    m = build_attention_metadata(PassKind.BLOCK, [4, 4], [3, 9], [[5], [6]], 16, torch.device("cpu"))
     assert m.write_slots is None
 
 

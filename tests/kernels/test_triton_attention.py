@@ -10,19 +10,16 @@ import sys
 
 import pytest
 import torch
-from orthrus_kernels import build_attention_metadata, build_verify_draft_metadata, paged_attention
+from orthrus_kernels import PassKind, build_attention_metadata, build_verify_draft_metadata, paged_attention
 
 pytest.importorskip("triton")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-KINDS = {
-    # name: (causal, write_kv, causal_anchor); prefill, decode and verify are all "causal-write" passes
-    "causal-write": (True, True, False),
-    "draft": (False, False, False),
-    "draft-anchor": (False, False, True),
-    "causal-transient": (True, False, False),
-    "bidirectional-write": (False, True, False),
+KINDS = {  # prefill, decode and verify are all "causal-write" passes
+    "causal-write": PassKind.CAUSAL,
+    "draft": PassKind.BLOCK,
+    "draft-anchor": PassKind.BLOCK_CAUSAL_ANCHOR,
 }
 
 CASES = {
@@ -63,24 +60,23 @@ def _both_backends(build, q, k, v, k_cache, v_cache, scale):
 
 
 def _check(prefix_lens, q_lens, kind, hq=4, hkv=2, d=16, page_size=4, dtype=torch.float32, tol=1e-5, seed=0):
-    causal, write_kv, anchor = KINDS[kind]
+    kind = KINDS[kind]
     tables, num_pages = _page_tables([p + n for p, n in zip(prefix_lens, q_lens)], page_size, random.Random(seed))
     q, k, v, k_cache, v_cache = _tensors(sum(q_lens), num_pages * page_size, hq, hkv, d, dtype, seed)
 
     def build(backend):
-        return build_attention_metadata(q_lens, prefix_lens, tables, page_size, causal, write_kv, DEVICE,
-                                        causal_anchor=anchor, backend=backend)
+        return build_attention_metadata(kind, q_lens, prefix_lens, tables, page_size, DEVICE, backend=backend)
 
     (want, kc_want, vc_want), (got, kc, vc) = _both_backends(build, q, k, v, k_cache, v_cache, d**-0.5)
     assert got.shape == (sum(q_lens), hq, d)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert torch.equal(kc, kc_want) and torch.equal(vc, vc_want)  # the same slots written, the same values
     written = [t[pos // page_size] * page_size + pos % page_size
-               for p, n, t in zip(prefix_lens, q_lens, tables) for pos in range(p, p + n)] if write_kv else []
+               for p, n, t in zip(prefix_lens, q_lens, tables) for pos in range(p, p + n)] if kind.write_kv else []
     untouched = torch.ones(kc.shape[0], dtype=torch.bool)
     untouched[written] = False
     assert torch.equal(kc[untouched], k_cache.cpu()[untouched]) and torch.equal(vc[untouched], v_cache.cpu()[untouched])
-    if write_kv:
+    if kind.write_kv:
         assert torch.equal(kc[written], k.cpu()) and torch.equal(vc[written], v.cpu())
 
 
@@ -88,7 +84,7 @@ def _check(prefix_lens, q_lens, kind, hq=4, hkv=2, d=16, page_size=4, dtype=torc
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_pass_kind_matches_torch(case, kind):
     """Prefill (with and without a cached prefix), decode, verify, the diffusion block (plain and with
-    the causal anchor) and the other mask kinds, on ragged batches crossing page boundaries."""
+    the causal anchor), on ragged batches crossing page boundaries."""
     _check(*CASES[case], kind)
 
 
@@ -148,7 +144,8 @@ def test_strided_inputs():
     _, _, _, k_cache, v_cache = _tensors(1, num_pages * page_size, hq, hkv, d, torch.float32, 2)
 
     def build(backend):
-        return build_attention_metadata(q_lens, prefix_lens, tables, page_size, True, True, DEVICE, backend=backend)
+        return build_attention_metadata(PassKind.CAUSAL, q_lens, prefix_lens, tables, page_size, DEVICE,
+                                        backend=backend)
 
     (want, kc_want, vc_want), (got, kc, vc) = _both_backends(build, q, k, v, k_cache, v_cache, d**-0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -171,15 +168,15 @@ def test_store_kv_writes_exactly_its_slots():
 
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="attention backend"):
-        build_attention_metadata([1], [0], [[0]], 4, True, True, DEVICE, backend="cuda")
+        build_attention_metadata(PassKind.CAUSAL, [1], [0], [[0]], 4, DEVICE, backend="cuda")
     with pytest.raises(ValueError, match="attention backend"):
         build_verify_draft_metadata([1], [1], [0], [[0]], 4, DEVICE, backend="flash")
 
 
 def test_importing_the_kernels_package_does_not_import_triton():
     """The torch backend (the CPU default) never pays for importing Triton."""
-    code = ("import sys, torch; from orthrus_kernels import build_attention_metadata, paged_attention; "
-            "m = build_attention_metadata([2], [0], [[0]], 4, True, True, torch.device('cpu')); "
+    code = ("import sys, torch; from orthrus_kernels import PassKind, build_attention_metadata, paged_attention; "
+            "m = build_attention_metadata(PassKind.CAUSAL, [2], [0], [[0]], 4, torch.device('cpu')); "
             "paged_attention(*[torch.zeros(2, 1, 16)] * 3, torch.zeros(4, 1, 16), torch.zeros(4, 1, 16), m, 1.0); "
             "assert 'triton' not in sys.modules, 'triton imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env=None)

@@ -10,7 +10,7 @@ import pytest
 import redis
 from serve_helpers import wait_for
 
-from orthrus_engines.prefix_hash import block_hashes
+from orthrus_engines.prefix_hash import page_hashes
 from orthrus_serve.prefix_index import RedisPrefixIndex
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def token_ids(n: int, seed: int) -> list[int]:
 
 def holders(index, info, ids: list[int]) -> dict[str, int]:
     """Replica -> how many leading full blocks of `ids` it holds, as the index says."""
-    return index.lookup(block_hashes(ids, info.page_size, info.prefix_fingerprint))
+    return index.lookup(page_hashes(ids, info.page_size, info.prefix_fingerprint))
 
 
 def wait_held(index, info, prompt: list[int], blocks: int, timeout_s: float = 10.0) -> str:

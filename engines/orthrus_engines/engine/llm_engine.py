@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from orthrus_engines.config import EngineArgs
-from orthrus_engines.engine.block_manager import BlockManager
+from orthrus_engines.engine.page_manager import PageManager
 from orthrus_engines.engine.detokenizer import Detokenizer
 from orthrus_engines.engine.draft_policy import AcceptanceStats, AutoDraftPolicy, ForwardTimes
 from orthrus_engines.engine.model_runner import ModelRunner
@@ -60,7 +60,7 @@ class LLMEngine:
             self.tokenizer.get_vocab() if self.tokenizer is not None else None,
             weights_digest(path),
         )
-        self.blocks = BlockManager(num_pages, args.page_size, fingerprint, args.enable_prefix_cache)
+        self.pages = PageManager(num_pages, args.page_size, fingerprint, args.enable_prefix_cache)
         prior = read_head_metadata(src.head_path).get("acceptance_by_position") if src.head_path else None
         # draft positions: K - 1 in the two-pass cycle; K in the fused one (position 1 there is the AR's own
         # next token, whose row the pass verifies anyway)
@@ -74,7 +74,7 @@ class LLMEngine:
             times = ForwardTimes({n: self.runner.time_forward(n, repeats=3) for n in ladder})  # min of 3: no stall
             self.policy = AutoDraftPolicy(self.block_size, times, self.acceptance, fused_k=self.fused_k,
                                           fused_times=self._fused_times(top), fused_stats=self.fused_acceptance)
-        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,
+        self.scheduler = Scheduler(self.pages, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,
                                    self.fused_k, self.policy.choose if self.policy is not None else None)
         self.eos_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
@@ -100,11 +100,11 @@ class LLMEngine:
 
     @property
     def page_size(self) -> int:
-        return self.blocks.page_size
+        return self.pages.page_size
 
     @property
     def fingerprint(self) -> str:
-        return self.blocks.seed
+        return self.pages.seed
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -170,7 +170,7 @@ class LLMEngine:
             emits = end == len(seq.token_ids)
             seq.num_cached = end - emits  # _settle counts the anchor's row, as after a verify
             if not emits:
-                self.blocks.register_full_pages(seq)
+                self.pages.register_full_pages(seq)
                 continue
             try:
                 new = self._accept(seq, [], None, logits[row : row + 1], argmax[row : row + 1])
@@ -359,10 +359,10 @@ class LLMEngine:
         seq.num_cached += len(new)
         self._commit(seq, new)
         seq.num_cached = min(seq.num_cached, len(seq.token_ids) - 1)  # a stop inside the block
-        self.blocks.register_full_pages(seq)
+        self.pages.register_full_pages(seq)
         if seq.finished:
             return self._finish(seq)
-        self.blocks.trim(seq)
+        self.pages.trim(seq)
         return self._delta(seq)
 
     def _commit(self, seq: Sequence, tokens: list[int]) -> None:
@@ -432,15 +432,15 @@ class LLMEngine:
 
     # -- introspection (for the serving layer and tests) ----------------------------------------
     def drain_prefix_events(self) -> list[tuple[str, list[str]]]:
-        return self.blocks.drain_events()
+        return self.pages.drain_events()
 
     def stats(self) -> dict:
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
-            "num_free_pages": self.blocks.num_free,
-            "num_pages": self.blocks.num_pages,
-            "kv_usage": 1 - self.blocks.num_free / self.blocks.num_pages,
+            "num_free_pages": self.pages.num_free,
+            "num_pages": self.pages.num_pages,
+            "kv_usage": 1 - self.pages.num_free / self.pages.num_pages,
             "num_generated_tokens": self.num_generated_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_draft_fallbacks": self.num_draft_fallbacks,

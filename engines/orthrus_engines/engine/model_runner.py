@@ -16,7 +16,7 @@ import time
 from types import SimpleNamespace
 
 import torch
-from orthrus_kernels import AttentionMetadata, build_attention_metadata, build_verify_draft_metadata
+from orthrus_kernels import AttentionMetadata, PassKind, build_attention_metadata, build_verify_draft_metadata
 
 from orthrus_engines.engine.sequence import Sequence
 from orthrus_engines.models.layers import cpu_packing_supported, pack_weights_for_cpu
@@ -74,15 +74,15 @@ class ModelRunner:
             s.forward_passes += 1
         return hidden
 
-    def _forward(self, seqs: list[Sequence], tokens: list[list[int]], starts: list[int], causal: bool,
-                 write_kv: bool, diffusion: bool, logit_rows: list[int] | None,
-                 ar_rows: list[int] | None = None, causal_anchor: bool = False) -> torch.Tensor | None:
-        q_lens = [len(t) for t in tokens]
+    def _forward(self, kind: PassKind, seqs: list[Sequence], tokens: list[list[int]], logit_rows: list[int] | None,
+                 ar_rows: list[int] | None = None) -> torch.Tensor | None:
+        """One pass over `tokens` after each sequence's cached prefix: the AR view for a causal pass, the
+        diffusion view (the AR projections at `ar_rows`) for a draft block; logits at `logit_rows`."""
+        starts, q_lens = [s.num_cached for s in seqs], [len(t) for t in tokens]
         positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens)])
-        meta = build_attention_metadata(q_lens, starts, [s.block_table for s in seqs], self.page_size,
-                                        causal, write_kv, self.device, every_field=self.compiled,
-                                        causal_anchor=causal_anchor, backend=self.attention_backend)
-        hidden = self._run(seqs, [t for ts in tokens for t in ts], positions, meta, diffusion, ar_rows)
+        meta = build_attention_metadata(kind, q_lens, starts, [s.page_table for s in seqs], self.page_size,
+                                        self.device, every_field=self.compiled, backend=self.attention_backend)
+        hidden = self._run(seqs, [t for ts in tokens for t in ts], positions, meta, not kind.causal, ar_rows)
         return None if logit_rows is None else self.logits(hidden, logit_rows)
 
     @torch.inference_mode()
@@ -98,7 +98,7 @@ class ModelRunner:
             offset += len(t)
             if e == len(s.token_ids):
                 rows.append(offset - 1)
-        return self._forward(seqs, tokens, [s.num_cached for s in seqs], True, True, False, rows or None)
+        return self._forward(PassKind.CAUSAL, seqs, tokens, rows or None)
 
     def draft(self, seqs: list[Sequence], ks: list[int]) -> torch.Tensor:
         """[sum(k - 1), V] diffusion logits: row i of a sequence predicts block slot i + 1."""
@@ -108,13 +108,13 @@ class ModelRunner:
             rows.extend(range(offset, offset + k - 1))
             anchors.append(offset)
             offset += k
-        return self._forward(seqs, tokens, [s.num_cached for s in seqs], False, False, True, rows,
-                             anchors if self.anchor_ar else None, self.anchor_causal)
+        kind = PassKind.BLOCK_CAUSAL_ANCHOR if self.anchor_causal else PassKind.BLOCK
+        return self._forward(kind, seqs, tokens, rows, anchors if self.anchor_ar else None)
 
     def verify(self, seqs: list[Sequence], blocks: list[list[int]]) -> torch.Tensor:
         """[sum(k), V] AR logits for `[anchor, drafts...]` of each sequence; writes their KV."""
         rows = list(range(sum(len(b) for b in blocks)))
-        return self._forward(seqs, blocks, [s.num_cached for s in seqs], True, True, False, rows)
+        return self._forward(PassKind.CAUSAL, seqs, blocks, rows)
 
     @torch.inference_mode()
     def verify_and_draft(self, seqs: list[Sequence], blocks: list[list[int]], ms: list[int]
@@ -135,7 +135,7 @@ class ModelRunner:
             ar_rows += range(row, row + v)
             mask_rows += range(row + v, row + v + v * m)
             row += v + v * m
-        meta = build_verify_draft_metadata([len(b) for b in blocks], ms, starts, [s.block_table for s in seqs],
+        meta = build_verify_draft_metadata([len(b) for b in blocks], ms, starts, [s.page_table for s in seqs],
                                            self.page_size, self.device, self.attention_backend)
         hidden = self._run(seqs, ids, torch.tensor(positions), meta, True, ar_rows)
         return self.logits(hidden, ar_rows), hidden[torch.tensor(mask_rows, dtype=torch.long, device=self.device)]
@@ -145,7 +145,7 @@ class ModelRunner:
         """Seconds for one verify-like pass over n tokens (logits for all). Start-up only: it writes
         scratch K/V into the first pages, which hold nothing yet."""
         table = list(range(-(-n // self.page_size)))
-        meta = build_attention_metadata([n], [0], [table], self.page_size, True, True, self.device,
+        meta = build_attention_metadata(PassKind.CAUSAL, [n], [0], [table], self.page_size, self.device,
                                         every_field=self.compiled, backend=self.attention_backend)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         positions = torch.arange(n, device=self.device)
@@ -156,7 +156,7 @@ class ModelRunner:
         """Seconds for one verify+draft pass of `batch` sequences with k verify rows and k blocks of
         k - 1 each (batch * k * k rows), the draft logits of one block included. Start-up only, as
         `time_forward`."""
-        seqs = [SimpleNamespace(num_cached=0, block_table=list(range(-(-k // self.page_size))), forward_passes=0)
+        seqs = [SimpleNamespace(num_cached=0, page_table=list(range(-(-k // self.page_size))), forward_passes=0)
                 for _ in range(batch)]
         blocks, ms = [[0] * k] * batch, [k - 1] * batch
 

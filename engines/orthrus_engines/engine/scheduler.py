@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orthrus_engines.engine.block_manager import BlockManager
+from orthrus_engines.engine.page_manager import PageManager
 from orthrus_engines.engine.draft_policy import Plan
 from orthrus_engines.engine.sequence import Sequence, Status
 
@@ -33,9 +33,9 @@ class DecodeBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+    def __init__(self, pages: PageManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  fused_k: int = 0, policy: Callable[[int], Plan] | None = None):
-        self.blocks = blocks
+        self.pages = pages
         self.fused_k = fused_k  # > 0: the fused cycle runs, with K at most this (the memory bound)
         self.policy = policy  # the draft policy: number of sequences it plans for -> Plan
         self.max_num_seqs = max_num_seqs
@@ -58,7 +58,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free_all(seq)
+        self.pages.free_all(seq)
         seq.status = Status.FINISHED
 
     def block_length(self, seq: Sequence, plan: Plan | None = None, fused: bool = False) -> int:
@@ -90,13 +90,13 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            self.blocks.match_prefix(seq)
+            self.pages.match_prefix(seq)
             need = seq.prefill_target + self.block_length(seq)
-            headroom = self.blocks.pages_for(need) - len(seq.block_table) + len(self.running)  # 1 page/running seq
-            fits = headroom <= self.blocks.num_free or not self.running  # an empty engine takes anyone
-            if not (fits and self.blocks.ensure(seq, seq.prefill_target + 1)):  # the anchor's page too
+            headroom = self.pages.pages_for(need) - len(seq.page_table) + len(self.running)  # 1 page/running seq
+            fits = headroom <= self.pages.num_free or not self.running  # an empty engine takes anyone
+            if not (fits and self.pages.ensure(seq, seq.prefill_target + 1)):  # the anchor's page too
                 # Wait without holding pages: the hits keep their hashes and can be matched again.
-                self.blocks.free_all(seq)
+                self.pages.free_all(seq)
                 return
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -104,7 +104,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free_all(seq)
+        self.pages.free_all(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -144,7 +144,7 @@ class Scheduler:
                 k = v = rows = self.block_length(s, plan)
             if batch and rows > budget:
                 break
-            while not self.blocks.ensure(s, s.num_cached + max(k, v)):
+            while not self.pages.ensure(s, s.num_cached + max(k, v)):
                 victim = max((r for r in self.running if r not in batch), key=lambda r: r.arrival)
                 self._preempt(victim)
                 if victim is s:

@@ -35,8 +35,8 @@ class Sequence:
         self.arrival = next(_arrival)
         # Paged KV state.
         self.num_cached = 0
-        self.block_table: list[int] = []
-        self.block_hashes: list[str] = []  # hashes of the full blocks registered in the prefix cache
+        self.page_table: list[int] = []
+        self.page_hashes: list[str] = []  # hashes of the full pages registered in the prefix cache
         self.cached_prompt_tokens = 0
         # Verify+draft cycle: drafts for the positions after the anchor, made by the last pass (and the
         # probabilities they were sampled from, at temperature > 0 without a seed).

@@ -12,10 +12,10 @@ are the same ones, and no cached prefix is evicted while such a page is free.
 from collections import OrderedDict, deque
 
 from orthrus_engines.engine.sequence import Sequence
-from orthrus_engines.prefix_hash import block_hashes, next_block_hash
+from orthrus_engines.prefix_hash import page_hashes, next_page_hash
 
 
-class BlockManager:
+class PageManager:
     def __init__(self, num_pages: int, page_size: int, seed: str, enable_prefix_cache: bool = True):
         self.num_pages = num_pages
         self.page_size = page_size
@@ -40,14 +40,14 @@ class BlockManager:
         """Attach the cached pages of the longest cached prefix of the sequence's prefill target."""
         if not self.enable_prefix_cache:
             return
-        for h in block_hashes(seq.token_ids[: seq.prefill_target], self.page_size, self.seed):
+        for h in page_hashes(seq.token_ids[: seq.prefill_target], self.page_size, self.seed):
             page = self.hash_to_page.get(h)
             if page is None:
                 break
             self._ref(page)
-            seq.block_table.append(page)
-            seq.block_hashes.append(h)
-        seq.num_cached = len(seq.block_table) * self.page_size
+            seq.page_table.append(page)
+            seq.page_hashes.append(h)
+        seq.num_cached = len(seq.page_table) * self.page_size
         if seq.completion_tokens == 0:  # a recompute after preemption keeps the first figure
             seq.cached_prompt_tokens = seq.num_cached
 
@@ -56,11 +56,11 @@ class BlockManager:
         if not self.enable_prefix_cache:
             return
         stored = []
-        parent = seq.block_hashes[-1] if seq.block_hashes else self.seed
-        for b in range(len(seq.block_hashes), seq.num_cached // self.page_size):
-            parent = next_block_hash(parent, seq.token_ids[b * self.page_size : (b + 1) * self.page_size])
-            seq.block_hashes.append(parent)
-            page = seq.block_table[b]
+        parent = seq.page_hashes[-1] if seq.page_hashes else self.seed
+        for b in range(len(seq.page_hashes), seq.num_cached // self.page_size):
+            parent = next_page_hash(parent, seq.token_ids[b * self.page_size : (b + 1) * self.page_size])
+            seq.page_hashes.append(parent)
+            page = seq.page_table[b]
             if parent not in self.hash_to_page and self.page_hash[page] is None:
                 self.hash_to_page[parent] = page
                 self.page_hash[page] = parent
@@ -98,11 +98,11 @@ class BlockManager:
 
     def ensure(self, seq: Sequence, num_positions: int) -> bool:
         """Give the sequence pages for `num_positions` positions; False (nothing taken) if short."""
-        need = self.pages_for(num_positions) - len(seq.block_table)
+        need = self.pages_for(num_positions) - len(seq.page_table)
         if need > self.num_free:
             return False
         for _ in range(max(need, 0)):
-            seq.block_table.append(self._take_free_page())
+            seq.page_table.append(self._take_free_page())
         return True
 
     def _release(self, page: int) -> None:
@@ -115,12 +115,12 @@ class BlockManager:
     def trim(self, seq: Sequence) -> None:
         """Rollback: free the pages past the valid cache length."""
         keep = self.pages_for(seq.num_cached)
-        while len(seq.block_table) > keep:
-            self._release(seq.block_table.pop())
+        while len(seq.page_table) > keep:
+            self._release(seq.page_table.pop())
 
     def free_all(self, seq: Sequence) -> None:
-        for page in reversed(seq.block_table):
+        for page in reversed(seq.page_table):
             self._release(page)
-        seq.block_table.clear()
-        seq.block_hashes.clear()
+        seq.page_table.clear()
+        seq.page_hashes.clear()
         seq.num_cached = 0
