@@ -28,7 +28,7 @@ def run_wave(llm, prompts: list[list[int]], tokens: int, plan: Plan | None) -> d
     from orthrus_engines import SamplingParams
 
     chosen = Counter()
-    sched = llm.engine.scheduler
+    sched = llm.core.scheduler
     policy = sched.policy
 
     def spy(batch: int) -> Plan:
@@ -64,7 +64,7 @@ def main() -> None:
 
     # waves repeat prompts: no mode may reuse KV
     llm = LLM(head=args.head, enable_prefix_cache=False)
-    eng = llm.engine
+    eng = llm.core
     prompts = [eng.inputs.chat_ids([{"role": "user", "content": p}])
                for p in read_prompts(packaged_prompts("prompts_eval.txt"))]
     llm.generate(prompts[:2], None)  # warm-up

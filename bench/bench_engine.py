@@ -78,7 +78,7 @@ def bench_forward_time(llm, sizes: list[int], repeats: int = 5) -> dict[int, flo
     """Milliseconds of one AR-view forward over T new tokens (one sequence, 64 cached tokens)."""
     from orthrus_engines import SamplingParams
 
-    engine = llm.engine
+    engine = llm.core
     out = {}
     for T in sizes:
         # A prompt no earlier request shares (no prefix-cache hit), stopped right after its prefill.

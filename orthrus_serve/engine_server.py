@@ -76,7 +76,7 @@ class EngineServer:
         self.engine.abort(request_id)
 
     def model_info(self) -> dict:
-        core = self.engine.engine
+        core = self.engine.core
         return {
             "model": str(core.source.path),
             "block_size": core.block_size,

@@ -53,7 +53,7 @@ class Ingress:
 
     def stream(self, req: PreparedRequest):
         return self.engine.options(stream=True).generate.remote(
-            req.request_id, req.token_ids, req.params, block_hashes=req.block_hashes)
+            req.request_id, req.token_ids, req.params, block_hashes=req.page_hashes)
 
     async def healthy(self) -> tuple[bool, dict]:
         return await asyncio.to_thread(engine_deployment_health, self.app_name)

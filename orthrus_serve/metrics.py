@@ -55,7 +55,7 @@ class EngineMetrics:
         )
 
     def on_engine_stats(self, stats: dict) -> None:
-        """Gauges and counters from a snapshot of `LLMEngine.stats()`."""
+        """Gauges and counters from a snapshot of `EngineCore.stats()`."""
         self.queue_depth.set(stats["num_waiting"])
         self.kv_usage.set(stats["kv_usage"])
         total = stats.get("num_draft_fallbacks", 0)

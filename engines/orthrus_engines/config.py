@@ -1,5 +1,5 @@
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -60,3 +60,12 @@ class EngineArgs:
             free, _ = torch.cuda.mem_get_info(device)
             return int(free * 0.4)
         return 2**30
+
+
+def engine_args_from(model: str | None, block_size: int | None, kwargs: dict) -> EngineArgs:
+    names = {f.name for f in fields(EngineArgs)}
+    unknown = set(kwargs) - names
+    if unknown:
+        raise OrthrusInputError(sorted(unknown)[0], f"unknown engine argument; known: {sorted(names)}")
+    return EngineArgs(model=model, block_size=block_size, **kwargs)
+

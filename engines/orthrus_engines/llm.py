@@ -2,7 +2,8 @@
 
 import itertools
 
-from orthrus_engines.engine.llm_engine import LLMEngine, engine_args_from
+from orthrus_engines.config import engine_args_from
+from orthrus_engines.engine.engine_core import EngineCore
 from orthrus_engines.inputs import Prompt
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.outputs import RequestOutput
@@ -11,8 +12,8 @@ from orthrus_engines.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str | None = None, block_size: int | None = None, **engine_args):
-        self.engine = LLMEngine(engine_args_from(model, block_size, engine_args))
-        self.tokenizer = self.engine.tokenizer
+        self.core = EngineCore(engine_args_from(model, block_size, engine_args))
+        self.tokenizer = self.core.tokenizer
         self._ids = itertools.count()
 
     def generate(
@@ -28,19 +29,19 @@ class LLM:
             params = sampling_params
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
-        ids = [self.engine.tokenize(p) for p in prompts]  # validate every prompt before running any
+        ids = [self.core.tokenize(p) for p in prompts]  # validate every prompt before running any
         rids: list[str] = []
         try:
             for p_ids, sp in zip(ids, params):
                 rids.append(f"offline-{next(self._ids)}")
-                self.engine.add_request(rids[-1], p_ids, sp)
+                self.core.add_request(rids[-1], p_ids, sp)
         except Exception:
             for rid in rids:  # all or nothing: a bad request leaves no half-added batch behind
-                self.engine.abort_request(rid)
+                self.core.abort_request(rid)
             raise
         results: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished():
-            for delta in self.engine.step():
+        while self.core.has_unfinished():
+            for delta in self.core.step():
                 acc = results.setdefault(delta.request_id, RequestOutput(delta.request_id, [], ""))
                 text, tokens = acc.text + delta.text, acc.token_ids + delta.token_ids
                 acc.__dict__.update(delta.__dict__)
@@ -50,4 +51,4 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None):
         """One conversation ([{role, content}, ...]) or a list of them, through the chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self.engine.inputs.chat_ids(c) for c in convs], sampling_params)
+        return self.generate([self.core.inputs.chat_ids(c) for c in convs], sampling_params)

@@ -42,7 +42,7 @@ def test_triton_backend_generates_what_torch_and_hf_generate(causal_model, fused
     for backend in ("torch", "triton"):
         llm = LLM(str(causal_model), block_size=3, num_pages=32, page_size=4, fused_cycle=fused,
                   attention_backend=backend)
-        assert llm.engine.runner.attention_backend == backend and llm.engine.fused == fused
+        assert llm.core.runner.attention_backend == backend and llm.core.fused == fused
         outs[backend] = [(list(o.token_ids), o.accepted_tokens, o.forward_passes)
                          for o in llm.generate(prompts, params)]
     assert outs["triton"] == outs["torch"]
@@ -56,7 +56,7 @@ def test_triton_backend_passes_match_torch(causal_model):
     blocks) give the same logits with either backend."""
     pytest.importorskip("triton")
     prompts = [[1, 2, 3, 4, 5], [6, 5, 4], list(range(8)) * 2]
-    engines = [LLM(str(causal_model), block_size=4, num_pages=32, page_size=4, attention_backend=b).engine
+    engines = [LLM(str(causal_model), block_size=4, num_pages=32, page_size=4, attention_backend=b).core
                for b in ("torch", "triton")]
     results = []
     for eng in engines:

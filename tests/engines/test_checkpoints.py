@@ -37,7 +37,7 @@ def orthrus(request, tmp_path_factory):
 
 def ar_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
     """The engine's AR-view logits at every prompt position (one verify pass from position 0)."""
-    eng = llm.engine
+    eng = llm.core
     seq = Sequence("probe", prompt, SamplingParams(), 1, None)
     assert eng.pages.ensure(seq, len(prompt))
     try:
@@ -48,7 +48,7 @@ def ar_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
 
 def draft_logits(llm: LLM, prompt: list[int], k: int) -> torch.Tensor:
     """The engine's diffusion-view logits for the block after `prompt` (prefill, then one draft)."""
-    eng = llm.engine
+    eng = llm.core
     seq = Sequence("probe", prompt, SamplingParams(), k, None)
     assert eng.pages.ensure(seq, len(prompt) + k)
     try:
@@ -91,15 +91,15 @@ def test_official_checkpoint_ar_logits_match_hf(orthrus):
     got = ar_logits(llm, PROMPT)
     assert got.shape == ref.shape == (len(PROMPT), VOCAB)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    assert llm.engine.source.has_twins
-    assert llm.engine.block_size == 8 and llm.engine.source.mask_token_id == VOCAB - 1  # from config.json
+    assert llm.core.source.has_twins
+    assert llm.core.block_size == 8 and llm.core.source.mask_token_id == VOCAB - 1  # from config.json
 
 
 def test_every_twin_tensor_lands_in_the_model(orthrus):
     """twin_state_dict(model) has exactly the checkpoint's *_diff names and values; the AR view holds
     the AR tensors, not the twins."""
     family, d, _ = orthrus
-    model = LLM(model=str(d), num_pages=8).engine.runner.model
+    model = LLM(model=str(d), num_pages=8).core.runner.model
     tensors = file_tensors(d)
     twins = {k: v for k, v in tensors.items() if "_diff." in k}
     expected_parts = {"q_proj", "k_proj", "v_proj", "o_proj"} | ({"q_norm", "k_norm"} if family == "qwen3" else set())
@@ -152,16 +152,16 @@ def test_head_stored_apart_equals_full_checkpoint(orthrus, tmp_path):
     greedy and sampled outputs, and the speculative counters."""
     family, d, kw = orthrus
     full = LLM(model=str(d), num_pages=64, block_size=8)  # fixed K: the counters are deterministic
-    src = full.engine.source
+    src = full.core.source
     head = tmp_path / "head.safetensors"
-    save_head(full.engine.runner.model, head, src.block_size, src.mask_token_id)
+    save_head(full.core.runner.model, head, src.block_size, src.mask_token_id)
     with safe_open(str(head), "pt") as st:
         assert all("_diff." in k for k in st.keys())  # only the twins are stored
     base_dir = write_base(tmp_path / "base", family, seed=SEED, **kw)  # the same base weights, written afresh
     apart = LLM(model=str(base_dir), head=str(head), num_pages=64, block_size=8)
-    assert apart.engine.block_size == full.engine.block_size
-    assert apart.engine.source.mask_token_id == src.mask_token_id
-    a, b = twin_state_dict(full.engine.runner.model), twin_state_dict(apart.engine.runner.model)
+    assert apart.core.block_size == full.core.block_size
+    assert apart.core.source.mask_token_id == src.mask_token_id
+    a, b = twin_state_dict(full.core.runner.model), twin_state_dict(apart.core.runner.model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(draft_logits(full, PROMPT, 8), draft_logits(apart, PROMPT, 8))
     prompts = [PROMPT, PROMPT[:5], [7] * 9]
@@ -176,8 +176,8 @@ def test_head_metadata_sets_block_size_and_mask(orthrus, tmp_path):
     """block_size and mask_token_id recorded in the head file override the base's defaults."""
     family, d, _ = orthrus
     head = tmp_path / "head.safetensors"
-    save_head(LLM(model=str(d), num_pages=8).engine.runner.model, head, block_size=4, mask_token_id=5)
-    eng = LLM(model=str(strip_to_base(d, tmp_path / "base")), head=str(head), num_pages=8).engine
+    save_head(LLM(model=str(d), num_pages=8).core.runner.model, head, block_size=4, mask_token_id=5)
+    eng = LLM(model=str(strip_to_base(d, tmp_path / "base")), head=str(head), num_pages=8).core
     assert eng.block_size == 4
     assert eng.source.mask_token_id == 5 and eng.runner.mask_token_id == 5
 
@@ -191,13 +191,13 @@ def test_plain_base_gets_ar_twins_and_a_mask_token(tmp_path, family):
     recorded, and greedy decoding equals the HF oracle."""
     d = write_base(tmp_path / "base", family, seed=22)
     llm = LLM(model=str(d), num_pages=16)
-    src = llm.engine.source
+    src = llm.core.source
     assert not src.has_twins
     assert src.mask_token_id == VOCAB - 1  # no tokenizer: the last id
-    assert llm.engine.runner.mask_token_id == src.mask_token_id
-    assert llm.engine.block_size == DEFAULT_BLOCK_SIZE
+    assert llm.core.runner.mask_token_id == src.mask_token_id
+    assert llm.core.block_size == DEFAULT_BLOCK_SIZE
     tensors = file_tensors(d)
-    twins = twin_state_dict(llm.engine.runner.model)
+    twins = twin_state_dict(llm.core.runner.model)
     assert twins
     for name, t in twins.items():
         assert torch.equal(t, tensors[name.replace("_diff.", ".")]), name

@@ -38,7 +38,7 @@ def test_compiled_engine_matches_hf_greedy_with_a_bounded_set_of_graphs(setup, b
     # the warm-up also forces AR and full-K drafting per request: every kind of pass compiles, whichever
     # K the policy picks later, and a batch whose sequences all reach their last token together (one AR
     # row each) is one of them
-    ks = sorted({1, llm.engine.block_size})
+    ks = sorted({1, llm.core.block_size})
     forced = [SamplingParams(max_tokens=NEW, ignore_eos=True, block_size=k) for k in ks]
     for batch in WARM_UP:
         for warm in (*forced, params):

@@ -209,7 +209,7 @@ def _always_accepting(tmp_path):
 
 def test_engine_drafts_long_blocks_when_all_are_accepted(tmp_path):
     llm = LLM(str(_always_accepting(tmp_path)))
-    assert llm.engine.policy is not None and llm.engine.block_size == 8
+    assert llm.core.policy is not None and llm.core.block_size == 8
     out = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=64, ignore_eos=True))[0]
     assert out.token_ids == [0] * 64
     assert out.accepted_tokens >= 50  # nearly every step drafted the full block
@@ -217,14 +217,14 @@ def test_engine_drafts_long_blocks_when_all_are_accepted(tmp_path):
 
 def _always_rejected(llm: LLM, token: int) -> LLM:
     """Make every draft `token`, which the test checks the AR view never emits."""
-    draft = llm.engine.runner.draft
+    draft = llm.core.runner.draft
 
     def wrong_draft(seqs, ks):
         logits = draft(seqs, ks).clone()
         logits[:, token] = logits.max() + 1.0
         return logits
 
-    llm.engine.runner.draft = wrong_draft
+    llm.core.runner.draft = wrong_draft
     return llm
 
 
@@ -258,5 +258,5 @@ def test_bad_block_size_names_the_field(tmp_path, value):
 def test_start_up_timing_fits_a_short_window(tmp_path):
     """The forward-time ladder never runs past the model window (nor the KV cache)."""
     llm = LLM(str(write_base(tmp_path / "b", "llama", seed=2)), max_model_len=40, num_pages=4, page_size=16)
-    assert llm.engine.policy is not None and max(llm.engine.policy.times.ns) <= 40
+    assert llm.core.policy is not None and max(llm.core.policy.times.ns) <= 40
     assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8))[0].completion_tokens == 8

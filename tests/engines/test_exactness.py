@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import hf_greedy, hf_model, write_base, write_orthrus
 
-from orthrus_engines import LLM, LLMEngine, SamplingParams
+from orthrus_engines import LLM, EngineCore, SamplingParams
 
 FAMILIES = ["qwen3", "llama"]
 VOCAB = 96  # tiny_config's vocabulary; the Orthrus mask token is VOCAB - 1
@@ -90,7 +90,7 @@ def _assert_exact(outs, prompts, max_tokens, expect):
         assert out.completion_tokens == n
 
 
-def _assert_drained(engine: LLMEngine):
+def _assert_drained(engine: EngineCore):
     assert not engine.has_unfinished()
     assert engine.pages.num_free == engine.pages.num_pages
 
@@ -113,7 +113,7 @@ def test_batch_greedy_matches_hf(zoo, family, k, batch):
         assert accepted <= drafted
     if batch == 8 and k > 1:  # both the accept and the reject path ran in this batch
         assert 0 < accepted < drafted, (accepted, drafted)
-    _assert_drained(llm.engine)
+    _assert_drained(llm.core)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -125,14 +125,14 @@ def test_anchor_views_match_hf(zoo, family, k, view):
     that its drafts are what training taught). With "causal" the first draft is the AR's own next
     token, so it is accepted in every cycle."""
     llm = LLM(str(zoo.path(f"orthrus-{view}", family)), block_size=k, num_pages=64)
-    assert llm.engine.runner.anchor_ar and llm.engine.runner.anchor_causal == (view == "causal")
+    assert llm.core.runner.anchor_ar and llm.core.runner.anchor_causal == (view == "causal")
     outs = llm.generate(PROMPTS, [_params(n) for n in MAX_TOKENS])
     _assert_exact(outs, PROMPTS, MAX_TOKENS, lambda p, n: zoo.oracle("orthrus", family, p, n))
     accepted, drafted = sum(o.accepted_tokens for o in outs), sum(o.drafted_tokens for o in outs)
     assert 0 < accepted < drafted or (view == "causal" and k == 2 and accepted == drafted)
-    _, drafted, accepted = llm.engine.acceptance.snapshot()
+    _, drafted, accepted = llm.core.acceptance.snapshot()
     assert (accepted[0] == drafted[0]) == (view == "causal"), (accepted, drafted)
-    _assert_drained(llm.engine)
+    _assert_drained(llm.core)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -140,7 +140,7 @@ def test_anchor_views_match_hf(zoo, family, k, view):
 def test_requests_arriving_while_others_run(zoo, family, k):
     """Requests added between steps (while earlier ones are mid-decode, with per-request K and
     plain AR among them) still decode exactly; every request finishes once, pages all come back."""
-    engine: LLMEngine = LLM(str(zoo.path("orthrus", family)), block_size=k, num_pages=64).engine
+    engine: EngineCore = LLM(str(zoo.path("orthrus", family)), block_size=k, num_pages=64).core
     tokens: dict[str, list[int]] = {}
     finished: dict[str, str] = {}
     expected: dict[str, tuple[list[int], int]] = {}
@@ -204,7 +204,7 @@ def test_output_independent_of_batch_composition(zoo, family):
     _assert_exact(mixed, PROMPTS, [MAX_NEW] * len(PROMPTS), expect)
     assert all(o.drafted_tokens == 0 for o, k in zip(mixed, mixed_ks) if k == 1)
     assert all(o.drafted_tokens > 0 for o, k in zip(mixed, mixed_ks) if k > 1)
-    _assert_drained(llm.engine)
+    _assert_drained(llm.core)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -213,7 +213,7 @@ def test_tied_and_untied_embeddings(zoo, family, tie):
     """The LM head is the embedding matrix exactly when the config ties them; decoding is exact."""
     path = zoo.path("orthrus", family, tie=tie)
     llm = LLM(str(path), block_size=8, num_pages=64)
-    model = llm.engine.runner.model
+    model = llm.core.runner.model
     embed, head = model.embed_tokens.weight, model.lm_head.weight
     if tie:
         assert "lm_head.weight" not in load_file(str(path / "model.safetensors"))
@@ -232,7 +232,7 @@ def test_tied_and_untied_embeddings(zoo, family, tie):
 def test_plain_base_checkpoint(zoo, family, k):
     """A plain HF checkpoint (no *_diff tensors): twins are copies of the AR view; decoding is exact."""
     llm = LLM(str(zoo.path("base", family)), block_size=k, num_pages=64)
-    for layer in llm.engine.runner.model.layers:
+    for layer in llm.core.runner.model.layers:
         ar, diff = layer.self_attn.ar.state_dict(), layer.self_attn.diff.state_dict()
         assert ar.keys() == diff.keys()
         assert all(torch.equal(ar[n], diff[n]) for n in ar)
@@ -243,7 +243,7 @@ def test_plain_base_checkpoint(zoo, family, k):
         assert sum(o.drafted_tokens for o in outs) > 0
 
 
-def _run_bounded(engine: LLMEngine, max_steps: int = 400) -> dict[str, list[int]]:
+def _run_bounded(engine: EngineCore, max_steps: int = 400) -> dict[str, list[int]]:
     """Step the engine to completion, failing (instead of hanging) if it stops making progress."""
     tokens: dict[str, list[int]] = {}
     for _ in range(max_steps):
@@ -262,7 +262,7 @@ def _run_bounded(engine: LLMEngine, max_steps: int = 400) -> dict[str, list[int]
 @pytest.mark.parametrize("k", [1, 8])
 def test_exact_under_preemption(zoo, family, k):
     """A page pool too small for the whole batch forces preemption by recompute; still exact."""
-    engine = LLM(str(zoo.path("orthrus", family)), block_size=k, num_pages=20, page_size=4).engine
+    engine = LLM(str(zoo.path("orthrus", family)), block_size=k, num_pages=20, page_size=4).core
     for i, p in enumerate(PROMPTS):
         engine.add_request(f"r{i}", p, _params(MAX_NEW))
     tokens = _run_bounded(engine)
@@ -276,7 +276,7 @@ def test_no_livelock_when_waiting_request_holds_prefix_pages(zoo):
     """A request waiting behind a preempted one must not keep prefix-hit pages the preempted one
     needs: the engine has to drain (here: 5 pages; `a` needs all 5 by its end, `b` waits holding
     the 2 cached pages of its prompt), with exact output."""
-    engine = LLM(str(zoo.path("orthrus", "qwen3")), block_size=1, num_pages=5).engine
+    engine = LLM(str(zoo.path("orthrus", "qwen3")), block_size=1, num_pages=5).core
     shared = PROMPTS[6]  # 33 tokens: two full pages
     engine.add_request("warm", shared, _params(1))  # leaves the 2 pages cached (and free)
     _run_bounded(engine)
@@ -302,7 +302,7 @@ def test_exact_with_prefix_cache_hits(zoo, family):
     assert first[0].cached_prompt_tokens == 0
     assert outs[0].cached_prompt_tokens >= 32 and outs[1].cached_prompt_tokens == 32
     _assert_exact(first + outs, [long] + prompts, [MAX_NEW] * 4, lambda p, n: zoo.oracle("orthrus", family, p, n))
-    _assert_drained(llm.engine)
+    _assert_drained(llm.core)
 
 
 # -- the built-in model -----------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_builtin_model_matches_hf(builtin_dir, builtin_oracle, k):
     outs = llm.generate(BUILTIN_PROMPTS, _params(BUILTIN_NEW))
     for text, out in zip(BUILTIN_PROMPTS, outs):
         prompt_ids, want = builtin_oracle[text]
-        assert llm.engine.tokenize(text) == prompt_ids
+        assert llm.core.tokenize(text) == prompt_ids
         assert out.prompt_tokens == len(prompt_ids)
         assert out.token_ids == want, f"{text!r}:\n  engine {out.token_ids}\n  HF     {want}"
         assert out.finish_reason == "length"

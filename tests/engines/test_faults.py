@@ -1,4 +1,4 @@
-"""Faults inside a step (LLMEngine.step): one sequence's fault fails that request alone, a fault in the
+"""Faults inside a step (EngineCore.step): one sequence's fault fails that request alone, a fault in the
 draft path makes the step plain AR with unchanged output, a fault in the shared verify pass fails its
 batch; the engine keeps serving and every page comes back in each case."""
 
@@ -7,7 +7,7 @@ import torch
 from tiny_models import write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
-from orthrus_engines.engine import llm_engine
+from orthrus_engines.engine import orthrus_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 96
@@ -27,7 +27,7 @@ def model(request, tmp_path_factory):
 def new_llm(model, block_size: int = 4) -> LLM:
     kind, path = model
     llm = LLM(model=str(path), block_size=block_size, num_pages=64)
-    assert llm.engine.fused == (kind == "fused")
+    assert llm.core.fused == (kind == "fused")
     return llm
 
 
@@ -39,7 +39,7 @@ def params(sampled: bool) -> dict[str, SamplingParams]:
 
 def run(llm: LLM, ps: dict[str, SamplingParams], setup=lambda eng: None) -> dict[str, dict]:
     """All requests in one batch; per request: tokens, finish reason, error."""
-    eng = llm.engine
+    eng = llm.core
     for rid, p in PROMPTS.items():
         eng.add_request(rid, p, ps[rid])
     setup(eng)
@@ -79,14 +79,14 @@ def test_one_faulty_request_fails_alone(model, fault, monkeypatch):
             eng.seqs["b"].detok = BrokenDetokenizer(after=3)
         else:
             for name in ("probs_from_logits", "seeded_draws"):  # "b" is seeded: the second one is its sampler
-                real = getattr(llm_engine, name)
+                real = getattr(orthrus_step, name)
 
                 def broken(logits, p, *rest, real=real):
                     if p is ps["b"] and eng.seqs["b"].completion_tokens >= 2:
                         raise RuntimeError("boom: bad probabilities")
                     return real(logits, p, *rest)
 
-                monkeypatch.setattr(llm_engine, name, broken)
+                monkeypatch.setattr(orthrus_step, name, broken)
 
     got = run(llm, ps, setup)
     assert got["b"]["reason"] == "error" and "boom" in got["b"]["error"]
@@ -104,7 +104,7 @@ def test_draft_fault_falls_back_to_plain_ar(model, fault, sampled, monkeypatch):
     is plain AR's (the same tokens as K = 1, sampled ones too, with the same seed), and it is counted."""
     ar = run(new_llm(model, block_size=1), params(sampled))
     llm = new_llm(model)
-    runner = llm.engine.runner
+    runner = llm.core.runner
     poison = {"nan": float("nan"), "inf": float("inf")}.get(fault)
 
     def broken(real):
@@ -117,17 +117,17 @@ def test_draft_fault_falls_back_to_plain_ar(model, fault, sampled, monkeypatch):
             return out * poison
         return call
 
-    name = "verify_and_draft" if llm.engine.fused else "draft"
+    name = "verify_and_draft" if llm.core.fused else "draft"
     monkeypatch.setattr(runner, name, broken(getattr(runner, name)))
     assert run(llm, params(sampled)) == ar
-    assert llm.engine.stats()["num_draft_fallbacks"] > 0
+    assert llm.core.stats()["num_draft_fallbacks"] > 0
 
 
 def test_shared_pass_fault_fails_its_batch_and_engine_recovers(model, monkeypatch):
     """The verify pass fails (in the fused cycle: verify+draft, then the plain verify it falls back to)."""
     ref = run(new_llm(model), params(False))
     llm = new_llm(model)
-    runner = llm.engine.runner
+    runner = llm.core.runner
     calls = {"n": 0, "armed": True}
 
     def broken(real):
@@ -142,9 +142,9 @@ def test_shared_pass_fault_fails_its_batch_and_engine_recovers(model, monkeypatc
     monkeypatch.setattr(runner, "verify_and_draft", broken(runner.verify_and_draft))
     got = run(llm, params(False))
     calls["armed"] = False
-    fused = llm.engine.fused
+    fused = llm.core.fused
     assert calls["n"] == 1 + fused  # one decode step
     for rid, r in got.items():  # the prefill committed each request's first token before the fault
         assert r == {"tokens": ref[rid]["tokens"][:1], "reason": "error", "error": "RuntimeError: device fault"}
-    assert llm.engine.stats()["num_draft_fallbacks"] == fused
+    assert llm.core.stats()["num_draft_fallbacks"] == fused
     assert run(llm, params(False)) == ref

@@ -1,4 +1,4 @@
-"""The verify+draft pass of causal-anchor heads (ModelRunner.verify_and_draft, LLMEngine._decode_fused).
+"""The verify+draft pass of causal-anchor heads (ModelRunner.verify_and_draft, EngineCore._decode_fused).
 
 Its diffusion block after verify slot j must be exactly the two-pass draft block whose causal anchor
 is the token at slot j (test_training_views ties that one to training), its AR rows exactly the
@@ -43,13 +43,13 @@ def test_verify_and_draft_equals_verify_and_the_drafts_it_replaces(causal_model)
     prompts = [list(range(1, 8)), [5, 9, 2], list(range(20, 32))]
     drafts = [[11, 12], [], [40, 41, 42]]
     ms = [3, 0, 4]
-    eng = LLM(str(path), block_size=8, device="cpu", page_size=4).engine
+    eng = LLM(str(path), block_size=8, device="cpu", page_size=4).core
     seqs = _prefilled(eng, "r", prompts)
     blocks = [[p[-1]] + d for p, d in zip(prompts, drafts)]
     ar, mask_hidden = eng.runner.verify_and_draft(seqs, blocks, ms)
     assert ar.shape[0] == sum(len(b) for b in blocks) and mask_hidden.shape[0] == sum(len(b) * m for b, m in zip(blocks, ms))
 
-    ref = LLM(str(path), block_size=8, device="cpu", page_size=4).engine
+    ref = LLM(str(path), block_size=8, device="cpu", page_size=4).core
     verified = _prefilled(ref, "v", prompts)
     torch.testing.assert_close(ar, ref.runner.verify(verified, blocks), **TOL)
     _abort(ref, verified)
@@ -70,8 +70,8 @@ def test_verify_and_draft_keeps_only_the_verified_kv(causal_model):
     """The pass writes the K/V of exactly its AR rows, as a verify pass would; the blocks stay transient."""
     _, path = causal_model
     prompt, block = list(range(3, 14)), [13, 7, 8]
-    a = LLM(str(path), block_size=8, device="cpu", page_size=4, enable_prefix_cache=False).engine
-    b = LLM(str(path), block_size=8, device="cpu", page_size=4, enable_prefix_cache=False).engine
+    a = LLM(str(path), block_size=8, device="cpu", page_size=4, enable_prefix_cache=False).core
+    b = LLM(str(path), block_size=8, device="cpu", page_size=4, enable_prefix_cache=False).core
     (sa,), (sb,) = _prefilled(a, "a", [prompt]), _prefilled(b, "b", [prompt])
     assert sa.page_table == sb.page_table
     before = [(k.clone(), v.clone()) for k, v in a.runner.kv_cache]
@@ -97,7 +97,7 @@ def test_fused_cycle_is_lossless_and_one_pass_per_cycle(causal_model, k):
     new = [12, 20, 7, 16]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in new]
     fused = LLM(str(path), block_size=k, num_pages=64)
-    assert fused.engine.fused
+    assert fused.core.fused
     outs = fused.generate(prompts, params)
     hf = hf_model(path, family)
     for p, n, o in zip(prompts, new, outs):
@@ -105,10 +105,10 @@ def test_fused_cycle_is_lossless_and_one_pass_per_cycle(causal_model, k):
         assert o.completion_tokens - o.accepted_tokens in (o.forward_passes, o.forward_passes - 1)
     assert sum(o.drafted_tokens for o in outs) > 0
     two = LLM(str(path), block_size=k, num_pages=64, fused_cycle=False)
-    assert not two.engine.fused
+    assert not two.core.fused
     outs2 = two.generate(prompts, params)
     assert [o.token_ids for o in outs2] == [o.token_ids for o in outs]
-    for eng in (fused.engine, two.engine):
+    for eng in (fused.core, two.core):
         assert eng.pages.num_free == eng.pages.num_pages
 
 
@@ -133,7 +133,7 @@ def test_fused_cycle_exact_under_preemption_and_stops(causal_model):
     family, path = causal_model
     hf = hf_model(path, family)
     prompts = [list(range(1, 1 + n)) for n in (5, 14, 22, 9)]
-    eng = LLM(str(path), block_size=6, num_pages=7).engine
+    eng = LLM(str(path), block_size=6, num_pages=7).core
     for i, p in enumerate(prompts):
         eng.add_request(f"r{i}", p, SamplingParams(max_tokens=24, ignore_eos=True))
     got: dict[str, list[int]] = {}
@@ -158,11 +158,11 @@ def test_drafts_carried_into_a_plain_step_are_still_verified(causal_model):
     family, path = causal_model
     llm = LLM(str(path), num_pages=64)
     picks = iter([Plan(3, fused=True)])
-    llm.engine.scheduler.policy = lambda batch: next(picks, Plan(1, fused=True))
+    llm.core.scheduler.policy = lambda batch: next(picks, Plan(1, fused=True))
     prompt = list(range(1, 10))
     out = llm.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
     assert list(out.token_ids) == hf_greedy(hf_model(path, family), prompt, 12)
-    assert out.drafted_tokens == 2 and llm.engine.fused_acceptance.cycles == 1
+    assert out.drafted_tokens == 2 and llm.core.fused_acceptance.cycles == 1
     assert out.forward_passes == 12 - out.accepted_tokens  # each pass, the prefill too: one token + accepted
 
 
@@ -172,15 +172,15 @@ def test_transient_rows_stay_within_one_block(causal_model, block_size):
     fused cycle caps K at 3 (3 verify rows x 2 transient rows each), whatever K is asked for."""
     _, path = causal_model
     llm = LLM(str(path), block_size=block_size, num_pages=64)
-    assert llm.engine.fused_k == 3 and llm.engine.source.block_size == 8
-    run, most = llm.engine.runner.verify_and_draft, []
+    assert llm.core.fused_k == 3 and llm.core.source.block_size == 8
+    run, most = llm.core.runner.verify_and_draft, []
 
     def spy(seqs, blocks, ms):
         most.append(max(len(b) * m for b, m in zip(blocks, ms)))
         return run(seqs, blocks, ms)
 
-    llm.engine.runner.verify_and_draft = spy
-    llm.engine.scheduler.policy = lambda batch: Plan(8, fused=True)  # the policy asks for more than the cap
+    llm.core.runner.verify_and_draft = spy
+    llm.core.scheduler.policy = lambda batch: Plan(8, fused=True)  # the policy asks for more than the cap
     llm.generate([list(range(1, 12)), [4, 5]], SamplingParams(max_tokens=20, ignore_eos=True, block_size=None))
     llm.generate([[7, 8, 9]], SamplingParams(max_tokens=20, ignore_eos=True, block_size=8))
     assert most and max(most) == 6
@@ -196,9 +196,9 @@ def test_switching_cycles_between_steps_stays_exact(causal_model):
     plans = [Plan(3, fused=True), Plan(4), Plan(8), Plan(2, fused=True), Plan(1), Plan(4), Plan(3, fused=True),
              Plan(3, fused=True), Plan(2)]
     steps = iter(range(10**6))
-    llm.engine.scheduler.policy = lambda batch: plans[next(steps) % len(plans)]
+    llm.core.scheduler.policy = lambda batch: plans[next(steps) % len(plans)]
     prompts = [list(range(1, 10)), [5, 6, 7], list(range(20, 41))]
     outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
     assert [list(o.token_ids) for o in outs] == [hf_greedy(hf, p, 20) for p in prompts]
-    assert llm.engine.fused_acceptance.cycles > 0 and llm.engine.acceptance.cycles > 0  # both cycles ran
-    assert llm.engine.pages.num_free == llm.engine.pages.num_pages
+    assert llm.core.fused_acceptance.cycles > 0 and llm.core.acceptance.cycles > 0  # both cycles ran
+    assert llm.core.pages.num_free == llm.core.pages.num_pages

@@ -48,7 +48,7 @@ def greedy(llm: LLM) -> list[int]:
 
 def test_names_map_both_ways(reference):
     """Every parameter's checkpoint names map back to it, shard by shard."""
-    for name, _ in reference.engine.runner.model.named_parameters():
+    for name, _ in reference.core.runner.model.named_parameters():
         for shard, hf in enumerate(checkpoint_names(name)):
             assert internal_name(hf) == (name, shard)
 
@@ -83,10 +83,10 @@ def test_pytorch_bin_checkpoint_loads_like_safetensors(full, reference, tmp_path
     d = with_config(full, tmp_path / "bin")
     torch.save(load_file(str(full / "model.safetensors")), d / "pytorch_model.bin")
     llm = LLM(model=str(d), block_size=1, num_pages=8)
-    assert llm.engine.source.has_twins
+    assert llm.core.source.has_twins
     assert greedy(llm) == greedy(reference)
-    for (name, a), (_, b) in zip(llm.engine.runner.model.named_parameters(),
-                                 reference.engine.runner.model.named_parameters()):
+    for (name, a), (_, b) in zip(llm.core.runner.model.named_parameters(),
+                                 reference.core.runner.model.named_parameters()):
         assert torch.equal(a, b), name
 
 

@@ -36,7 +36,7 @@ def good_output(model_dir):
 
 
 def assert_healthy(llm, good_output):
-    eng = llm.engine
+    eng = llm.core
     assert not eng.has_unfinished(), "a rejected request was left queued"
     assert eng.pages.num_free == eng.pages.num_pages
     assert llm.generate(GOOD_PROMPT, SamplingParams(max_tokens=8))[0].token_ids == good_output
@@ -152,7 +152,7 @@ def test_params_list_length_mismatch(llm, good_output):
 
 
 def test_duplicate_request_id(llm, good_output):
-    eng = llm.engine
+    eng = llm.core
     eng.add_request("dup", GOOD_PROMPT, SamplingParams(max_tokens=4))
     with raises_field("request_id"):
         eng.add_request("dup", GOOD_PROMPT, SamplingParams(max_tokens=4))
@@ -194,5 +194,5 @@ def test_head_without_twins(model_dir, tmp_path):
     with raises_field("head"):
         LLM(model=str(model_dir), head=str(bad), num_pages=8)
     good = tmp_path / "good.safetensors"
-    save_head(LLM(model=str(model_dir), num_pages=8).engine.runner.model, good, 4, VOCAB - 1)
-    assert LLM(model=str(model_dir), head=str(good), num_pages=8).engine.block_size == 4
+    save_head(LLM(model=str(model_dir), num_pages=8).core.runner.model, good, 4, VOCAB - 1)
+    assert LLM(model=str(model_dir), head=str(good), num_pages=8).core.block_size == 4

@@ -19,7 +19,7 @@ VOCAB = 16  # a small vocabulary: drafts are accepted now and then
 def official(tmp_path_factory):
     path = write_orthrus(tmp_path_factory.mktemp("official") / "q", "qwen3", seed=9, twin_noise=0.02,
                          vocab_size=VOCAB)
-    return path, hf_model(path, "qwen3"), LLM(str(path), block_size=8, page_size=4, num_pages=64).engine
+    return path, hf_model(path, "qwen3"), LLM(str(path), block_size=8, page_size=4, num_pages=64).core
 
 
 def engine_drafter(eng):

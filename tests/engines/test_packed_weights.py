@@ -44,7 +44,7 @@ def test_engine_packs_on_cpu_fp32_and_can_opt_out(tmp_path, family):
     path = str(write_orthrus(tmp_path / family, family))
     packed = LLM(path, block_size=4, num_pages=64)
     plain = LLM(path, block_size=4, num_pages=64, cpu_packed_weights=False)
-    linears = lambda llm: [m for m in llm.engine.runner.model.modules() if isinstance(m, PACKABLE)]
+    linears = lambda llm: [m for m in llm.core.runner.model.modules() if isinstance(m, PACKABLE)]
     assert all(m.packed is not None for m in linears(packed))
     assert all(m.packed is None for m in linears(plain))
     params = SamplingParams(max_tokens=12, ignore_eos=True)

@@ -22,7 +22,7 @@ def test_long_decode_keeps_a_cached_prefix(model):
     path, hf, fused = model
     # 21 pages: the prefix's 5 and the long decode's 16 (64 positions, look-ahead included) at its longest
     llm = LLM(str(path), block_size=3, page_size=PAGE, num_pages=21)
-    eng = llm.engine
+    eng = llm.core
     assert eng.fused == fused
     prefix = [(5 * i) % 90 + 1 for i in range(21)]
     llm.generate([prefix], SamplingParams(max_tokens=1, ignore_eos=True))

@@ -75,7 +75,7 @@ def test_shared_prefix_is_cached_and_output_unchanged(model_dir, plain, oracle):
         assert ref.cached_prompt_tokens == 0
         assert out.token_ids == ref.token_ids
     assert llm.generate(second, GREEDY)[0].token_ids == hf_greedy(oracle, second, 12)
-    assert llm.engine.pages.num_free == llm.engine.pages.num_pages
+    assert llm.core.pages.num_free == llm.core.pages.num_pages
 
 
 @pytest.mark.parametrize("length,cached", [(33, 32), (32, 16), (17, 16), (16, 0)])
@@ -106,7 +106,7 @@ def test_prefix_shared_with_a_running_request(model_dir, plain):
     """A request that joins while another still decodes on the same prefix pages reads them without
     disturbing either sequence."""
     llm = new_llm(model_dir)
-    eng = llm.engine
+    eng = llm.core
     prefix = tokens(36, 4)
     a, b = prefix + [1], prefix + [2, 3]
     results: dict[str, list[int]] = {"a": [], "b": []}
@@ -144,7 +144,7 @@ def test_batch_sharing_a_prefix_matches_uncached(model_dir, plain):
 def test_stored_events_name_the_blocks_by_prefix_hash(model_dir):
     """`stored` events carry page_hashes(tokens, 16, engine.fingerprint) of the cached blocks, once."""
     llm = new_llm(model_dir)
-    eng = llm.engine
+    eng = llm.core
     assert eng.drain_prefix_events() == []
     prompt = tokens(40, 6)
     llm.generate(prompt, SamplingParams(max_tokens=3))
@@ -163,7 +163,7 @@ def test_eviction_emits_removed_and_events_mirror_the_cache(model_dir):
     """With a 4-page pool, new prompts evict old blocks: `removed` names them, and replaying the
     events gives exactly the engine's cache, which predicts each later request's hit length."""
     llm = new_llm(model_dir, num_pages=4)
-    eng = llm.engine
+    eng = llm.core
     index: set[str] = set()
     removed: list[str] = []
 
@@ -200,15 +200,15 @@ def test_cleared_event_and_cache_off(model_dir):
     llm = new_llm(model_dir)
     prompt = tokens(40, 20)
     llm.generate(prompt, GREEDY)
-    llm.engine.drain_prefix_events()
-    llm.engine.pages.clear_prefix_cache()
-    assert llm.engine.drain_prefix_events() == [("cleared", [])]
+    llm.core.drain_prefix_events()
+    llm.core.pages.clear_prefix_cache()
+    assert llm.core.drain_prefix_events() == [("cleared", [])]
     assert llm.generate(prompt, GREEDY)[0].cached_prompt_tokens == 0
 
     off = new_llm(model_dir, enable_prefix_cache=False)
     for _ in range(2):
         assert off.generate(prompt, GREEDY)[0].cached_prompt_tokens == 0
-    assert off.engine.drain_prefix_events() == []
+    assert off.core.drain_prefix_events() == []
 
 
 def test_block_hash_chain_format():
@@ -230,15 +230,15 @@ def test_block_hash_chain_format():
 def test_fingerprint_depends_on_the_model(model_dir, tmp_path):
     """Different weights give a different fingerprint; the same model loaded twice the same one."""
     other = write_orthrus(tmp_path / "other", "llama", seed=6, twin_noise=0.05)
-    assert new_llm(model_dir).engine.fingerprint == new_llm(model_dir).engine.fingerprint
-    assert new_llm(other).engine.fingerprint != new_llm(model_dir).engine.fingerprint
+    assert new_llm(model_dir).core.fingerprint == new_llm(model_dir).core.fingerprint
+    assert new_llm(other).core.fingerprint != new_llm(model_dir).core.fingerprint
 
 
 def test_fingerprint_is_the_checkpoints_not_the_runtime_dtype(model_dir):
     """Replicas of one checkpoint in float32 and bfloat16 share prefix identity (their pages are named
     alike, so the router can send a prefix to either)."""
-    fp32 = new_llm(model_dir, dtype="float32").engine
-    bf16 = new_llm(model_dir, dtype="bfloat16").engine
+    fp32 = new_llm(model_dir, dtype="float32").core
+    bf16 = new_llm(model_dir, dtype="bfloat16").core
     assert bf16.runner.model.embed_tokens.weight.dtype == torch.bfloat16
     assert fp32.fingerprint == bf16.fingerprint
 
@@ -252,12 +252,12 @@ def test_fingerprint_sees_weights_beyond_the_embedding(model_dir, tmp_path):
     tensors = load_file(str(model_dir / "model.safetensors"))
     tensors["model.layers.1.mlp.down_proj.weight"] = tensors["model.layers.1.mlp.down_proj.weight"] * 1.01
     save_file(tensors, str(tuned / "model.safetensors"))
-    base = new_llm(model_dir).engine
-    assert new_llm(tuned).engine.fingerprint != base.fingerprint
+    base = new_llm(model_dir).core
+    assert new_llm(tuned).core.fingerprint != base.fingerprint
     head = tmp_path / "head.safetensors"
     save_head(base.runner.model, head, 4, VOCAB - 1, tensors={
         k: v * 1.01 for k, v in tensors.items() if "_diff." in k})
-    with_head = new_llm(model_dir, head=str(head)).engine
+    with_head = new_llm(model_dir, head=str(head)).core
     assert not torch.equal(with_head.runner.model.layers[0].self_attn.diff.o.weight,
                            base.runner.model.layers[0].self_attn.diff.o.weight)
     assert with_head.fingerprint == base.fingerprint
@@ -272,13 +272,13 @@ def test_hashes_identical_in_another_process(model_dir):
         "import json, sys\n"
         "from orthrus_engines import LLM\n"
         "from orthrus_engines.prefix_hash import page_hashes\n"
-        "fp = LLM(model=sys.argv[1], num_pages=8).engine.fingerprint\n"
+        "fp = LLM(model=sys.argv[1], num_pages=8).core.fingerprint\n"
         "print(json.dumps([fp, page_hashes(json.loads(sys.argv[2]), 16, fp)]))\n"
     )
     env = os.environ | {"PYTHONHASHSEED": "12345"}
     res = subprocess.run([sys.executable, "-c", code, str(model_dir), json.dumps(toks)], env=env,
                          capture_output=True, text=True, timeout=300, check=True)
     fp, hashes = json.loads(res.stdout.strip().splitlines()[-1])
-    assert fp == llm.engine.fingerprint
-    assert hashes == page_hashes(toks, PAGE, llm.engine.fingerprint)
+    assert fp == llm.core.fingerprint
+    assert hashes == page_hashes(toks, PAGE, llm.core.fingerprint)
     assert len(hashes) == 3

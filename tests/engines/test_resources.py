@@ -32,7 +32,7 @@ def tokens(n: int, seed: int) -> list[int]:
 
 
 def all_free(llm_or_engine) -> bool:
-    eng = getattr(llm_or_engine, "engine", llm_or_engine)
+    eng = getattr(llm_or_engine, "core", llm_or_engine)
     return not eng.has_unfinished() and eng.pages.num_free == eng.pages.num_pages
 
 
@@ -83,7 +83,7 @@ def test_abort_mid_generation_frees_pages(model_dir, oracle):
     """Aborting a decoding and a waiting request returns their pages; the others finish correctly
     and the engine keeps serving."""
     llm = LLM(model=str(model_dir), block_size=K, num_pages=64, max_num_seqs=3)
-    eng = llm.engine
+    eng = llm.core
     prompts = {f"r{i}": tokens(10 + 7 * i, 20 + i) for i in range(5)}
     produced = {rid: [] for rid in prompts}
     for rid, p in prompts.items():
@@ -115,7 +115,7 @@ def test_abort_mid_generation_frees_pages(model_dir, oracle):
 def test_abort_during_chunked_prefill(model_dir):
     """A long prompt aborted between its prefill chunks returns all pages."""
     llm = LLM(model=str(model_dir), block_size=K, num_pages=64, max_num_batched_tokens=16)
-    eng = llm.engine
+    eng = llm.core
     eng.add_request("long", tokens(100, 5), SamplingParams(max_tokens=5))
     eng.step()
     seq = eng.seqs["long"]
@@ -126,7 +126,7 @@ def test_abort_during_chunked_prefill(model_dir):
 
 def test_request_id_reusable_after_finish_and_abort(model_dir):
     llm = LLM(model=str(model_dir), block_size=K, num_pages=64)
-    eng = llm.engine
+    eng = llm.core
     eng.add_request("x", [1, 2, 3], SamplingParams(max_tokens=30))
     eng.step()
     eng.abort_request("x")
@@ -149,7 +149,7 @@ def test_preemption_under_a_tiny_pool_keeps_outputs_and_frees_pages(model_dir, o
     llm = LLM(model=str(model_dir), block_size=K, num_pages=8, enable_prefix_cache=enable_prefix_cache)
     prompts = [tokens(18 + i, 40 + i) for i in range(8)]
     outs = llm.generate(prompts, SamplingParams(max_tokens=40))
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.core.scheduler.num_preemptions > 0
     for p, o in zip(prompts, outs):
         assert o.token_ids == hf_greedy(oracle, p, 40)
         assert o.finish_reason == "length"
@@ -163,7 +163,7 @@ def test_preempted_sampled_requests_match_unpressured_engine(model_dir):
     tight = LLM(model=str(model_dir), block_size=K, num_pages=7)
     roomy = LLM(model=str(model_dir), block_size=K, num_pages=128)
     got = tight.generate(prompts, params)
-    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.core.scheduler.num_preemptions > 0
     assert [o.token_ids for o in got] == [o.token_ids for o in roomy.generate(prompts, params)]
     assert all_free(tight)
 
@@ -178,13 +178,13 @@ def test_stop_token_inside_accepted_block(model_dir, oracle, monkeypatch):
     prompt = tokens(9, 87)  # a greedy continuation that does not cycle at once
     ref = hf_greedy(oracle, prompt, 40)
     full_llm = LLM(model=str(model_dir), block_size=K, num_pages=64)
-    install_oracle_drafter(monkeypatch, full_llm.engine, {tuple(prompt): ref})
+    install_oracle_drafter(monkeypatch, full_llm.core, {tuple(prompt): ref})
     full = full_llm.generate(prompt, SamplingParams(max_tokens=40))[0]
     assert full.token_ids == ref
     assert full.accepted_tokens == full.drafted_tokens > 0  # the drafter works: whole blocks
 
     llm = LLM(model=str(model_dir), block_size=K, num_pages=64)
-    eng = llm.engine
+    eng = llm.core
     install_oracle_drafter(monkeypatch, eng, {tuple(prompt): ref})
     # In the third block; the dropped rest of that block would complete page 1 (positions 16..31).
     j = first_inside_block(ref, 2 * K + 1)
@@ -213,7 +213,7 @@ def test_eos_inside_accepted_block_and_ignore_eos(tmp_path, oracle, monkeypatch)
     # Same seed, same weights (the module's model); only the config's EOS differs.
     d = write_orthrus(tmp_path / "eos", "llama", seed=11, twin_noise=0.05, eos_token_id=ref[j])
     llm = LLM(model=str(d), block_size=K, num_pages=64)
-    install_oracle_drafter(monkeypatch, llm.engine, {tuple(prompt): ref})
+    install_oracle_drafter(monkeypatch, llm.core, {tuple(prompt): ref})
     out = llm.generate(prompt, SamplingParams(max_tokens=40))[0]
     assert out.token_ids == ref[: j + 1] and out.finish_reason == "stop"
     out = llm.generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True))[0]
@@ -273,7 +273,7 @@ def test_stop_string_inside_accepted_block(builtin_llm, builtin_ref, monkeypatch
     """A stop string completed inside an accepted block: the text ends right before it, the tokens
     end with the token that completed it, streamed deltas never show it, pages are freed."""
     prompt, ids, text = builtin_ref
-    eng = builtin_llm.engine
+    eng = builtin_llm.core
     stops = stop_cases(eng.tokenizer, ids, text)[case]
     install_oracle_drafter(monkeypatch, eng, {tuple(eng.tokenize(prompt)): ids})
     eng.add_request("s", prompt, SamplingParams(max_tokens=40, stop=stops, ignore_eos=True))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from scipy import stats
 from tiny_models import hf_model, write_orthrus
 
-import orthrus_engines.engine.llm_engine as llm_engine_mod
+import orthrus_engines.engine.orthrus_step as orthrus_step_mod
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.engine.sampler import sample, seeded_draws
 
@@ -64,7 +64,7 @@ def fused_llm(model_dir, tmp_path_factory):
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "anchor_view": "causal"}))
     llm = LLM(model=str(d), block_size=4, num_pages=1200, max_num_seqs=1024, max_num_batched_tokens=16384)
-    assert llm.engine.fused
+    assert llm.core.fused
     return llm
 
 
@@ -230,7 +230,7 @@ def long_counts(long_dir, fused: bool, k: int, seeded: bool) -> tuple[Counter, f
     """Samples, acceptance rate, and the most drafts one pass verified."""
     llm = LLM(model=str(long_dir), block_size=k, fused_cycle=fused, num_pages=2000, max_num_seqs=1024,
               max_num_batched_tokens=16384)
-    runner, verified = llm.engine.runner, [0]
+    runner, verified = llm.core.runner, [0]
     run = runner.verify_and_draft if fused else runner.verify
 
     def spy(seqs, blocks, *rest):
@@ -270,7 +270,7 @@ def _noise_by_block_slot(logits, params, seed, start):
                                         ("seeded_draws", _noise_by_block_slot)], ids=["accept_all", "slot_noise"])
 def test_chi_square_detects_a_wrong_coupling(long_dir, likely_sequences, monkeypatch, name, wrong):
     """The long-block test has power against a wrong coupled sampler."""
-    monkeypatch.setattr(llm_engine_mod, name, wrong)
+    monkeypatch.setattr(orthrus_step_mod, name, wrong)
     counts, _, _ = long_counts(long_dir, False, 7, True)
     assert likely_pvalue(counts, likely_sequences) < 1e-6
 
@@ -294,7 +294,7 @@ def _resample_from_p(drafts, q, p, generator):
 def test_chi_square_detects_a_wrong_sampler(llm, step_logits, monkeypatch, wrong):
     """The distribution test has power: subtly wrong acceptance rules fail it by a wide margin."""
     sp = CONFIGS["t1"]
-    monkeypatch.setattr(llm_engine_mod, "speculative_accept", wrong)
+    monkeypatch.setattr(orthrus_step_mod, "speculative_accept", wrong)
     counts, _ = sample_counts(llm, sp, range(2 * 10**6, 2 * 10**6 + N))  # unseeded: rejection sampling
     assert gof_pvalue(counts, exact_distribution(step_logits, sp)) < 1e-6
 

@@ -132,7 +132,7 @@ def test_seeded_output_is_the_same_for_every_block_size(causal_dir, oracle, fuse
     accepted = 0
     for k in [*range(1, 9), "auto"]:
         llm = LLM(str(causal_dir), block_size=k, fused_cycle=fused, num_pages=64)
-        assert llm.engine.fused == fused
+        assert llm.core.fused == fused
         out = llm.generate([PROMPT], params)[0]
         assert out.token_ids == want, k
         accepted += out.accepted_tokens
@@ -151,7 +151,7 @@ def test_seeded_output_ignores_batch_preemption_and_prefix_hits(causal_dir, orac
                     SamplingParams(max_tokens=30, ignore_eos=True), SamplingParams(max_tokens=25, seed=10, **SP)]
     llm = LLM(str(causal_dir), block_size=6, fused_cycle=fused, num_pages=14, page_size=8)
     outs = llm.generate(others[:2] + [prompt] + others[2:], other_params[:2] + [target] + other_params[2:])
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.core.scheduler.num_preemptions > 0
     assert outs[2].token_ids == want
     assert llm.generate([prompt], target)[0].token_ids == want  # its pages enter the cache again
     again = llm.generate([others[0], prompt], [other_params[1], target])[1]
@@ -162,13 +162,13 @@ def test_seeded_output_ignores_batch_preemption_and_prefix_hits(causal_dir, orac
 def test_seeded_requests_never_touch_their_generator(causal_dir, monkeypatch):
     """The generator is the unseeded path's; a seeded request drawing from it would make its output
     depend on how many drafts were drawn and checked."""
-    import orthrus_engines.engine.llm_engine as llm_engine_mod
+    import orthrus_engines.engine.orthrus_step as orthrus_step_mod
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a seeded request used the generator")
 
-    monkeypatch.setattr(llm_engine_mod, "sample", forbidden)
-    monkeypatch.setattr(llm_engine_mod, "speculative_accept", forbidden)
+    monkeypatch.setattr(orthrus_step_mod, "sample", forbidden)
+    monkeypatch.setattr(orthrus_step_mod, "speculative_accept", forbidden)
     for fused in (True, False):
         out = LLM(str(causal_dir), block_size=4, fused_cycle=fused, num_pages=64).generate(
             [PROMPT], SamplingParams(max_tokens=12, seed=3, **SP))[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from orthrus_engines import LLM
-from orthrus_engines.engine.llm_engine import fused_block_limit
+from orthrus_engines.engine.orthrus_step import fused_block_limit
 from orthrus_engines.models.builtin import SHIPPED_HEAD
 from orthrus_engines.models.loader import read_head_metadata
 
@@ -22,8 +22,8 @@ def test_shipped_head_is_small_and_described():
 
 
 def test_builtin_model_loads_the_shipped_head_by_default(builtin_dir):
-    default = LLM(block_size=8).engine
-    untrained = LLM(head="none", block_size=8).engine
+    default = LLM(block_size=8).core
+    untrained = LLM(head="none", block_size=8).core
     assert default.source.head_path == SHIPPED_HEAD and untrained.source.head_path is None
     assert default.source.block_size == read_head_metadata(SHIPPED_HEAD)["block_size"]
     assert default.fused and default.fused_k == fused_block_limit(default.source.block_size)

@@ -100,7 +100,7 @@ def test_saved_head_gives_identical_logits(base, tmp_path, rank):
         tokens, positions = block_inputs(ids, anchors, K, t.src.mask_token_id)
         with torch.no_grad():
             return model.logits(student_forward(model, tokens, positions, block_attention_mask(anchors, 30, K), kvs))
-    assert torch.equal(draft_logits(t.model), draft_logits(llm.engine.runner.model))
+    assert torch.equal(draft_logits(t.model), draft_logits(llm.core.runner.model))
 
 
 def test_training_raises_acceptance(base, tmp_path):
@@ -132,7 +132,7 @@ def test_anchor_view_is_stored_loaded_and_kept_on_resume(base, tmp_path):
     Trainer(_args(base, tmp_path / "a", anchor_view="ar")).run()
     head = tmp_path / "a" / HEAD
     assert read_head_metadata(head)["anchor_view"] == "ar"
-    assert LLM(str(path), head=str(head), block_size=K).engine.runner.anchor_ar
+    assert LLM(str(path), head=str(head), block_size=K).core.runner.anchor_ar
     with pytest.raises(OrthrusInputError, match="anchor_view"):
         Trainer(_args(base, tmp_path / "a", anchor_view="diffusion", steps=8))
     assert Trainer(_args(base, tmp_path / "a", steps=8)).args.anchor_view == "ar"  # resumed as it was
@@ -194,7 +194,7 @@ def test_bfloat16_head_is_half_the_size_and_loads(base, tmp_path):
     size = lambda d: sum(t.numel() * t.element_size() for t in _lora_tensors(d / HEAD).values())
     assert size(tmp_path / "b") * 2 == size(tmp_path / "a")
     want = _view_weights(half.model)
-    got = _view_weights(LLM(str(path), head=str(tmp_path / "b" / HEAD), block_size=K).engine.runner.model)
+    got = _view_weights(LLM(str(path), head=str(tmp_path / "b" / HEAD), block_size=K).core.runner.model)
     ar = _view_weights(half.model, "ar")
     assert max((w - ar[n]).abs().max() for n, w in want.items()) > 2e-3  # the deltas are far above the tolerance
     for n, w in want.items():  # the deltas are rounded to bf16, the AR weights under them are not

@@ -71,5 +71,5 @@ def test_record_prior_stores_acceptance_in_the_head(workdir, tiny_model_dir):
     assert (workdir / "both.png").read_bytes()[:4] == b"\x89PNG"
     prior = read_head_metadata(head)["acceptance_by_position"]
     assert len(prior) == 3 and all(0 <= x <= 1 for x in prior)
-    eng = LLM(str(tiny_model_dir), head=str(head)).engine
+    eng = LLM(str(tiny_model_dir), head=str(head)).core
     assert eng.policy is not None and eng.acceptance.rates()[0] == pytest.approx(min(1.0, prior[0]), abs=1e-3)

@@ -18,7 +18,7 @@ VOCAB = 96
 def test_teacher_matches_hf(tmp_path, family):
     path = write_base(tmp_path / family, family, seed=3)
     llm = LLM(str(path), block_size=1, device="cpu")
-    model = llm.engine.runner.model
+    model = llm.core.runner.model
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
     hidden, kvs = teacher_forward(model, ids)
     ref = hf_model(path, family)(ids).logits
@@ -34,7 +34,7 @@ def test_student_block_matches_engine_draft(tmp_path, family, anchor_view):
     K = 5
     path = write_orthrus(tmp_path / family, family, seed=4, twin_noise=0.1, anchor_view=anchor_view)
     llm = LLM(str(path), block_size=K, device="cpu", page_size=4)
-    eng, model = llm.engine, llm.engine.runner.model
+    eng, model = llm.core, llm.core.runner.model
     mask_id = eng.runner.mask_token_id
     ids = torch.randint(0, VOCAB - 1, (1, 30), generator=torch.Generator().manual_seed(1))
     anchors = torch.tensor([[1, 6, 13, 22]])
@@ -57,7 +57,7 @@ def test_student_block_matches_engine_draft(tmp_path, family, anchor_view):
 def test_batched_draft_of_mixed_block_sizes_equals_one_at_a_time(tmp_path, anchor_view):
     """Rows of every sequence in a batched draft pass (the anchor rows included) line up."""
     path = write_orthrus(tmp_path / "m", "qwen3", seed=5, twin_noise=0.1, anchor_view=anchor_view)
-    eng = LLM(str(path), block_size=5, device="cpu", page_size=4).engine
+    eng = LLM(str(path), block_size=5, device="cpu", page_size=4).core
     ks = [5, 2, 4]
     seqs = []
     for i, n in enumerate([7, 3, 12]):

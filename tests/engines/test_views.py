@@ -136,10 +136,10 @@ def _engine(path, **kw):
     """An engine whose KV cache starts as seeded noise, so stale or unwritten slots are visible."""
     llm = LLM(str(path), block_size=8, num_pages=64, **kw)
     g = torch.Generator().manual_seed(123)
-    for kc, vc in llm.engine.runner.kv_cache:
+    for kc, vc in llm.core.runner.kv_cache:
         kc.copy_(torch.randn(kc.shape, generator=g))
         vc.copy_(torch.randn(vc.shape, generator=g))
-    return llm.engine
+    return llm.core
 
 
 def _past_prefill(engine, prompts, decode_steps=0):

@@ -42,7 +42,7 @@ def _spy_positions(runner) -> list[tuple[str, int]]:
 def test_requests_filling_the_window_finish_with_length_and_exact(model, k):
     view, path, hf = model
     llm = LLM(str(path), block_size=k, max_model_len=WINDOW, page_size=4, num_pages=64)
-    eng = llm.engine
+    eng = llm.core
     assert eng.max_model_len == WINDOW and eng.fused == (view == "causal")
     seen = _spy_positions(eng.runner)
     prompts = [[(3 * i + j) % 15 for j in range(n)] for i, (n, _) in enumerate(REQUESTS)]
@@ -63,14 +63,14 @@ def test_max_tokens_past_the_window_is_refused(model):
     _, path, _ = model
     llm = LLM(str(path), block_size=3, max_model_len=WINDOW, page_size=4, num_pages=64)
     with pytest.raises(OrthrusInputError) as e:
-        llm.engine.add_request("r", [t % 15 for t in range(40)], SamplingParams(max_tokens=WINDOW - 39))
+        llm.core.add_request("r", [t % 15 for t in range(40)], SamplingParams(max_tokens=WINDOW - 39))
     assert e.value.field == "max_tokens"
 
 
 def test_runner_refuses_a_position_past_the_window(model):
     """A block crossing the edge (the scheduler never builds one) fails with a clear error."""
     _, path, _ = model
-    eng = LLM(str(path), block_size=3, max_model_len=WINDOW, page_size=4, num_pages=64).engine
+    eng = LLM(str(path), block_size=3, max_model_len=WINDOW, page_size=4, num_pages=64).core
     seq = eng.add_request("r", [t % 15 for t in range(WINDOW - 3)], SamplingParams(max_tokens=3))
     prefill_to_anchor(eng, [seq], lookahead=8)
     with pytest.raises(RuntimeError, match=f"position {WINDOW}, outside the window of {WINDOW}"):

@@ -145,7 +145,7 @@ def test_models_and_model_info(oai, http, client, reference_llm):
     assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL
 
     info = client.model_info()
-    core = reference_llm.engine
+    core = reference_llm.core
     assert info.model == MODEL
     assert (info.block_size, info.max_model_len, info.page_size, info.vocab_size) == (
         core.block_size, WINDOW, core.page_size, VOCAB)

@@ -11,7 +11,8 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from orthrus_engines.engine.llm_engine import LLMEngine, engine_args_from
+from orthrus_engines.config import engine_args_from
+from orthrus_engines.engine.engine_core import EngineCore
 from orthrus_engines.inputs import Prompt
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.outputs import RequestOutput
@@ -22,8 +23,8 @@ log = logging.getLogger(__name__)
 
 class AsyncEngine:
     def __init__(self, model: str | None = None, block_size: int | None = None, **engine_args):
-        self.engine = LLMEngine(engine_args_from(model, block_size, engine_args))
-        self.tokenizer = self.engine.tokenizer
+        self.core = EngineCore(engine_args_from(model, block_size, engine_args))
+        self.tokenizer = self.core.tokenizer
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
@@ -66,10 +67,10 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        return self.core.stats()
 
     def drain_prefix_events(self) -> list[tuple[str, list[str]]]:
-        return self.engine.drain_prefix_events()
+        return self.core.drain_prefix_events()
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -91,21 +92,21 @@ class AsyncEngine:
             _, rid, prompt, params, done = cmd
             loop = done.get_loop()
             try:
-                self.engine.add_request(rid, prompt, params)  # tokenizes here: one thread owns the tokenizer
+                self.core.add_request(rid, prompt, params)  # tokenizes here: one thread owns the tokenizer
                 loop.call_soon_threadsafe(_resolve, done, None)
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 with self._lock:
                     self._streams.pop(rid, None)
                 loop.call_soon_threadsafe(_resolve, done, e)
         elif cmd[0] == "abort":
-            out = self.engine.abort_request(cmd[1])
+            out = self.core.abort_request(cmd[1])
             if out is not None:
                 self._deliver(out, cmd[1])
 
     def _loop(self) -> None:
         while not self._stopped:
             try:
-                cmd = self._commands.get(block=not self.engine.has_unfinished())
+                cmd = self._commands.get(block=not self.core.has_unfinished())
                 if cmd[0] == "stop":
                     return
                 self._handle(cmd)
@@ -113,10 +114,10 @@ class AsyncEngine:
             except queue.Empty:
                 pass
             try:
-                outs = self.engine.step()
+                outs = self.core.step()
             except Exception as e:  # a scheduler bug must not leave callers waiting forever
                 log.exception("engine step failed outside a batch")
-                outs = self.engine.fail_all(f"{type(e).__name__}: {e}")
+                outs = self.core.fail_all(f"{type(e).__name__}: {e}")
             for out in outs:
                 self._deliver(out, out.request_id)
 

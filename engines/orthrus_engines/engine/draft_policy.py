@@ -143,6 +143,24 @@ class AutoDraftPolicy:
         self.min_gain = min_gain  # draft only when the model expects at least this speed-up over AR
         self.overhead: float | None = None  # seconds per step outside its passes (None: not measured yet)
 
+    @classmethod
+    def calibrate(cls, runner, max_k: int, top: int, stats: AcceptanceStats, fused_k: int = 0,
+                  fused_stats: AcceptanceStats | None = None) -> "AutoDraftPolicy":
+        """A policy with this machine's pass times, measured at start-up on `runner` (a ModelRunner):
+        verify-like passes over a ladder of n up to `top` rows and, where the fused cycle runs,
+        verify+draft passes of one sequence at K = 2, 3, 4, 6, 8 .. and batches of full blocks.
+        Larger passes are extrapolated; all are refined online."""
+        ladder = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= top} | {top})
+        runner.time_forward(min(8, top))  # warm-up
+        times = ForwardTimes({n: runner.time_forward(n, repeats=3) for n in ladder})  # min of 3: no stall
+        fused_times = None
+        if fused_k > 1:
+            K = fused_k
+            shapes = {k * k: (k, 1) for k in {2, 3, 4, 6, 8, 12, 16, 24, 32, K} if k <= K and (k * k <= top or k == 2)}
+            shapes |= {b * K * K: (K, b) for b in (2, 4, 8, 16) if b * K * K <= top}
+            fused_times = ForwardTimes({n: runner.time_verify_and_draft(k, b, repeats=3) for n, (k, b) in shapes.items()})
+        return cls(max_k, times, stats, fused_k=fused_k, fused_times=fused_times, fused_stats=fused_stats)
+
     def plans(self) -> list[Plan]:
         return ([Plan(k) for k in range(1, self.max_k + 1)]
                 + [Plan(k, fused=True) for k in range(2, self.fused_k + 1)])

@@ -37,7 +37,7 @@ def generate_samples(llm, prompts: list[str], samples_per_prompt: int, temperatu
 
     if samples_per_prompt < 1 or (samples_per_prompt > 1 and temperature == 0):
         raise OrthrusInputError("samples_per_prompt", "must be 1 for greedy responses, or >= 1 with a temperature > 0")
-    prompt_ids = [llm.engine.inputs.chat_ids([{"role": "user", "content": p}]) for p in prompts]
+    prompt_ids = [llm.core.inputs.chat_ids([{"role": "user", "content": p}]) for p in prompts]
     jobs, params = [], []
     for s in range(samples_per_prompt):
         for i, ids in enumerate(prompt_ids):

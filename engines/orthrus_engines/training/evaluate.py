@@ -23,8 +23,8 @@ def evaluate(llm, prompts: list[str] | list[list[int]], max_tokens: int = 256, t
 
     from orthrus_engines.sampling_params import SamplingParams
 
-    eng = llm.engine
-    ids = [p if isinstance(p, list) else llm.engine.inputs.chat_ids([{"role": "user", "content": p}]) for p in prompts]
+    eng = llm.core
+    ids = [p if isinstance(p, list) else llm.core.inputs.chat_ids([{"role": "user", "content": p}]) for p in prompts]
     if not seeded:
         torch.manual_seed(seed)
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i if seeded else None)
@@ -100,7 +100,7 @@ def run_eval(model: str | None, head: str | None, prompts_file: str | None, out:
     reports = {f"T={t:g}": evaluate(llm, prompts, max_tokens, t) for t in temperatures}
     label = label or _default_label(head)
     result = {"model": model or "builtin", "head": head, "label": label,
-              "anchor_view": llm.engine.source.anchor_view, "reports": reports}
+              "anchor_view": llm.core.source.anchor_view, "reports": reports}
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))

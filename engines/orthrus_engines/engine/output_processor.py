@@ -1,0 +1,71 @@
+"""Output processing: a step's tokens committed to a sequence one by one (stop strings, EOS, stop
+token ids, the token budget, the window; incremental detokenization), and the delta a caller gets."""
+
+from orthrus_engines.engine.sequence import Sequence, Status
+from orthrus_engines.outputs import RequestOutput
+
+
+class OutputProcessor:
+    def __init__(self, eos_ids: set[int], max_model_len: int):
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+
+    def commit(self, seq: Sequence, tokens: list[int]) -> int:
+        """Append tokens until the first stop condition; the number appended. A stop string ends the
+        text where it starts and the tokens with the one that completed it."""
+        p = seq.params
+        max_stop = max((len(s) for s in p.stop), default=0)
+        stopped_by_string, appended = False, 0
+        for t in tokens:
+            seq.token_ids.append(t)
+            appended += 1
+            if seq.detok is not None:
+                before = len(seq.text)
+                seq.text += seq.detok.add(t)
+                hit = find_stop(seq.text, p.stop, max(0, before - max_stop + 1)) if p.stop else None
+                if hit is not None:
+                    seq.text = seq.text[:hit]
+                    seq.finish_reason, stopped_by_string = "stop", True
+                    break
+            if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
+                seq.finish_reason = "stop"
+                break
+            if seq.completion_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+                seq.finish_reason = "length"
+                break
+        if seq.finish_reason is not None:
+            seq.status = Status.FINISHED
+            if seq.detok is not None and not stopped_by_string:
+                seq.text += seq.detok.flush()
+        return appended
+
+    @staticmethod
+    def delta(seq: Sequence) -> RequestOutput:
+        """New tokens and text since the last delta; text that may still turn out to be the start
+        of a stop string is held back until it cannot."""
+        finished = seq.finish_reason is not None
+        visible = len(seq.text)
+        if not finished and seq.params.stop:
+            visible -= max(len(s) for s in seq.params.stop) - 1
+        visible = max(visible, seq.emitted_text)
+        out = RequestOutput(
+            request_id=seq.request_id,
+            token_ids=seq.output_ids[seq.emitted_tokens :],
+            text=seq.text[seq.emitted_text : visible],
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            error=seq.error,
+            prompt_tokens=seq.prompt_tokens,
+            cached_prompt_tokens=seq.cached_prompt_tokens,
+            forward_passes=seq.forward_passes,
+            drafted_tokens=seq.drafted_tokens,
+            accepted_tokens=seq.accepted_tokens,
+            completion_tokens=seq.completion_tokens,
+        )
+        seq.emitted_tokens, seq.emitted_text = seq.completion_tokens, visible
+        return out
+
+
+def find_stop(text: str, stops: list[str], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
