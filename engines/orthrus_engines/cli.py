@@ -128,7 +128,7 @@ def evaluate(args) -> int:
                       fused_cycle=not args.two_pass)
     if args.record_prior:
         from orthrus_engines.models.builtin import default_head
-        from orthrus_engines.models.loader import update_head_metadata
+        from orthrus_engines.models.heads import update_head_metadata
 
         first = next(iter(result["reports"].values()))
         update_head_metadata(default_head(args.model, args.head),

@@ -12,7 +12,7 @@ import struct
 
 def model_fingerprint(config: dict, tokenizer_vocab: dict[str, int] | None, weight_sample: bytes = b"") -> str:
     """The hash chain's seed: the checkpoint's config.json, the tokenizer's vocabulary and a sample of the
-    weights as stored (models.loader.weights_digest), never of the runtime dtype or device."""
+    weights as stored (models.checkpoint.weights_digest), never of the runtime dtype or device."""
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     if tokenizer_vocab is not None:

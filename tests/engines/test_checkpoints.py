@@ -13,7 +13,8 @@ from tiny_models import hf_greedy, hf_model, write_base, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.engine.sequence import Sequence
-from orthrus_engines.models.loader import DEFAULT_BLOCK_SIZE, choose_mask_token, save_head, twin_state_dict
+from orthrus_engines.models.heads import save_head, twin_state_dict
+from orthrus_engines.models.loader import DEFAULT_BLOCK_SIZE, choose_mask_token
 
 VOCAB = 96
 SEED = 21

@@ -11,7 +11,7 @@ from tiny_models import write_orthrus
 
 from orthrus_engines import LLM
 from orthrus_engines.errors import OrthrusInputError
-from orthrus_engines.models.loader import checkpoint_names, internal_name
+from orthrus_engines.models.checkpoint import checkpoint_names, internal_name
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]

@@ -8,7 +8,7 @@ import torch
 from tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, OrthrusInputError, SamplingParams
-from orthrus_engines.models.loader import save_head
+from orthrus_engines.models.heads import save_head
 
 VOCAB = 96
 WINDOW = 64  # max_model_len engine argument

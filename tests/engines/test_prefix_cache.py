@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
-from orthrus_engines.models.loader import save_head
+from orthrus_engines.models.heads import save_head
 from orthrus_engines.prefix_hash import page_hashes
 
 PAGE = 16

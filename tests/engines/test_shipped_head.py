@@ -6,7 +6,7 @@ import torch
 from orthrus_engines import LLM
 from orthrus_engines.engine.orthrus_step import fused_block_limit
 from orthrus_engines.models.builtin import SHIPPED_HEAD
-from orthrus_engines.models.loader import read_head_metadata
+from orthrus_engines.models.heads import read_head_metadata
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -8,7 +8,7 @@ import torch
 from tiny_models import write_base, write_orthrus
 
 from orthrus_engines import LLM, OrthrusInputError, SamplingParams
-from orthrus_engines.models.loader import read_head_metadata
+from orthrus_engines.models.heads import read_head_metadata
 from orthrus_engines.training.data import write_samples
 from orthrus_engines.training.dense import block_attention_mask, block_inputs, student_forward, teacher_forward
 from orthrus_engines.training.evaluate import evaluate
@@ -126,7 +126,7 @@ def test_anchor_view_is_stored_loaded_and_kept_on_resume(base, tmp_path):
     """An `anchor_view="ar"` run records it in its head, the engine drafts with it, a resume or a run
     continued from its head keeps it unless told otherwise, a fresh head defaults to "causal" while trained
     twins keep their own view, and a head naming an unknown view is refused."""
-    from orthrus_engines.models.loader import update_head_metadata
+    from orthrus_engines.models.heads import update_head_metadata
 
     path, _, _ = base
     Trainer(_args(base, tmp_path / "a", anchor_view="ar")).run()

@@ -62,7 +62,7 @@ def test_bad_arguments_name_the_field(workdir, tiny_model_dir, capsys, monkeypat
 
 def test_record_prior_stores_acceptance_in_the_head(workdir, tiny_model_dir):
     from orthrus_engines import LLM
-    from orthrus_engines.models.loader import read_head_metadata
+    from orthrus_engines.models.heads import read_head_metadata
 
     head = workdir / "run" / "head.safetensors"  # written by test_gen_data_train_eval
     assert main(["eval", "--model", str(tiny_model_dir), "--head", str(head), "--prompts", str(workdir / "prompts.txt"),

@@ -20,7 +20,9 @@ from orthrus_engines.engine.sequence import Sequence
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.inputs import InputProcessor, Prompt, load_tokenizer
 from orthrus_engines.models.builtin import default_head
-from orthrus_engines.models.loader import model_dir, read_head_metadata, resolve_model, weights_digest
+from orthrus_engines.models.checkpoint import weights_digest
+from orthrus_engines.models.heads import read_head_metadata
+from orthrus_engines.models.loader import model_dir, resolve_model
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.prefix_hash import model_fingerprint
 from orthrus_engines.sampling_params import SamplingParams

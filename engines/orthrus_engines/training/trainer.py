@@ -18,7 +18,8 @@ import torch
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.training.data import load_stream, sample_batch
 from orthrus_engines.training.dense import distillation_loss
-from orthrus_engines.models.loader import ANCHOR_VIEWS, read_head_metadata
+from orthrus_engines.models.heads import read_head_metadata
+from orthrus_engines.models.loader import ANCHOR_VIEWS
 from orthrus_engines.training.twins import (
     load_lowrank_factors,
     load_trainable_state,
@@ -175,7 +176,7 @@ class Trainer:
         self.save_head(self.out / HEAD)
 
     def save_head(self, path: Path) -> None:
-        from orthrus_engines.models.loader import save_head
+        from orthrus_engines.models.heads import save_head
 
         extra = {"rank": self.args.rank, "steps": self.step, "blocks_seen": self.blocks_seen,
                  "train_seconds": round(self.train_seconds, 1), "seq_len": self.args.seq_len,

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from orthrus_engines.models.loader import load_tensors, lowrank_key, twin_state_dict
+from orthrus_engines.models.checkpoint import load_tensors
+from orthrus_engines.models.heads import lowrank_key, twin_state_dict
 from orthrus_engines.models.orthrus import OrthrusModel
 
 
