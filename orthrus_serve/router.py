@@ -14,7 +14,7 @@ import random
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from orthrus_serve.prefix_index import LocalPrefixIndex, make_prefix_index
+from orthrus_serve.prefix_index import make_prefix_index
 
 
 def rank_replicas(
@@ -42,8 +42,7 @@ class PrefixAwareRouter(RequestRouter):
                          heartbeat_timeout_s: float = 5.0, redis_password_env: str | None = None,
                          redis_ca_file: str | None = None, **_):
         self.local = redis_url is None
-        self.index = LocalPrefixIndex(heartbeat_timeout_s) if self.local else make_prefix_index(
-            redis_url, namespace, heartbeat_timeout_s, redis_password_env, redis_ca_file)
+        self.index = make_prefix_index(redis_url, namespace, heartbeat_timeout_s, redis_password_env, redis_ca_file)
         self.imbalance_threshold = imbalance_threshold
         self.min_match_blocks = min_match_blocks
         self._seen_stats: dict[str, int] = {}

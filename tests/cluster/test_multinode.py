@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from orthrus_serve.client import OrthrusClient
+from support.net import wait_for
 from tests.serve.serve_helpers import stream_story
 
 pytestmark = pytest.mark.slow
@@ -26,17 +27,6 @@ LONG = {"max_tokens": 1200, "ignore_eos": True, "block_size": 1}
 # two full KV blocks (32+ tokens): after one call, the prefix-aware router sends it to the same replica
 SHARED_PROMPT = ("You are a careful assistant. Answer in one short sentence, with no preamble. "
                  "Question: what is the tallest mountain on Earth, and how high is it?")
-
-
-def wait_for(cond, timeout_s: float, what: str, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="module")

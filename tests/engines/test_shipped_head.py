@@ -8,7 +8,7 @@ from orthrus_engines.engine.llm_engine import fused_block_limit
 from orthrus_engines.models.builtin import SHIPPED_HEAD
 from orthrus_engines.models.loader import read_head_metadata
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.slow
 
 
 def test_shipped_head_is_small_and_described():

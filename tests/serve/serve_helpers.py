@@ -1,10 +1,9 @@
 """Helpers for the serving end-to-end tests: deployed applications, waiting, background load."""
 
 import threading
-import time
 from pathlib import Path
 
-import pytest
+from support.net import wait_for
 
 ENGINE = "OrthrusEngine"
 ENGINE_ARGS = {"num_pages": 64, "max_model_len": 256}  # replicas and the reference engine alike
@@ -116,16 +115,6 @@ class ServeCluster:
         from ray import serve
 
         serve.delete(name)
-
-
-def wait_for(cond, timeout_s: float, what, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
-        time.sleep(interval_s)
 
 
 def stream_story(client_factory, i: int, params: dict, results, started: list[threading.Event]) -> None:
