@@ -33,9 +33,6 @@ def app(serve_cluster, weights_dir, tiny_model_dir):
 
 
 def test_the_ingress_uses_the_engines_tokenizer(app, client, reference_llm, tiny_model_dir):
-    info = app.engine_handle().model_info.remote().result(timeout_s=30)
-    assert info["tokenizer"] == str(tiny_model_dir) and info["model"] != info["tokenizer"]
-
     sp = SamplingParams(max_tokens=6)
     ref = reference_llm.generate("The capital of France is", sp)[0]
     r = client.generate("The capital of France is", max_tokens=6)
@@ -46,3 +43,6 @@ def test_the_ingress_uses_the_engines_tokenizer(app, client, reference_llm, tiny
         body = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 6}).json()
     assert body["choices"][0]["message"]["content"] == chat_ref.text
     assert body["usage"]["prompt_tokens"] == chat_ref.prompt_tokens
+
+    info = app.engine_handle().model_info.remote().result(timeout_s=30)
+    assert info["tokenizer"] == str(tiny_model_dir) and info["model"] != info["tokenizer"]
