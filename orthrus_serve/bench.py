@@ -26,20 +26,25 @@ class RequestRecord:
     ok: bool = False
     ttft_s: float | None = None        # time to the first delta carrying tokens
     latency_s: float = 0.0              # end to end
-    output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)  # per-token inter-token latencies
+    # The request's counters (orthrus_engines.outputs.COUNTERS, by their names), from its last delta
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
     forward_passes: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
     error: str | None = None
+
+    def set_counters(self, counters: dict[str, int]) -> None:
+        for name, value in counters.items():
+            setattr(self, name, value)
 
     @property
     def tpot_s(self) -> float | None:
-        if not self.ok or self.ttft_s is None or self.output_tokens < 2:
+        if not self.ok or self.ttft_s is None or self.completion_tokens < 2:
             return None
-        return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
+        return (self.latency_s - self.ttft_s) / (self.completion_tokens - 1)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -61,7 +66,7 @@ def _ms_stats(values_s: list[float]) -> dict:
 
 def summarize(records: list[RequestRecord], wall_s: float) -> dict:
     ok = [r for r in records if r.ok]
-    out_tokens = sum(r.output_tokens for r in ok)
+    out_tokens = sum(r.completion_tokens for r in ok)
     passes = sum(r.forward_passes for r in ok)
     return {
         "requests": len(records), "successes": len(ok), "failures": len(records) - len(ok),
@@ -108,6 +113,10 @@ def _err(e: Exception) -> str:
 
 
 async def _grpc_one(client, prompt: str, params: dict) -> RequestRecord:
+    # Imported here, not at the top: orthrus_engines brings torch, which the CLI's other commands need not
+    # load (run_bench imports it before its clock starts).
+    from orthrus_engines.outputs import COUNTERS
+
     rec, t0 = RequestRecord(), time.perf_counter()
     last_t, last = None, None
     try:
@@ -121,10 +130,8 @@ async def _grpc_one(client, prompt: str, params: dict) -> RequestRecord:
                 last_t = now
             last = d
         rec.latency_s = time.perf_counter() - t0
-        if last is not None:
-            rec.output_tokens, rec.forward_passes = last.completion_tokens, last.forward_passes
-            rec.drafted_tokens, rec.accepted_tokens = last.drafted_tokens, last.accepted_tokens
-            rec.prompt_tokens, rec.cached_prompt_tokens = last.prompt_tokens, last.cached_prompt_tokens
+        if last is not None:  # the response's counter fields have the counters' names
+            rec.set_counters({name: getattr(last, name) for name in COUNTERS})
         rec.ok = last is not None and last.finish_reason in ("stop", "length")
         if not rec.ok:
             rec.error = f"finish_reason={last.finish_reason if last is not None else None}"
@@ -135,6 +142,8 @@ async def _grpc_one(client, prompt: str, params: dict) -> RequestRecord:
 
 async def _http_one(client, url: str, prompt: str, params: dict) -> RequestRecord:
     """SSE chunks carry text, not token ids: ITL uses each chunk's gap spread over the average tokens per chunk."""
+    from orthrus_serve.openai_api import usage_counters  # brings torch: see _grpc_one
+
     rec, t0 = RequestRecord(), time.perf_counter()
     gaps, chunks, last_t, usage, finish = [], 0, None, None, None
     try:
@@ -159,12 +168,8 @@ async def _http_one(client, url: str, prompt: str, params: dict) -> RequestRecor
                 usage = chunk.get("usage") or usage
         rec.latency_s = time.perf_counter() - t0
         if usage:
-            o = usage.get("orthrus", {})
-            rec.output_tokens, rec.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
-            rec.forward_passes = o.get("forward_passes", 0)
-            rec.cached_prompt_tokens = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
-            rec.drafted_tokens, rec.accepted_tokens = o.get("drafted_tokens", 0), o.get("accepted_tokens", 0)
-        per_chunk = max(rec.output_tokens / chunks, 1.0) if chunks else 1.0
+            rec.set_counters(usage_counters(usage))
+        per_chunk = max(rec.completion_tokens / chunks, 1.0) if chunks else 1.0
         rec.itl_s = [g / per_chunk for g in gaps]
         rec.ok = usage is not None and finish in ("stop", "length")
         if not rec.ok:
@@ -179,6 +184,8 @@ async def run_bench(args) -> tuple[list[RequestRecord], float]:
     if args.prompt_file:
         with open(args.prompt_file) as fh:
             prompts = [ln.rstrip("\n") for ln in fh if ln.strip()]
+    import orthrus_serve.openai_api  # noqa: F401 - what the readers import (torch with it), before the clock starts
+
     rng = random.Random(args.seed)
     params, close = _params(args), None
     if args.http:

@@ -99,10 +99,10 @@ def _generate(args) -> int:
         else:
             r = client.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature)
             if args.json:
+                from orthrus_engines.outputs import COUNTERS  # only here: orthrus_engines brings torch
+
                 print(json.dumps({"text": r.text, "token_ids": list(r.token_ids), "finish_reason": r.finish_reason,
-                                  "prompt_tokens": r.prompt_tokens, "cached_prompt_tokens": r.cached_prompt_tokens,
-                                  "completion_tokens": r.completion_tokens, "forward_passes": r.forward_passes,
-                                  "drafted_tokens": r.drafted_tokens, "accepted_tokens": r.accepted_tokens}))
+                                  **{name: getattr(r, name) for name in COUNTERS}}))
             else:
                 print(r.text)
     return 0

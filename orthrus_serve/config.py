@@ -86,7 +86,7 @@ class ServeConfig(_Strict):
 
     @property
     def index_namespace(self) -> str:
-        """Redis keys are per application and model (block hashes are also seeded by the model)."""
+        """Redis keys are per application and model (page hashes are also seeded by the model)."""
         return f"{self.app_name}:{self.served_model_name}"
 
     @classmethod

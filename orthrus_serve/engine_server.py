@@ -1,11 +1,11 @@
 """The engine deployment: each replica owns one AsyncEngine.
 
-It streams request deltas to the ingress, publishes its prefix-cache events to the prefix index
-(with a heartbeat), and reports throughput, queue depth and KV usage for autoscaling.
+It streams request deltas (`RequestOutput`s) to the ingress, keeps what its prefix cache holds for
+the router (its routing stats; with Redis configured it also publishes its prefix-cache events there,
+with a heartbeat), and reports throughput, queue depth and KV usage for autoscaling.
 """
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -13,14 +13,24 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from orthrus_engines import AsyncEngine, SamplingParams
+from orthrus_engines import AsyncEngine, EngineCore, RequestOutput, SamplingParams
 from orthrus_serve.config import ServeConfig
 from orthrus_serve.health import EngineHealth
 from orthrus_serve.metrics import EngineMetrics, RequestMetrics
-from orthrus_serve.prefix_index import make_prefix_index
+from orthrus_serve.prefix_index import PrefixIndex, make_prefix_index
 
 log = logging.getLogger(__name__)
 RESYNC_S = 30.0  # how often a replica republishes its whole prefix-cache content to the index
+
+
+def replica_prefix_index(config: ServeConfig) -> PrefixIndex | None:
+    """The index a replica publishes to: Redis when configured, else none (in single-node mode the
+    router keeps the index itself, fed by the replicas' routing stats)."""
+    idx = config.index
+    if not idx.redis_url:
+        return None
+    return make_prefix_index(idx.redis_url, config.index_namespace, idx.heartbeat_timeout_s, idx.redis_password_env,
+                             idx.redis_ca_file)
 
 
 class ThroughputMeter:
@@ -47,38 +57,39 @@ class EngineServer:
         self.engine = AsyncEngine(self.config.model, head=self.config.head, **self.config.engine)
         self.health = EngineHealth(self.engine)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        idx = self.config.index
-        self.index = make_prefix_index(idx.redis_url, self.config.index_namespace, idx.heartbeat_timeout_s,
-                                       idx.redis_password_env, idx.redis_ca_file)
+        self.index = replica_prefix_index(self.config)
         self.meter = ThroughputMeter()
         self.metrics = EngineMetrics.create(self.config.served_model_name)
         self.prompt_totals: dict = {}  # for the prefix hit-rate gauge
-        self.cached_blocks: set[str] = set()  # what this replica holds, for the in-process index
+        self.cached_pages: set[str] = set()  # what this replica holds, for the router (routing stats)
+        self.closed = False
         self._publisher = asyncio.get_event_loop().create_task(self._publish_loop())
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: dict,
-                       block_hashes: list[str] | None = None) -> AsyncIterator[dict]:
-        """Deltas of one request as dicts (RequestOutput fields). `block_hashes` is for the router."""
+    @property
+    def core(self) -> EngineCore:
+        """The AsyncEngine's EngineCore: the model facts that `model_info` reports (read here only)."""
+        return self.engine.core
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       page_hashes: list[str] | None = None) -> AsyncIterator[RequestOutput]:
+        """Deltas of one request; `params` were checked by the ingress. `page_hashes` is for the router."""
         rm = RequestMetrics(self.metrics, self.prompt_totals)
-        async for out in self.engine.generate(request_id, prompt, SamplingParams(**params)):
+        async for out in self.engine.generate(request_id, prompt, params):
             self.meter.add(len(out.token_ids))
-            delta = dataclasses.asdict(out)
-            rm.on_delta(delta)
+            rm.on_delta(out)
             if out.finished:
                 self.health.record(out.finish_reason, out.error)
-            yield delta
+            yield out
 
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising has this replica replaced."""
         self.health.check()
 
-    async def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
-
     def model_info(self) -> dict:
-        core = self.engine.core
+        core = self.core
         return {
             "model": str(core.source.path),
+            "tokenizer": str(core.tokenizer_path),  # where the engine's tokenizer came from: the ingress loads it
             "block_size": core.block_size,
             "max_model_len": core.max_model_len,
             "page_size": core.page_size,
@@ -97,41 +108,62 @@ class EngineServer:
     def record_routing_stats(self) -> dict:
         s = self.engine.stats()
         return {"num_running": s["num_running"], "num_waiting": s["num_waiting"],
-                "cached_blocks": sorted(self.cached_blocks)}
+                "cached_pages": sorted(self.cached_pages)}
 
     async def _publish_loop(self) -> None:
+        """Keeps `cached_pages` current from the engine's prefix-cache events and the engine gauges
+        fresh; with an index (Redis), publishes the events, heartbeats, resyncs and collects garbage."""
         last_beat, last_gc = 0.0, time.monotonic()
         last_resync = last_gc
-        while True:
+        while not self.closed:
             try:
                 events = self.engine.drain_prefix_events()
                 for kind, hashes in events:
                     if kind == "stored":
-                        self.cached_blocks.update(hashes)
+                        self.cached_pages.update(hashes)
                     elif kind == "removed":
-                        self.cached_blocks.difference_update(hashes)
+                        self.cached_pages.difference_update(hashes)
                     else:
-                        self.cached_blocks.clear()
+                        self.cached_pages.clear()
                 now = time.monotonic()
                 if now - last_beat >= self.config.index.heartbeat_s:
-                    await asyncio.to_thread(self.index.heartbeat, self.replica_id)
+                    if self.index is not None:
+                        await asyncio.to_thread(self.index.heartbeat, self.replica_id)
                     last_beat = now
                     self.metrics.on_engine_stats(self.engine.stats())
-                if now - last_resync >= RESYNC_S:  # heals what an index outage dropped
-                    events = [("cleared", []), ("stored", sorted(self.cached_blocks))]
-                    last_resync = now
-                if events:
-                    await asyncio.to_thread(self.index.publish, self.replica_id, events)
-                if now - last_gc >= self.config.index.heartbeat_timeout_s:  # entries of lapsed replicas
-                    await asyncio.to_thread(self.index.collect_garbage)
-                    last_gc = now
+                if self.index is not None:
+                    if now - last_resync >= RESYNC_S:  # heals what an index outage dropped
+                        events = [("cleared", []), ("stored", sorted(self.cached_pages))]
+                        last_resync = now
+                    if events:
+                        await asyncio.to_thread(self.index.publish, self.replica_id, events)
+                    if now - last_gc >= self.config.index.heartbeat_timeout_s:  # entries of lapsed replicas
+                        await asyncio.to_thread(self.index.collect_garbage)
+                        last_gc = now
             except Exception:  # the index is best effort: never take the replica down
                 log.exception("prefix index publish failed")
             await asyncio.sleep(0.05)
 
-    def __del__(self):
+    def shutdown(self) -> None:
+        """Leave cleanly, once: out of the prefix index, the engine thread stopped, Redis closed."""
+        if self.closed:
+            return
+        self.closed = True  # the publish loop stops at its next turn
         try:
-            self.index.remove_replica(self.replica_id)
-            self.engine.shutdown()
-        except Exception:
-            pass
+            if self.index is not None:
+                self.index.remove_replica(self.replica_id)
+        finally:
+            try:
+                self.engine.shutdown()
+            finally:
+                if self.index is not None:
+                    self.index.close()
+
+    def __del__(self):
+        """Ray Serve calls this when it shuts the replica down (the documented hook)."""
+        if getattr(self, "closed", True):  # shut down already, or never fully built
+            return
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - a replica going away must not fail its shutdown
+            log.exception("replica shutdown failed")

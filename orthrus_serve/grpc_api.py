@@ -1,4 +1,4 @@
-"""gRPC status mapping and response filling for the ingress."""
+"""gRPC request reading, response filling and status mapping for the ingress."""
 
 import asyncio
 import logging
@@ -7,8 +7,9 @@ import grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from orthrus_engines import OrthrusInputError
+from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_serve.api import orthrus_pb2 as pb
+from orthrus_serve.request_prep import SAMPLING_FIELDS
 
 log = logging.getLogger(__name__)
 REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -23,14 +24,19 @@ def message(e: BaseException) -> str:
     return str(e.cause) if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else str(e)
 
 
-def copy_counters(msg: pb.GenerateResponse, delta: dict) -> None:
-    msg.finish_reason = delta["finish_reason"] or ""
-    msg.prompt_tokens = delta["prompt_tokens"]
-    msg.cached_prompt_tokens = delta["cached_prompt_tokens"]
-    msg.completion_tokens = delta["completion_tokens"]
-    msg.forward_passes = delta["forward_passes"]
-    msg.drafted_tokens = delta["drafted_tokens"]
-    msg.accepted_tokens = delta["accepted_tokens"]
+def sampling_fields(request: pb.GenerateRequest) -> dict:
+    """The sampling fields a GenerateRequest sets (an unset optional field keeps SamplingParams' default)."""
+    fields = {f: getattr(request, f) for f in SAMPLING_FIELDS
+              if not request.DESCRIPTOR.fields_by_name[f].has_presence or request.HasField(f)}
+    fields["stop"], fields["stop_token_ids"] = list(request.stop), list(request.stop_token_ids)
+    return fields
+
+
+def copy_counters(msg: pb.GenerateResponse, out: RequestOutput) -> None:
+    """The finish reason and the counters (the response's fields have the counters' names)."""
+    msg.finish_reason = out.finish_reason or ""
+    for name, value in out.counters().items():
+        setattr(msg, name, value)
 
 
 def set_error(ctx, e: BaseException) -> None:

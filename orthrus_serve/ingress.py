@@ -8,7 +8,6 @@ bad input -> INVALID_ARGUMENT / 400, a lost replica -> UNAVAILABLE / 503. With a
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 from fastapi import FastAPI, Request
@@ -16,14 +15,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from orthrus_engines import OrthrusInputError
-from orthrus_engines.inputs import load_tokenizer
+from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_serve import grpc_api, grpc_health
 from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve import openai_api as oai
 from orthrus_serve.auth import ApiKey, grpc_authorization
 from orthrus_serve.health import engine_deployment_health
-from orthrus_serve.request_prep import SAMPLING_FIELDS, PreparedRequest, RequestPreparer
+from orthrus_serve.request_prep import PreparedRequest, RequestPreparer
 
 REPLICA_LOST = grpc_api.REPLICA_LOST
 log = logging.getLogger(__name__)
@@ -34,8 +32,8 @@ app = FastAPI(title="orthrus-serve")
 @serve.deployment(name="OrthrusIngress", max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, engine: DeploymentHandle, model_name: str, api_key_env: str | None = None):
-        self.engine = engine
+    def __init__(self, replicas: DeploymentHandle, model_name: str, api_key_env: str | None = None):
+        self.replicas = replicas  # the engine deployment's replicas (EngineServer), through the router
         self.model_name = model_name
         self.app_name = serve.get_replica_context().app_name
         self.api_key = ApiKey.from_env(api_key_env)  # from this process's environment, never a config
@@ -45,15 +43,17 @@ class Ingress:
         self.preparer: RequestPreparer | None = None
 
     async def ready(self) -> RequestPreparer:
-        """Model facts come from an engine replica the first time they are needed."""
+        """Model facts (and where its engine's tokenizer is) come from an engine replica the first time
+        they are needed."""
         if self.preparer is None:
-            self.info = await self.engine.model_info.remote()
-            self.preparer = RequestPreparer(load_tokenizer(Path(self.info["model"])), self.info)
+            self.info = await self.replicas.model_info.remote()
+            self.preparer = RequestPreparer(self.info)
         return self.preparer
 
-    def stream(self, req: PreparedRequest):
-        return self.engine.options(stream=True).generate.remote(
-            req.request_id, req.token_ids, req.params, block_hashes=req.page_hashes)
+    def stream(self, req: PreparedRequest) -> AsyncIterator[RequestOutput]:
+        """The request's deltas from the engine replica the router picks."""
+        return self.replicas.options(stream=True).generate.remote(
+            req.request_id, req.token_ids, req.params, page_hashes=req.page_hashes)
 
     async def healthy(self) -> tuple[bool, dict]:
         return await asyncio.to_thread(engine_deployment_health, self.app_name)
@@ -94,11 +94,11 @@ class Ingress:
             prep = await self.ready()
             body = oai.parse_body(await request.body())
             if chat:
-                ids, field = prep.chat_ids(body.get("messages")), "messages"
+                ids = prep.inputs.chat_ids(body.get("messages"))
             else:
                 prompt = oai.completion_prompt(body)
-                ids, field = (prep.tokenize_text(prompt), "prompt") if isinstance(prompt, str) else (prompt, "prompt")
-            req = prep.prepare(ids, oai.sampling_params(body), None, field)
+                ids = (prep.inputs.text_ids if isinstance(prompt, str) else prep.inputs.token_ids)(prompt, "prompt")
+            req = prep.prepare(ids, oai.sampling_fields(body))
         except OrthrusInputError as e:
             return JSONResponse(oai.error_body(str(e), e.field), status_code=400)
         rid = oai.new_id("chatcmpl" if chat else "cmpl")
@@ -107,7 +107,7 @@ class Ingress:
         try:
             text, last = "", None
             async for delta in self.stream(req):
-                text, last = text + delta["text"], delta
+                text, last = text + delta.text, delta
         except REPLICA_LOST:
             return JSONResponse(oai.error_body("the engine replica was lost; retry", None, "unavailable"),
                                 status_code=503)
@@ -136,21 +136,18 @@ class Ingress:
         if request.prompt and request.prompt_token_ids:
             raise OrthrusInputError("prompt", "give prompt or prompt_token_ids, not both")
         if request.prompt_token_ids:
-            ids, field = list(request.prompt_token_ids), "prompt_token_ids"
+            ids = prep.inputs.token_ids(list(request.prompt_token_ids), "prompt_token_ids")
         else:
-            ids, field = prep.tokenize_text(request.prompt), "prompt"
-        params = {f: getattr(request, f) for f in SAMPLING_FIELDS
-                  if not request.DESCRIPTOR.fields_by_name[f].has_presence or request.HasField(f)}
-        params["stop"], params["stop_token_ids"] = list(request.stop), list(request.stop_token_ids)
-        return prep.prepare(ids, params, request.request_id or None, field)
+            ids = prep.inputs.text_ids(request.prompt, "prompt")
+        return prep.prepare(ids, grpc_api.sampling_fields(request), request.request_id or None)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
             req = await self._prepare_grpc(request, grpc_context)
             final = pb.GenerateResponse(request_id=req.request_id)
             async for delta in self.stream(req):
-                final.text += delta["text"]
-                final.token_ids.extend(delta["token_ids"])
+                final.text += delta.text
+                final.token_ids.extend(delta.token_ids)
                 grpc_api.copy_counters(final, delta)
             return final
         except Exception as e:  # noqa: BLE001 - mapped to a status code
@@ -161,7 +158,7 @@ class Ingress:
         try:
             req = await self._prepare_grpc(request, grpc_context)
             async for delta in self.stream(req):
-                msg = pb.GenerateResponse(request_id=req.request_id, text=delta["text"], token_ids=delta["token_ids"])
+                msg = pb.GenerateResponse(request_id=req.request_id, text=delta.text, token_ids=delta.token_ids)
                 grpc_api.copy_counters(msg, delta)
                 yield msg
         except Exception as e:  # noqa: BLE001

@@ -1,12 +1,15 @@
 """Prometheus metrics of an engine replica, through Ray's metrics API (exported by every Ray node's
 metrics agent, scraped like the rest of Ray Serve's metrics).
 
-`RequestMetrics` turns one request's stream of deltas into metric updates; the metric objects are
-passed in, so the accounting is testable without a Ray cluster.
+`RequestMetrics` turns one request's stream of deltas (`RequestOutput`s, read through `counters()`)
+into metric updates; the metric objects are passed in, so the accounting is testable without a Ray
+cluster.
 """
 
 import time
 from dataclasses import dataclass
+
+from orthrus_engines.outputs import RequestOutput
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
@@ -74,9 +77,9 @@ class RequestMetrics:
         self.first = True
         self.drafted = self.accepted = 0
 
-    def on_delta(self, delta: dict, now: float | None = None) -> None:
+    def on_delta(self, delta: RequestOutput, now: float | None = None) -> None:
         now = now if now is not None else time.monotonic()
-        n = len(delta["token_ids"])
+        n, c = len(delta.token_ids), delta.counters()
         if n:
             self.m.generated.inc(n)
             if self.first:
@@ -85,16 +88,16 @@ class RequestMetrics:
             else:
                 self.m.itl.observe((now - self.last) / n)  # a chunk of n tokens: per-token latency
             self.last = now
-        if delta["drafted_tokens"] > self.drafted:
-            self.m.drafted.inc(delta["drafted_tokens"] - self.drafted)
-            self.drafted = delta["drafted_tokens"]
-        if delta["accepted_tokens"] > self.accepted:
-            self.m.accepted.inc(delta["accepted_tokens"] - self.accepted)
-            self.accepted = delta["accepted_tokens"]
-        if delta["finished"]:
-            self.m.prompt_tokens.inc(delta["prompt_tokens"])
-            if delta["cached_prompt_tokens"]:
-                self.m.cached_prompt_tokens.inc(delta["cached_prompt_tokens"])
-            self.totals["prompt"] = self.totals.get("prompt", 0) + delta["prompt_tokens"]
-            self.totals["cached"] = self.totals.get("cached", 0) + delta["cached_prompt_tokens"]
+        if c["drafted_tokens"] > self.drafted:
+            self.m.drafted.inc(c["drafted_tokens"] - self.drafted)
+            self.drafted = c["drafted_tokens"]
+        if c["accepted_tokens"] > self.accepted:
+            self.m.accepted.inc(c["accepted_tokens"] - self.accepted)
+            self.accepted = c["accepted_tokens"]
+        if delta.finished:
+            self.m.prompt_tokens.inc(c["prompt_tokens"])
+            if c["cached_prompt_tokens"]:
+                self.m.cached_prompt_tokens.inc(c["cached_prompt_tokens"])
+            self.totals["prompt"] = self.totals.get("prompt", 0) + c["prompt_tokens"]
+            self.totals["cached"] = self.totals.get("cached", 0) + c["cached_prompt_tokens"]
             self.m.prefix_hit_rate.set(self.totals["cached"] / max(1, self.totals["prompt"]))

@@ -4,7 +4,8 @@ import json
 import time
 import uuid
 
-from orthrus_engines import OrthrusInputError
+from orthrus_engines import OrthrusInputError, RequestOutput
+from orthrus_engines.outputs import COUNTERS
 
 # OpenAI field -> our SamplingParams field; unknown OpenAI fields are ignored as OpenAI servers do,
 # except those that change results in a way we cannot honour.
@@ -25,7 +26,8 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def sampling_params(body: dict) -> dict:
+def sampling_fields(body: dict) -> dict:
+    """The body's sampling fields under SamplingParams' names (request_prep.sampling_params checks them)."""
     for field, default in _UNSUPPORTED.items():
         if body.get(field, default) not in (default, None, False) and not (field == "n" and body.get(field) == 1):
             raise OrthrusInputError(field, f"only {default!r} is supported")
@@ -45,51 +47,63 @@ def completion_prompt(body: dict):
     raise OrthrusInputError("prompt", "must be a string or a list of token ids")
 
 
-def _usage(d: dict) -> dict:
-    return {"prompt_tokens": d["prompt_tokens"], "completion_tokens": d["completion_tokens"],
-            "total_tokens": d["prompt_tokens"] + d["completion_tokens"],
-            "prompt_tokens_details": {"cached_tokens": d["cached_prompt_tokens"]},
-            "orthrus": {"forward_passes": d["forward_passes"], "drafted_tokens": d["drafted_tokens"],
-                        "accepted_tokens": d["accepted_tokens"]}}
+# Counters with a place in OpenAI's usage object; the others go in its "orthrus" extension.
+_OPENAI_USAGE = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
+
+
+def usage(counters: dict[str, int]) -> dict:
+    """OpenAI's usage object of a request's counters (`RequestOutput.counters()`)."""
+    return {"prompt_tokens": counters["prompt_tokens"], "completion_tokens": counters["completion_tokens"],
+            "total_tokens": counters["prompt_tokens"] + counters["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": counters["cached_prompt_tokens"]},
+            "orthrus": {name: counters[name] for name in COUNTERS if name not in _OPENAI_USAGE}}
+
+
+def usage_counters(obj: dict) -> dict[str, int]:
+    """The counters back from a usage object (what a client reads; absent ones are 0)."""
+    ext = obj.get("orthrus", {})
+    return {name: ext.get(name, 0) for name in COUNTERS if name not in _OPENAI_USAGE} | {
+        "prompt_tokens": obj.get("prompt_tokens", 0), "completion_tokens": obj.get("completion_tokens", 0),
+        "cached_prompt_tokens": obj.get("prompt_tokens_details", {}).get("cached_tokens", 0)}
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def completion_response(rid: str, model: str, text: str, last: dict) -> dict:
+def completion_response(rid: str, model: str, text: str, last: RequestOutput) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": last["finish_reason"], "logprobs": None}],
-            "usage": _usage(last)}
+            "choices": [{"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": None}],
+            "usage": usage(last.counters())}
 
 
-def completion_chunk(rid: str, model: str, delta: dict) -> dict:
+def completion_chunk(rid: str, model: str, delta: RequestOutput) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-             "choices": [{"index": 0, "text": delta["text"], "finish_reason": delta["finish_reason"],
+             "choices": [{"index": 0, "text": delta.text, "finish_reason": delta.finish_reason,
                           "logprobs": None}]}
-    if delta["finished"]:
-        chunk["usage"] = _usage(delta)
+    if delta.finished:
+        chunk["usage"] = usage(delta.counters())
     return chunk
 
 
-def chat_response(rid: str, model: str, text: str, last: dict) -> dict:
+def chat_response(rid: str, model: str, text: str, last: RequestOutput) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": last["finish_reason"], "logprobs": None}],
-            "usage": _usage(last)}
+                         "finish_reason": last.finish_reason, "logprobs": None}],
+            "usage": usage(last.counters())}
 
 
-def chat_chunk(rid: str, model: str, delta: dict | None) -> dict:
+def chat_chunk(rid: str, model: str, delta: RequestOutput | None) -> dict:
     """delta None: the opening chunk that names the role."""
     if delta is None:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
     else:
-        choice = {"index": 0, "delta": {"content": delta["text"]} if delta["text"] else {},
-                  "finish_reason": delta["finish_reason"]}
+        choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+                  "finish_reason": delta.finish_reason}
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
              "choices": [choice]}
-    if delta is not None and delta["finished"]:
-        chunk["usage"] = _usage(delta)
+    if delta is not None and delta.finished:
+        chunk["usage"] = usage(delta.counters())
     return chunk
 
 

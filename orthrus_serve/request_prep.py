@@ -1,4 +1,6 @@
-"""What the ingress does once per request: validate, tokenize, hash the prompt's blocks.
+"""What the ingress adds to request preparation: a request id, the sampling params built and checked
+once (a `SamplingParams` the replica uses as is) and the prompt's page hashes for routing.
+Tokenizing, chat templates and the token-id checks are `orthrus_engines.inputs.InputProcessor`'s.
 
 Everything raises OrthrusInputError naming the field, which the ingress maps to gRPC
 INVALID_ARGUMENT or HTTP 400.
@@ -6,11 +8,13 @@ INVALID_ARGUMENT or HTTP 400.
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from orthrus_engines import OrthrusInputError, SamplingParams
+from orthrus_engines.inputs import InputProcessor, load_tokenizer
 from orthrus_engines.prefix_hash import page_hashes
-from orthrus_engines.validation import check_budget, check_stop_token_ids, check_token_ids
 
+# The sampling fields a request may set (the gRPC GenerateRequest's and the OpenAI body's, mapped).
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "block_size", "use_diffusion")
 
@@ -19,46 +23,34 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
 class PreparedRequest:
     request_id: str
     token_ids: list[int]
-    params: dict  # SamplingParams fields, validated
+    params: SamplingParams  # checked here; the replica passes it to its engine as is
     page_hashes: list[str]
 
 
+def sampling_params(fields: dict) -> SamplingParams:
+    """A request's sampling fields as checked SamplingParams; an unknown field is named in the error."""
+    unknown = set(fields) - set(SAMPLING_FIELDS)
+    if unknown:
+        raise OrthrusInputError(sorted(unknown)[0], "unknown sampling field")
+    try:
+        return SamplingParams(**fields)
+    except TypeError as e:
+        raise OrthrusInputError("params", str(e)) from None
+
+
 class RequestPreparer:
-    def __init__(self, tokenizer, info: dict):
-        self.tokenizer = tokenizer
-        self.vocab_size = info["vocab_size"]
-        self.max_model_len = info["max_model_len"]
+    """Built from an engine replica's `model_info()`, with the tokenizer that replica's engine uses."""
+
+    def __init__(self, info: dict):
+        self.inputs = InputProcessor(load_tokenizer(Path(info["tokenizer"])), info["vocab_size"],
+                                     info["max_model_len"])
         self.page_size = info["page_size"]
         self.fingerprint = info["prefix_fingerprint"]
 
-    def tokenize_text(self, text, field: str = "prompt") -> list[int]:
-        if not isinstance(text, str):
-            raise OrthrusInputError(field, f"must be a string, got {type(text).__name__}")
-        if not text:
-            raise OrthrusInputError(field, "must not be empty")
-        return self.tokenizer(text)["input_ids"]
-
-    def chat_ids(self, messages) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise OrthrusInputError("messages", "must be a non-empty list of {role, content} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise OrthrusInputError(f"messages[{i}]", "must have string 'role' and 'content'")
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(out["input_ids"])
-
-    def prepare(self, token_ids: list[int], params: dict, request_id: str | None = None,
-                field: str = "prompt_token_ids") -> PreparedRequest:
-        ids = check_token_ids(token_ids, field, self.vocab_size, self.max_model_len)
-        unknown = set(params) - set(SAMPLING_FIELDS)
-        if unknown:
-            raise OrthrusInputError(sorted(unknown)[0], "unknown sampling field")
-        try:
-            sp = SamplingParams(**params)
-        except TypeError as e:
-            raise OrthrusInputError("params", str(e)) from None
-        check_budget(len(ids), sp.max_tokens, self.max_model_len)
-        check_stop_token_ids(sp.stop_token_ids, self.vocab_size)
-        # The engine caches all but the last prompt token: those are the blocks a replica can hold.
-        hashes = page_hashes(ids[:-1], self.page_size, self.fingerprint)
-        return PreparedRequest(request_id or uuid.uuid4().hex, ids, params, hashes)
+    def prepare(self, token_ids: list[int], params: dict, request_id: str | None = None) -> PreparedRequest:
+        """`token_ids`: from `self.inputs` (checked there); `params`: the request's sampling fields."""
+        sp = sampling_params(params)
+        self.inputs.check_request(token_ids, sp)
+        # The engine caches all but the last prompt token: those are the pages a replica can hold.
+        hashes = page_hashes(token_ids[:-1], self.page_size, self.fingerprint)
+        return PreparedRequest(request_id or uuid.uuid4().hex, token_ids, sp, hashes)

@@ -1,6 +1,6 @@
 """Prefix-aware request routing (docs/ARCHITECTURE.md §5).
 
-The ingress passes each request's block-hash chain as the `block_hashes` keyword of
+The ingress passes each request's page-hash chain as the `page_hashes` keyword of
 `handle.generate.remote(...)`. The router asks the prefix index which replicas hold how many
 leading blocks, and ranks the best holders first, unless they are much busier than the least
 loaded replica (then load wins); with no match it falls back to power-of-two-choices.
@@ -14,7 +14,7 @@ import random
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from orthrus_serve.prefix_index import LocalPrefixIndex, make_prefix_index
+from orthrus_serve.prefix_index import make_prefix_index
 
 
 def rank_replicas(
@@ -42,8 +42,7 @@ class PrefixAwareRouter(RequestRouter):
                          heartbeat_timeout_s: float = 5.0, redis_password_env: str | None = None,
                          redis_ca_file: str | None = None, **_):
         self.local = redis_url is None
-        self.index = LocalPrefixIndex(heartbeat_timeout_s) if self.local else make_prefix_index(
-            redis_url, namespace, heartbeat_timeout_s, redis_password_env, redis_ca_file)
+        self.index = make_prefix_index(redis_url, namespace, heartbeat_timeout_s, redis_password_env, redis_ca_file)
         self.imbalance_threshold = imbalance_threshold
         self.min_match_blocks = min_match_blocks
         self._seen_stats: dict[str, int] = {}
@@ -51,7 +50,7 @@ class PrefixAwareRouter(RequestRouter):
     def _refresh_local(self, replicas: list[RunningReplica]) -> None:
         for r in replicas:
             uid, stats = r.replica_id.unique_id, r.routing_stats or {}
-            blocks = stats.get("cached_blocks")
+            blocks = stats.get("cached_pages")
             if blocks is None:
                 continue
             self.index.heartbeat(uid)
@@ -68,7 +67,7 @@ class PrefixAwareRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        hashes = (pending_request.kwargs.get("block_hashes") if pending_request is not None else None) or []
+        hashes = (pending_request.kwargs.get("page_hashes") if pending_request is not None else None) or []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         matches: dict[str, int] = {}
         if hashes:

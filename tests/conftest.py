@@ -1,10 +1,10 @@
-import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from support.tiny_models import write_orthrus
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -21,17 +21,9 @@ def builtin_dir():
     return builtin_model_dir()
 
 
-TESTS = Path(__file__).parent
 VOCAB = 49152  # the built-in (SmolLM2) tokenizer's vocabulary
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json")
-
-
-def _tiny_models():
-    spec = importlib.util.spec_from_file_location("serve_tiny_models", TESTS / "engines" / "tiny_models.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +32,7 @@ def tiny_model_dir(tmp_path_factory, builtin_dir) -> Path:
     serving and cluster tests deploy, so text prompts and chat work and every call is fast."""
     path = tmp_path_factory.mktemp("serve") / "tiny-orthrus"
     path.mkdir()
-    _tiny_models().write_orthrus(path, "llama", seed=7, twin_noise=0.05, vocab_size=VOCAB)
+    write_orthrus(path, "llama", seed=7, twin_noise=0.05, vocab_size=VOCAB)
     for name in TOKENIZER_FILES:
         if (Path(builtin_dir) / name).exists():
             shutil.copy(Path(builtin_dir) / name, path / name)

@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -133,16 +133,10 @@ def test_training_a_head_in_three_commands(tiny_model_dir, tmp_path):
         assert (tmp_path / name).exists(), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(up: str, env: dict, cwd: Path, model: Path) -> Iterator[tuple[int, int]]:
     """`orthrus-serve up` as typed, on free ports; Ctrl-C stops it, and it must exit cleanly."""
-    http, grpc = _free_port(), _free_port()
+    http, grpc = free_port(), free_port()
     server = subprocess.Popen(["bash", "-c", "exec " + typed(up, f"--model {model} --http-port {http} --grpc-port {grpc}")],
                               cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)

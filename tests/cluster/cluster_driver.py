@@ -4,7 +4,7 @@ one JSON answer a line on stdout, after the marker `@@ ` (Ray prints its own mes
 
     {"op": "nodes"}                      -> [{"node_id", "node_manager_port", "alive", "resources"}]
     {"op": "replicas", "app": "orthrus"} -> {replica_id: {"node_id", "num_running", "num_waiting",
-                                                          "cached_blocks"}} of the live engine replicas
+                                                          "cached_pages"}} of the live engine replicas
 
 Run as `python cluster_driver.py <gcs address> <dashboard URL>` with the cluster's RAY_AUTH_*
 environment. Every call names this cluster: with no address, Ray's state API looks for "the" local
@@ -34,7 +34,7 @@ def replicas(app: str, dashboard: str) -> dict:
     for name, node_id in alive.items():
         try:
             stats = ray.get(ray.get_actor(name, namespace="serve").record_routing_stats.remote(), timeout=10)
-            stats["cached_blocks"] = len(stats["cached_blocks"])
+            stats["cached_pages"] = len(stats["cached_pages"])
         except Exception as e:  # noqa: BLE001 - a replica that just died
             stats = {"error": f"{type(e).__name__}: {e}"}
         out[name[len(prefix):]] = {"node_id": node_id, **stats}

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_nodes import Driver, RayNodes, free_port
+from ray_nodes import Driver, RayNodes
+from support.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"

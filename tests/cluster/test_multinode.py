@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from orthrus_serve.client import OrthrusClient
+from support.net import wait_for
 from tests.serve.serve_helpers import stream_story
 
 pytestmark = pytest.mark.slow
@@ -26,17 +27,6 @@ LONG = {"max_tokens": 1200, "ignore_eos": True, "block_size": 1}
 # two full KV blocks (32+ tokens): after one call, the prefix-aware router sends it to the same replica
 SHARED_PROMPT = ("You are a careful assistant. Answer in one short sentence, with no preamble. "
                  "Question: what is the tallest mountain on Earth, and how high is it?")
-
-
-def wait_for(cond, timeout_s: float, what: str, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +68,7 @@ def test_losing_a_worker_fails_only_its_calls_and_the_app_recovers(app):
     node_name = {v: k for k, v in app.node_ids().items()}
     with OrthrusClient(app.grpc_address, timeout_s=120) as client:
         client.generate(SHARED_PROMPT, max_tokens=1)  # one replica now holds the prompt's blocks
-    holders = wait_for(lambda: [rid for rid, s in app.driver.ask("replicas").items() if s.get("cached_blocks")],
+    holders = wait_for(lambda: [rid for rid, s in app.driver.ask("replicas").items() if s.get("cached_pages")],
                        30, "a replica holding the shared prompt's blocks")
     assert len(holders) == 1, holders
     victim_replica = holders[0]
@@ -142,5 +132,5 @@ def test_losing_a_worker_fails_only_its_calls_and_the_app_recovers(app):
         for i in range(12):  # distinct two-block prompts: both replicas get some
             assert client.generate(f"{i} " + SHARED_PROMPT, max_tokens=2).completion_tokens == 2
     stats = app.driver.ask("replicas")
-    assert stats[new[0]["replica_id"]]["cached_blocks"] > 0, stats  # the new replica served
+    assert stats[new[0]["replica_id"]]["cached_pages"] > 0, stats  # the new replica served
     assert c.alive and app.nodes.healthz(c)

@@ -92,7 +92,8 @@ def test_replica_resources_and_password_env_reach_the_deployment():
 
 
 def test_prefix_index_takes_the_password_from_the_environment(password_redis, monkeypatch):
-    from orthrus_serve.prefix_index import RedisPrefixIndex, make_prefix_index
+    from orthrus_serve.prefix_index import make_prefix_index
+    from orthrus_serve.redis_prefix_index import RedisPrefixIndex
 
     url = password_redis.url(db=2)
     monkeypatch.setenv("TEST_REDIS_PW", password_redis.password)

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-from tiny_models import write_orthrus
 
 from orthrus_engines import LLM, AsyncEngine, OrthrusInputError, SamplingParams
 from orthrus_engines.engine.detokenizer import Detokenizer
@@ -15,12 +14,9 @@ from orthrus_engines.engine.detokenizer import Detokenizer
 VOCAB = 96
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_orthrus(tmp_path_factory.mktemp("async") / "m", "llama", seed=31, twin_noise=0.05)
+def model_dir(tiny_model):
+    return tiny_model("llama", seed=31, twin_noise=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,10 @@ import os
 
 import pytest
 import torch
-from tiny_models import hf_greedy, hf_model, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, EngineArgs, OrthrusInputError, SamplingParams
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 if not torch.cuda.is_available():  # before Triton is first imported (orthrus_kernels imports it lazily)
     os.environ.setdefault("TRITON_INTERPRET", "1")

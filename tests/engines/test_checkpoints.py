@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import hf_greedy, hf_model, write_base, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_base, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.engine.sequence import Sequence
@@ -24,9 +24,6 @@ VARIANTS = {  # id -> (family, write kwargs)
     "qwen3": ("qwen3", {}),
     "llama_tied": ("llama", {"tie": True}),
 }
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -5,7 +5,7 @@ graphs: one per kind of pass, reused for every later batch size and prompt lengt
 import pytest
 import torch
 from orthrus_engines import LLM, SamplingParams
-from tiny_models import hf_greedy, hf_model, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_orthrus
 
 pytestmark = pytest.mark.slow  # each kind of pass compiles once (seconds each on 2 cores)
 

@@ -6,12 +6,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import write_base, write_orthrus
+from support.tiny_models import write_base, write_orthrus
 
 from orthrus_engines import LLM, OrthrusInputError, SamplingParams
 from orthrus_engines.engine.draft_policy import AcceptanceStats, AutoDraftPolicy, ForwardTimes, Plan
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 96
 TIMES = {1: 0.050, 2: 0.080, 4: 0.085, 8: 0.090, 16: 0.100, 32: 0.140, 64: 0.250, 128: 0.480}  # a CPU-like curve
 

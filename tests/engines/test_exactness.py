@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import hf_greedy, hf_model, write_base, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_base, write_orthrus
 
 from orthrus_engines import LLM, EngineCore, SamplingParams
 
@@ -62,9 +62,6 @@ class Zoo:
         if mkey not in self.memo:
             self.memo[mkey] = hf_greedy(self.hf[key], prompt, MAX_NEW)
         return self.memo[mkey][:n]
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ batch; the engine keeps serving and every page comes back in each case."""
 
 import pytest
 import torch
-from tiny_models import write_orthrus
+from support.tiny_models import write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.engine import orthrus_step
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 96
 PROMPTS = {"a": [5, 17, 33, 2, 9], "b": list(range(10, 31)), "c": [70, 1, 44, 8, 8, 3, 60, 12, 19]}
 MAX_TOKENS = 14

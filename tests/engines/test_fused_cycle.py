@@ -8,12 +8,11 @@ verify pass; the engine built on it stays lossless and takes one pass per cycle.
 import pytest
 import torch
 from single_pass import prefill_to_anchor
-from tiny_models import hf_greedy, hf_model, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.engine.draft_policy import Plan
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 

@@ -7,13 +7,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import write_orthrus
+from support.tiny_models import write_orthrus
 
 from orthrus_engines import LLM
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.models.checkpoint import checkpoint_names, internal_name
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
 

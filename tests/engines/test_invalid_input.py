@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from tiny_models import hf_greedy, hf_model, write_orthrus
+from support.tiny_models import hf_greedy, hf_model
 
 from orthrus_engines import LLM, OrthrusInputError, SamplingParams
 from orthrus_engines.models.heads import save_head
@@ -14,12 +14,9 @@ VOCAB = 96
 WINDOW = 64  # max_model_len engine argument
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_orthrus(tmp_path_factory.mktemp("invalid") / "m", "llama", seed=13)
+def model_dir(tiny_model):
+    return tiny_model("llama", seed=13)
 
 
 @pytest.fixture(scope="module")

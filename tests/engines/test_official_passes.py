@@ -7,11 +7,10 @@ disagrees with and adding the AR's next token, cut at max_length."""
 
 import pytest
 from single_pass import prefill_to_anchor
-from tiny_models import hf_greedy, hf_model, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 16  # a small vocabulary: drafts are accepted now and then
 
 

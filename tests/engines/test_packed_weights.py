@@ -13,7 +13,7 @@ from orthrus_engines.models.layers import (
 )
 from torch import nn
 
-from tests.engines.tiny_models import write_orthrus
+from support.tiny_models import write_orthrus
 
 
 def _filled(module: nn.Module) -> nn.Module:

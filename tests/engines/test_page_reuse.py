@@ -2,11 +2,10 @@
 a cached prefix evicts none of it while pages with nothing cached in them are free."""
 
 import pytest
-from tiny_models import hf_greedy, hf_model, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PAGE = 4
 
 

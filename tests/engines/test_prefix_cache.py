@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import hf_greedy, hf_model, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.models.heads import save_head
@@ -23,12 +23,9 @@ PAGE = 16
 VOCAB = 96
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_orthrus(tmp_path_factory.mktemp("prefix") / "m", "llama", seed=5, twin_noise=0.05)
+def model_dir(tiny_model):
+    return tiny_model("llama", seed=5, twin_noise=0.05)
 
 
 @pytest.fixture(scope="module")

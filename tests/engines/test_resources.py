@@ -4,7 +4,7 @@ first stop, never past it (docs/ARCHITECTURE.md §1, known traps)."""
 
 import pytest
 import torch
-from tiny_models import hf_greedy, hf_model, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.prefix_hash import page_hashes
@@ -13,12 +13,9 @@ VOCAB = 96
 K = 8
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_orthrus(tmp_path_factory.mktemp("resources") / "m", "llama", seed=11, twin_noise=0.05)
+def model_dir(tiny_model):
+    return tiny_model("llama", seed=11, twin_noise=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from scipy import stats
-from tiny_models import hf_model, write_orthrus
+from support.tiny_models import hf_model, write_orthrus
 
 import orthrus_engines.engine.orthrus_step as orthrus_step_mod
 from orthrus_engines import LLM, SamplingParams
@@ -35,17 +35,10 @@ CONFIGS = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = write_orthrus(tmp_path_factory.mktemp("sampling") / "m", "qwen3", seed=3, twin_noise=0.5, vocab_size=V)
+def model_dir(tiny_model):
     # Sharper logits (fewer likely sequences) give the chi-square tests more power.
-    tensors = load_file(str(d / "model.safetensors"))
-    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 3.0
-    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return d
+    return tiny_model("qwen3", seed=3, twin_noise=0.5, vocab_size=V, lm_head_scale=3.0)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from tiny_models import hf_model, write_orthrus
+from support.tiny_models import hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.engine.gumbel import GOLDEN, gumbel_noise, mix64_int, noise_bits, uniforms
 from orthrus_engines.engine.sampler import filtered_logits, seeded_draws
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB = 96
 SP = dict(temperature=0.8, top_k=40, top_p=0.95, ignore_eos=True)

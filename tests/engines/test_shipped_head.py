@@ -8,7 +8,7 @@ from orthrus_engines.engine.orthrus_step import fused_block_limit
 from orthrus_engines.models.builtin import SHIPPED_HEAD
 from orthrus_engines.models.heads import read_head_metadata
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.slow
 
 
 def test_shipped_head_is_small_and_described():

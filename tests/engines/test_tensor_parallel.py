@@ -5,16 +5,14 @@ LM head: each rank loads only its slice of the full checkpoint tensors.
 """
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import write_orthrus  # noqa: E402
+from support.net import free_port
+from support.tiny_models import write_orthrus
 
 
 # The kinds of pass: AR, diffusion, diffusion whose anchor rows use the AR projections, and verify+draft
@@ -62,18 +60,12 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> N
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_two_ranks_match_one(tmp_path, family):
     model_dir = write_orthrus(tmp_path / "m", family, vocab_size=96)
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(model_dir), str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()

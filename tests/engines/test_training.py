@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import write_base, write_orthrus
+from support.tiny_models import write_base, write_orthrus
 
 from orthrus_engines import LLM, OrthrusInputError, SamplingParams
 from orthrus_engines.models.heads import read_head_metadata
@@ -14,7 +14,6 @@ from orthrus_engines.training.dense import block_attention_mask, block_inputs, s
 from orthrus_engines.training.evaluate import evaluate
 from orthrus_engines.training.trainer import HEAD, LOG, Trainer, TrainArgs
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 96
 K = 4
 

@@ -7,7 +7,6 @@ import pytest
 
 from orthrus_engines.cli import main
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = ["Write a haiku about tea.", "What is 7 times 8?", "Explain gravity.", "Write a Python function that adds."]
 
 

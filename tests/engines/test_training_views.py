@@ -4,13 +4,12 @@ a training block's diffusion logits equal the engine's paged draft pass for the 
 import pytest
 import torch
 from single_pass import prefill_to_anchor
-from tiny_models import hf_model, write_base, write_orthrus
+from support.tiny_models import hf_model, write_base, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.models.loader import ANCHOR_VIEWS
 from orthrus_engines.training.dense import student_blocks, teacher_forward
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 96
 
 

@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import write_orthrus
+from support.tiny_models import write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 
@@ -114,7 +114,6 @@ class DenseReference:
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])

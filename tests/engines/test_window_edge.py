@@ -4,12 +4,11 @@ decode cycles; the runner refuses such a position with a clear error rather than
 
 import pytest
 from single_pass import prefill_to_anchor
-from tiny_models import hf_greedy, hf_model, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.errors import OrthrusInputError
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WINDOW = 64
 # (prompt length, max_tokens): two requests filling the window exactly, at different times, and one not
 REQUESTS = [(40, WINDOW - 40), (7, WINDOW - 7), (12, 10), (25, WINDOW - 25), (51, WINDOW - 51), (33, WINDOW - 33)]

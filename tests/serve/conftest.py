@@ -10,7 +10,8 @@ import os
 import secrets
 
 import pytest
-from redis_server import free_port, new_redis_server
+from redis_server import new_redis_server
+from support.net import free_port
 from serve_helpers import API_KEY_ENV, ENGINE_ARGS, ServeCluster
 
 @pytest.fixture(scope="session")
@@ -56,8 +57,6 @@ def redis_srv():
     server.start()
     yield server
     server.close()
-
-
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from support.net import free_port
 
 ALLOW_NO_REDIS = "ORTHRUS_ALLOW_NO_REDIS"
 INSTALL = "apt-get install -y redis-server"
@@ -24,12 +25,6 @@ INSTALL = "apt-get install -y redis-server"
 
 class RedisNotInstalled(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

@@ -1,10 +1,9 @@
 """Helpers for the serving end-to-end tests: deployed applications, waiting, background load."""
 
 import threading
-import time
 from pathlib import Path
 
-import pytest
+from support.net import wait_for
 
 ENGINE = "OrthrusEngine"
 ENGINE_ARGS = {"num_pages": 64, "max_model_len": 256}  # replicas and the reference engine alike
@@ -57,7 +56,7 @@ class Deployed:
 
     def routing_stats(self) -> dict[str, dict]:
         """Every live engine replica's `record_routing_stats()` (num_running, num_waiting,
-        cached_blocks), asked of each replica actor directly rather than through the router."""
+        cached_pages), asked of each replica actor directly rather than through the router."""
         import ray
 
         ids = sorted(self.replica_ids())
@@ -116,16 +115,6 @@ class ServeCluster:
         from ray import serve
 
         serve.delete(name)
-
-
-def wait_for(cond, timeout_s: float, what, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
-        time.sleep(interval_s)
 
 
 def stream_story(client_factory, i: int, params: dict, results, started: list[threading.Event]) -> None:

@@ -6,7 +6,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from serve_helpers import Load, wait_for
+from serve_helpers import Load
+from support.net import wait_for
 
 from orthrus_serve.app import engine_options
 from orthrus_serve.autoscaling import ThroughputPolicy

@@ -15,7 +15,7 @@ from orthrus_serve.cli import build_parser
 
 
 def rec(ttft, latency, tokens, passes, itl=(), drafted=0, accepted=0, ok=True):
-    return RequestRecord(ok=ok, ttft_s=ttft, latency_s=latency, output_tokens=tokens, itl_s=list(itl),
+    return RequestRecord(ok=ok, ttft_s=ttft, latency_s=latency, completion_tokens=tokens, itl_s=list(itl),
                          forward_passes=passes, drafted_tokens=drafted, accepted_tokens=accepted,
                          error=None if ok else "boom")
 
@@ -94,7 +94,7 @@ def _delta(ids, n, finish="", fp=0):
 def test_grpc_reader_on_fake_client():
     client = FakeGrpcClient([_delta([1], 1, fp=1), _delta([2, 3], 3, fp=2), _delta([4], 4, "length", fp=3)])
     r = asyncio.run(_grpc_one(client, "p", {"max_tokens": 4}))
-    assert r.ok and r.output_tokens == 4 and r.forward_passes == 3 and r.accepted_tokens == 2
+    assert r.ok and r.completion_tokens == 4 and r.forward_passes == 3 and r.accepted_tokens == 2
     assert len(r.itl_s) == 2 and r.ttft_s > 0 and r.latency_s >= r.ttft_s
     assert client.params == {"max_tokens": 4}
     bad = asyncio.run(_grpc_one(FakeGrpcClient([_delta([], 0, "error")]), "p", {}))
@@ -120,5 +120,5 @@ def test_http_reader_on_mock_transport():
 
     r = asyncio.run(go())
     assert seen["stream"] is True and seen["ignore_eos"] is True and seen["prompt"] == "p"
-    assert r.ok and r.output_tokens == 4 and r.forward_passes == 2 and r.accepted_tokens == 2
+    assert r.ok and r.completion_tokens == 4 and r.forward_passes == 2 and r.accepted_tokens == 2
     assert r.ttft_s is not None and len(r.itl_s) == 1

@@ -1,5 +1,6 @@
 """Metric accounting of one request's deltas (the Ray metric objects replaced by recorders)."""
 
+from orthrus_engines import RequestOutput
 from orthrus_serve.metrics import EngineMetrics, RequestMetrics
 
 
@@ -17,9 +18,9 @@ class Recorder:
         self.calls.append(v)
 
 
-def delta(tokens, drafted, accepted, finished=False, prompt=40, cached=32):
-    return {"token_ids": tokens, "drafted_tokens": drafted, "accepted_tokens": accepted,
-            "finished": finished, "prompt_tokens": prompt, "cached_prompt_tokens": cached}
+def delta(tokens, drafted, accepted, finished=False, prompt=40, cached=32) -> RequestOutput:
+    return RequestOutput("r", tokens, "", finished=finished, drafted_tokens=drafted, accepted_tokens=accepted,
+                         prompt_tokens=prompt, cached_prompt_tokens=cached)
 
 
 def test_ttft_itl_counters_and_hit_rate():

@@ -6,11 +6,13 @@ import uuid
 
 import pytest
 import redis
-from redis_server import free_port, new_redis_server, redis_server
+from redis_server import new_redis_server, redis_server
+from support.net import free_port
 
-from orthrus_serve.prefix_index import LocalPrefixIndex, RedisPrefixIndex, make_prefix_index
+from orthrus_serve.prefix_index import LocalPrefixIndex, make_prefix_index
+from orthrus_serve.redis_prefix_index import RedisPrefixIndex
 
-H = [f"{i:032x}" for i in range(8)]  # stand-ins for block hashes
+H = [f"{i:032x}" for i in range(8)]  # stand-ins for page hashes
 TIMEOUT = 0.3  # heartbeat timeout for the lapse tests
 
 
@@ -248,7 +250,7 @@ def test_server_stopped_and_restarted(caplog):
         assert index.lookup(H[:2]) == {"a": 2}
 
         server.stop()
-        with caplog.at_level(logging.WARNING, logger="orthrus_serve.prefix_index"):
+        with caplog.at_level(logging.WARNING, logger="orthrus_serve.redis_prefix_index"):
             for _ in range(2):
                 index.heartbeat("a")
                 index.publish("a", [("stored", H[2:4])])
@@ -256,7 +258,7 @@ def test_server_stopped_and_restarted(caplog):
                 assert index.collect_garbage() == 0
                 index.remove_replica("b")
                 time.sleep(0.06)
-        assert len([r for r in caplog.records if r.name == "orthrus_serve.prefix_index"]) == 1
+        assert len([r for r in caplog.records if r.name == "orthrus_serve.redis_prefix_index"]) == 1
 
         server.start()  # same port, empty data set
         time.sleep(0.06)

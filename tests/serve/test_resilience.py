@@ -6,7 +6,8 @@ import time
 
 import grpc
 import pytest
-from serve_helpers import stream_story, wait_for
+from serve_helpers import stream_story
+from support.net import wait_for
 
 pytestmark = pytest.mark.slow
 

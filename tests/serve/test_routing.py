@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
-from serve_helpers import wait_for
+from support.net import wait_for
 
 from orthrus_engines.prefix_hash import page_hashes
-from orthrus_serve.prefix_index import RedisPrefixIndex
+from orthrus_serve.redis_prefix_index import RedisPrefixIndex
 
 pytestmark = pytest.mark.slow
 

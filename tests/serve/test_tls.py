@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
-from redis_server import free_port, new_redis_server
+from redis_server import new_redis_server
+from support.net import free_port
 from tls_certs import make_tls_files
 
 from orthrus_serve.api import orthrus_pb2 as pb
@@ -20,7 +21,8 @@ from orthrus_serve.api.orthrus_pb2_grpc import OrthrusServicer, add_OrthrusServi
 from orthrus_serve.cli import build_parser, main, serve_start_options, up_config
 from orthrus_serve.client import AsyncOrthrusClient, OrthrusClient
 from orthrus_serve.config import IndexSettings, ServeConfig
-from orthrus_serve.prefix_index import RedisPrefixIndex, make_prefix_index, redis_connection_kwargs
+from orthrus_serve.prefix_index import make_prefix_index
+from orthrus_serve.redis_prefix_index import RedisPrefixIndex, redis_connection_kwargs
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,75 @@
+"""What the ingress does once per request, without Ray: the tokenizer it loads, the sampling params it
+checks (into the SamplingParams object the replica uses as is), and the one mapping of the counters
+into gRPC responses and OpenAI's usage object."""
+
+import pytest
+
+from orthrus_engines import OrthrusInputError, RequestOutput, SamplingParams
+from orthrus_engines.outputs import COUNTERS
+from orthrus_serve import grpc_api
+from orthrus_serve import openai_api as oai
+from orthrus_serve.api import orthrus_pb2 as pb
+from orthrus_serve.request_prep import RequestPreparer, sampling_params
+
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def preparer(tiny_model_dir, tmp_path_factory):
+    """Model facts as a replica reports them, its tokenizer in a directory other than the model's."""
+    info = {"model": str(tmp_path_factory.mktemp("no-tokenizer")), "tokenizer": str(tiny_model_dir),
+            "vocab_size": VOCAB, "max_model_len": 64, "page_size": 4, "prefix_fingerprint": "f"}
+    return RequestPreparer(info)
+
+
+def test_the_tokenizer_comes_from_the_directory_model_info_names(preparer):
+    ids = preparer.inputs.text_ids("The capital of France is")
+    assert ids and preparer.inputs.tokenizer.decode(ids) == "The capital of France is"
+    assert preparer.inputs.chat_ids([{"role": "user", "content": "hi"}])
+
+
+def test_prepare_checks_params_once_into_sampling_params(preparer):
+    req = preparer.prepare(list(range(1, 10)), {"max_tokens": 3, "stop": "x", "temperature": 0.5}, "rid")
+    assert isinstance(req.params, SamplingParams)
+    assert (req.params.max_tokens, req.params.stop, req.params.temperature) == (3, ["x"], 0.5)
+    assert req.request_id == "rid" and len(req.page_hashes) == 2  # 8 cacheable tokens, pages of 4
+    assert preparer.prepare([1, 2], {}).request_id  # one is made up
+
+
+@pytest.mark.parametrize("fields,field", [({"max_tokens": 3, "bogus": 1}, "bogus"), ({"top_p": 2.0}, "top_p"),
+                                          ({"max_tokens": 60}, "max_tokens"), ({"stop_token_ids": [VOCAB]},
+                                                                                 "stop_token_ids")])
+def test_bad_params_name_the_field(preparer, fields, field):
+    with pytest.raises(OrthrusInputError) as e:
+        preparer.prepare(list(range(1, 10)), fields)
+    assert e.value.field == field
+
+
+def test_sampling_params_names_an_unknown_field():
+    with pytest.raises(OrthrusInputError) as e:
+        sampling_params({"temperature": 0.0, "beam_width": 4})
+    assert e.value.field == "beam_width"
+
+
+def _output() -> RequestOutput:
+    return RequestOutput("r", [5], "a", finished=True, finish_reason="length",
+                         **{name: i + 1 for i, name in enumerate(COUNTERS)})
+
+
+def test_grpc_responses_carry_every_counter():
+    msg = pb.GenerateResponse()
+    grpc_api.copy_counters(msg, _output())
+    assert {name: getattr(msg, name) for name in COUNTERS} == _output().counters()
+    assert msg.finish_reason == "length"
+
+
+def test_openai_usage_of_the_counters():
+    counters = _output().counters()
+    usage = oai.usage(counters)
+    assert usage["prompt_tokens"] == counters["prompt_tokens"]
+    assert usage["completion_tokens"] == counters["completion_tokens"]
+    assert usage["total_tokens"] == counters["prompt_tokens"] + counters["completion_tokens"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": counters["cached_prompt_tokens"]}
+    assert usage["orthrus"] == {name: counters[name] for name in ("forward_passes", "drafted_tokens",
+                                                                  "accepted_tokens")}
+    assert oai.usage_counters(usage) == counters  # what a client (the bench) reads back
