@@ -7,8 +7,9 @@ new tokens it sees either the earlier ones (causal: prefill, AR verify) or all o
 itself among them, so that it is computed exactly as the AR view would). Whether the new K/V are
 written to the cache is the caller's choice (the PassKind): the AR view writes them, the diffusion view
 keeps them transient or (`PassKind.BLOCK_WRITTEN`, `BLOCK_CAUSAL_ANCHOR_WRITTEN`) writes them into the
-uncommitted tail slots that the verify pass overwrites. A verify+draft pass (`build_verify_draft_metadata`) mixes both: AR rows written and
-causal, then transient diffusion blocks that each read the cache up to one of those AR rows.
+uncommitted tail slots that the verify pass overwrites. A verify+draft pass
+(`build_verify_draft_metadata`) mixes both: AR rows written and causal, then transient diffusion
+blocks that each read the cache up to one of those AR rows.
 
 Cache layout per layer: `[num_slots, num_kv_heads, head_dim]`, slot = page * page_size + offset.
 
