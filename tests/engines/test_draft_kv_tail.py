@@ -3,6 +3,7 @@ block writes its K/V into the uncommitted tail slots and reads them back from th
 pass overwrites them. Output, counters and the committed cache are those of the transient draft and
 of HF greedy; the tail slots really are written by the draft pass."""
 
+import os
 import random
 
 import pytest
@@ -14,6 +15,9 @@ from orthrus_engines.engine.kv_bookkeeping import rewind_kv_lens
 from orthrus_engines.errors import OrthrusInputError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+if not torch.cuda.is_available():  # before Triton is first imported (orthrus_kernels imports it lazily)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VOCAB = 96
 MAX_NEW = 12
@@ -147,6 +151,20 @@ def test_draft_writes_the_tail_and_verify_overwrites_it(models, view, monkeypatc
     assert seen["tail"][1] == seen["transient"][1]
     for (kt, vt), (kr, vr) in zip(seen["tail"][0], seen["transient"][0]):
         assert torch.equal(kt, kr) and torch.equal(vt, vr)
+
+
+def test_tail_with_the_triton_backend(models):
+    """The Triton kernels (Triton's interpreter on CPU) run the written draft block too: the same tokens
+    and counters as the torch backend's transient draft, and HF's."""
+    pytest.importorskip("triton")
+    prompts, new = [PROMPTS[2], PROMPTS[4]], [6, 4]
+    outs = {}
+    for backend, draft_kv in (("triton", "tail"), ("torch", "transient")):
+        llm = _engine(models, "causal", draft_kv, 4, num_pages=32, page_size=4, attention_backend=backend)
+        assert llm.core.runner.attention_backend == backend
+        outs[backend] = _run(llm, prompts, new)
+    assert outs["triton"] == outs["torch"]
+    assert [t for t, _ in outs["triton"]] == [models.oracle("causal", p, n) for p, n in zip(prompts, new)]
 
 
 def test_unknown_draft_kv_is_refused(models):
