@@ -171,3 +171,16 @@ def test_unknown_draft_kv_is_refused(models):
     with pytest.raises(OrthrusInputError) as e:
         LLM(models.path("plain"), block_size=4, num_pages=16, draft_kv="written")
     assert e.value.field == "draft_kv"
+
+
+def test_tail_draft_refuses_a_block_without_pages(models):
+    """The draft pass never writes past the sequence's pages (the scheduler gives them before the step;
+    a runner called without them refuses, and the step would fall back to plain AR)."""
+    from types import SimpleNamespace
+
+    runner = _engine(models, "plain", "tail", 4, num_pages=8, page_size=4).core.runner
+    seq = SimpleNamespace(request_id="r", token_ids=[1] * 8, num_cached=7, page_table=[0, 1], forward_passes=0)
+    with pytest.raises(RuntimeError, match="position 10"):
+        runner.draft([seq], [4], write_tail=True)
+    seq.page_table = [0, 1, 2]  # positions 7..10 fit now
+    assert runner.draft([seq], [4], write_tail=True).shape[0] == 3
