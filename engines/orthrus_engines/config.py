@@ -6,6 +6,7 @@ import torch
 from orthrus_engines.errors import OrthrusInputError
 
 ATTENTION_BACKENDS = ("torch", "triton")
+DRAFT_KV_MODES = ("transient", "tail")
 
 
 @dataclass
@@ -34,6 +35,10 @@ class EngineArgs:
     # paged attention: "torch" (gather + SDPA) or "triton" (orthrus_kernels' kernels; on CPU under Triton's
     # interpreter, slow: for tests); None: triton on CUDA when Triton is installed, torch otherwise
     attention_backend: str | None = None
+    # the two-pass cycle's draft block: "transient" K/V, or "tail": written into the uncommitted tail slots
+    # (num_cached .. num_cached + K - 1), read back from the cache and overwritten by the verify pass, as
+    # TensorRT-LLM's one-model draft pass does. The fused cycle's blocks stay transient either way.
+    draft_kv: str = "transient"
 
     def resolve_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -52,6 +57,11 @@ class EngineArgs:
         if backend == "triton" and importlib.util.find_spec("triton") is None:
             raise OrthrusInputError("attention_backend", "'triton' needs the triton package (Linux x86_64)")
         return backend
+
+    def resolve_draft_kv(self) -> str:
+        if self.draft_kv not in DRAFT_KV_MODES:
+            raise OrthrusInputError("draft_kv", f"must be one of {DRAFT_KV_MODES}, got {self.draft_kv!r}")
+        return self.draft_kv
 
     def kv_cache_bytes(self, device: torch.device) -> int:
         if self.kv_cache_gb is not None:

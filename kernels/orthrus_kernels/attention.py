@@ -5,9 +5,11 @@ and `q_lens[b]` new tokens in this pass. Every new query sees the whole cached p
 new tokens it sees either the earlier ones (causal: prefill, AR verify) or all of them
 (bidirectional: the diffusion draft block; with `causal_anchor`, the block's first token sees only
 itself among them, so that it is computed exactly as the AR view would). Whether the new K/V are
-written to the cache is the caller's choice: the AR view writes them, the diffusion view keeps them
-transient. A verify+draft pass (`build_verify_draft_metadata`) mixes both: AR rows written and
-causal, then transient diffusion blocks that each read the cache up to one of those AR rows.
+written to the cache is the caller's choice (the PassKind): the AR view writes them, the diffusion view
+keeps them transient or (`PassKind.BLOCK_WRITTEN`, `BLOCK_CAUSAL_ANCHOR_WRITTEN`) writes them into the
+uncommitted tail slots that the verify pass overwrites. A verify+draft pass
+(`build_verify_draft_metadata`) mixes both: AR rows written and causal, then transient diffusion
+blocks that each read the cache up to one of those AR rows.
 
 Cache layout per layer: `[num_slots, num_kv_heads, head_dim]`, slot = page * page_size + offset.
 
@@ -105,7 +107,7 @@ def build_attention_metadata(
         i = torch.arange(max_q).view(1, max_q, 1)
         if write_kv:  # keys are positions 0..p+q-1 of each sequence
             j = torch.arange(max_keys).view(1, 1, max_keys)
-            mask = (j < pl + ql) & ((j <= pl + i) if causal else True)
+            mask = (j < pl + ql) & ((j <= pl + i) if causal else ((i > 0) | (j <= pl)) if anchor_only else True)
         else:  # keys are [prefix (padded to max_p) | the new block (padded to max_q)]
             j = torch.arange(max_q).view(1, 1, max_q)
             prefix_ok = torch.arange(max_p).view(1, 1, max_p) < pl

@@ -10,6 +10,11 @@ class PassKind(enum.Enum):
     CAUSAL = "causal"  # prefill, decode, verify: the earlier new tokens (bottom-right causal); K/V written
     BLOCK = "block"  # a diffusion draft block: the whole block; K/V transient
     BLOCK_CAUSAL_ANCHOR = "block_causal_anchor"  # a draft block whose first row (the anchor) sees only itself
+    # The same draft blocks with their K/V written to the slots of their positions (the uncommitted tail
+    # of the sequence, which the verify pass overwrites) and read back from the cache: TensorRT-LLM's
+    # one-model draft pass.
+    BLOCK_WRITTEN = "block_written"
+    BLOCK_CAUSAL_ANCHOR_WRITTEN = "block_causal_anchor_written"
 
     @property
     def causal(self) -> bool:
@@ -17,8 +22,15 @@ class PassKind(enum.Enum):
 
     @property
     def write_kv(self) -> bool:
-        return self is PassKind.CAUSAL
+        return self in (PassKind.CAUSAL, PassKind.BLOCK_WRITTEN, PassKind.BLOCK_CAUSAL_ANCHOR_WRITTEN)
 
     @property
     def causal_anchor(self) -> bool:
-        return self is PassKind.BLOCK_CAUSAL_ANCHOR
+        return self in (PassKind.BLOCK_CAUSAL_ANCHOR, PassKind.BLOCK_CAUSAL_ANCHOR_WRITTEN)
+
+    @staticmethod
+    def draft_block(causal_anchor: bool, written: bool) -> "PassKind":
+        """The kind of a diffusion draft block."""
+        if causal_anchor:
+            return PassKind.BLOCK_CAUSAL_ANCHOR_WRITTEN if written else PassKind.BLOCK_CAUSAL_ANCHOR
+        return PassKind.BLOCK_WRITTEN if written else PassKind.BLOCK

@@ -61,16 +61,18 @@ def build_row_ranges(
 
 def pass_row_ranges(kind: PassKind, q_lens: list[int], prefix_lens: list[int], device: torch.device) -> RowRanges:
     """A prefill / decode / verify / draft pass: every row sees the cached prefix; among the new rows,
-    the earlier ones and itself (causal), or all of them, or (causal anchor) the first row only itself."""
+    the earlier ones and itself (causal), or all of them, or (causal anchor) the first row only itself.
+    A written draft block reads its own rows from the cache (stored first), so its new-key ranges are empty."""
     cache, lo, hi = [], [], []
+    from_cache = kind.write_kv and not kind.causal
     for p, q in zip(prefix_lens, q_lens):
         i = torch.arange(q)
-        cache.append(torch.full((q,), p))
-        lo.append(torch.zeros(q, dtype=torch.long))
         end = i + 1 if kind.causal else torch.full((q,), q)
         if kind.causal_anchor:
             end[0] = 1
-        hi.append(end)
+        cache.append(p + end if from_cache else torch.full((q,), p))
+        lo.append(torch.zeros(q, dtype=torch.long))
+        hi.append(torch.zeros(q, dtype=torch.long) if from_cache else end)
     return build_row_ranges(q_lens, cache, lo, hi, list(range(sum(q_lens))) if kind.write_kv else [], device)
 
 

@@ -5,7 +5,8 @@ Semantics (docs/ARCHITECTURE.md §1 and the op's docstring): sequence b has pref
 paged cache and q_lens[b] new tokens; every new query sees the whole cached prefix and, among the
 new tokens, the earlier ones (PassKind.CAUSAL, whose new K/V go to the cache slots of positions
 [prefix, prefix + q)) or all of them (PassKind.BLOCK: the cache is untouched; with a causal anchor,
-the first new token sees only itself among them).
+the first new token sees only itself among them). The *_WRITTEN block kinds see the same keys but write
+them to the slots of positions [prefix, prefix + q) first and read them back from the cache.
 """
 
 import random

@@ -20,6 +20,8 @@ KINDS = {  # prefill, decode and verify are all "causal-write" passes
     "causal-write": PassKind.CAUSAL,
     "draft": PassKind.BLOCK,
     "draft-anchor": PassKind.BLOCK_CAUSAL_ANCHOR,
+    "draft-written": PassKind.BLOCK_WRITTEN,  # draft_kv="tail": the block's K/V in the tail slots
+    "draft-anchor-written": PassKind.BLOCK_CAUSAL_ANCHOR_WRITTEN,
 }
 
 CASES = {

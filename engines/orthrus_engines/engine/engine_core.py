@@ -78,7 +78,7 @@ class EngineCore:
                                                     self.fused_acceptance)
         self.scheduler = Scheduler(self.pages, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,
                                    self.fused_k, self.policy.choose if self.policy is not None else None)
-        self.orthrus_step = OrthrusStep(self.runner, self.acceptance, self.fused_acceptance)
+        self.orthrus_step = OrthrusStep(self.runner, self.acceptance, self.fused_acceptance, args.resolve_draft_kv())
         self.output = OutputProcessor(self._eos_ids(), self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self.num_generated_tokens = 0

@@ -3,9 +3,10 @@
 - prefill: AR view, causal, writes KV; logits only at the anchor of a chunk that ends with it (the
            first token, as the official generate's first pass);
 - draft:   diffusion view over `[anchor, MASK x (k-1)]`, bidirectional in the block, reads the cached
-           prefix, writes nothing; logits at slots 0..k-2 (with an `anchor_view: "ar"` head the
-           anchor rows use the AR projections; with `"causal"` they also see only the prefix and
-           themselves, so that the first draft is exactly the AR's next token);
+           prefix, writes nothing (`draft_kv: "tail"`: writes the block into the tail slots that the
+           verify pass overwrites, TensorRT-LLM's one-model draft pass); logits at slots 0..k-2 (with
+           an `anchor_view: "ar"` head the anchor rows use the AR projections; with `"causal"` they
+           also see only the prefix and themselves, so that the first draft is exactly the AR's next token);
 - verify:  AR view over `[anchor, d_1..d_{k-1}]`, causal, writes KV for all k; logits at all k slots;
 - verify+draft (`anchor_view: "causal"` heads): the verify rows, and after each of them a transient
            diffusion block of MASK rows that reads the cache through that row, so that whichever
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 import torch
 from orthrus_kernels import AttentionMetadata, PassKind, build_attention_metadata, build_verify_draft_metadata
 
+from orthrus_engines.engine.kv_bookkeeping import draft_kv_lens, query_starts
 from orthrus_engines.engine.sequence import Sequence
 from orthrus_engines.models.layers import cpu_packing_supported, pack_weights_for_cpu
 from orthrus_engines.models.loader import ModelSource, build_model
@@ -75,10 +77,12 @@ class ModelRunner:
         return hidden
 
     def _forward(self, kind: PassKind, seqs: list[Sequence], tokens: list[list[int]], logit_rows: list[int] | None,
-                 ar_rows: list[int] | None = None) -> torch.Tensor | None:
-        """One pass over `tokens` after each sequence's cached prefix: the AR view for a causal pass, the
-        diffusion view (the AR projections at `ar_rows`) for a draft block; logits at `logit_rows`."""
-        starts, q_lens = [s.num_cached for s in seqs], [len(t) for t in tokens]
+                 ar_rows: list[int] | None = None, starts: list[int] | None = None) -> torch.Tensor | None:
+        """One pass over `tokens` after each sequence's cached prefix (`starts`: its length, by default
+        num_cached): the AR view for a causal pass, the diffusion view (the AR projections at `ar_rows`)
+        for a draft block; logits at `logit_rows`."""
+        q_lens = [len(t) for t in tokens]
+        starts = [s.num_cached for s in seqs] if starts is None else starts
         positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens)])
         meta = build_attention_metadata(kind, q_lens, starts, [s.page_table for s in seqs], self.page_size,
                                         self.device, every_field=self.compiled, backend=self.attention_backend)
@@ -100,16 +104,26 @@ class ModelRunner:
                 rows.append(offset - 1)
         return self._forward(PassKind.CAUSAL, seqs, tokens, rows or None)
 
-    def draft(self, seqs: list[Sequence], ks: list[int]) -> torch.Tensor:
-        """[sum(k - 1), V] diffusion logits: row i of a sequence predicts block slot i + 1."""
+    def draft(self, seqs: list[Sequence], ks: list[int], write_tail: bool = False) -> torch.Tensor:
+        """[sum(k - 1), V] diffusion logits: row i of a sequence predicts block slot i + 1. `write_tail`
+        (`draft_kv: "tail"`): the block's K/V go to the uncommitted slots of positions num_cached ..
+        num_cached + k - 1 (the sequence's kv_len bumped by k for this pass) and are read from there;
+        the sequence's committed length stays num_cached, and its verify pass overwrites them."""
         tokens = [[s.token_ids[-1]] + [self.mask_token_id] * (k - 1) for s, k in zip(seqs, ks)]
         rows, anchors, offset = [], [], 0
         for k in ks:
             rows.extend(range(offset, offset + k - 1))
             anchors.append(offset)
             offset += k
-        kind = PassKind.BLOCK_CAUSAL_ANCHOR if self.anchor_causal else PassKind.BLOCK
-        return self._forward(kind, seqs, tokens, rows, anchors if self.anchor_ar else None)
+        starts = None
+        if write_tail:
+            kv_lens = draft_kv_lens([s.num_cached for s in seqs], ks)
+            for s, kv in zip(seqs, kv_lens):  # the scheduler gives every block its pages before the step
+                if kv > len(s.page_table) * self.page_size:
+                    raise RuntimeError(f"{s.request_id}: a draft block up to position {kv - 1} has no page to write")
+            starts = query_starts(kv_lens, ks)
+        kind = PassKind.draft_block(self.anchor_causal, write_tail)
+        return self._forward(kind, seqs, tokens, rows, anchors if self.anchor_ar else None, starts)
 
     def verify(self, seqs: list[Sequence], blocks: list[list[int]]) -> torch.Tensor:
         """[sum(k), V] AR logits for `[anchor, drafts...]` of each sequence; writes their KV."""

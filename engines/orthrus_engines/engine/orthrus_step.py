@@ -37,8 +37,12 @@ class StepTiming:
 
 
 class OrthrusStep:
-    def __init__(self, runner: ModelRunner, acceptance: AcceptanceStats, fused_acceptance: AcceptanceStats):
+    def __init__(self, runner: ModelRunner, acceptance: AcceptanceStats, fused_acceptance: AcceptanceStats,
+                 draft_kv: str = "transient"):
         self.runner = runner
+        # "tail": the two-pass draft block writes its K/V into the tail slots the verify pass overwrites
+        # (the fused cycle's blocks stay transient: they overlap the positions of its own verify rows)
+        self.draft_writes_tail = draft_kv == "tail"
         self.acceptance = acceptance  # the two-pass cycle's, by draft position
         self.fused_acceptance = fused_acceptance  # the fused cycle's (position 1: the AR's own token)
         self.num_draft_fallbacks = 0  # steps whose draft path failed and that ran as plain AR
@@ -103,7 +107,8 @@ class OrthrusStep:
         if not drafting:
             return drafts, q_probs
         try:
-            logits = self.runner.draft([seqs[i] for i in drafting], [ks[i] for i in drafting])
+            batch = ([seqs[i] for i in drafting], [ks[i] for i in drafting])
+            logits = self.runner.draft(*batch, write_tail=True) if self.draft_writes_tail else self.runner.draft(*batch)
             _check_finite(logits)
             argmax = logits.argmax(-1).tolist()
             passes.append((sum(ks[i] for i in drafting), time.perf_counter() - start))
