@@ -8,13 +8,12 @@ import random
 
 import pytest
 import torch
-from tiny_models import hf_greedy, hf_model, write_orthrus
+from support.tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.engine.kv_bookkeeping import rewind_kv_lens
 from orthrus_engines.errors import OrthrusInputError
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 if not torch.cuda.is_available():  # before Triton is first imported (orthrus_kernels imports it lazily)
     os.environ.setdefault("TRITON_INTERPRET", "1")
