@@ -48,6 +48,15 @@ class LLM:
                 acc.text, acc.token_ids = text, tokens
         return [results[r] for r in rids]
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel workers (also done when the LLM is garbage-collected)."""
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.close()
+
+    def __del__(self):
+        self.close()
+
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None):
         """One conversation ([{role, content}, ...]) or a list of them, through the chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
