@@ -4,8 +4,8 @@ Its outputs equal one rank's (fp32; greedy and seeded sampling, fixed K and the 
 cycles, prefix hits, preemption, abort), and its workers exit with the engine.
 """
 
+import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -179,3 +179,20 @@ def test_kv_heads_must_divide(tmp_path):
 def test_cli_names_a_bad_size(small_model, capsys):
     assert cli_main(["generate", "hi", "--model", str(small_model), "--tensor-parallel-size", "3"]) == 2
     assert "tensor_parallel_size" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # about 25 s: two processes load torch
+def test_cli_generates_with_two_ranks(tiny_model_dir):
+    """`orthrus generate --tensor-parallel-size 2` prints what one rank prints (processes of their own: a
+    one-rank engine cannot start in a process whose group a two-rank one holds)."""
+
+    def generate(*flags: str) -> dict:
+        cmd = [sys.executable, "-m", "orthrus_engines.cli", "generate", "The capital of France is", "--model",
+               str(tiny_model_dir), "--max-tokens", "8", "--ignore-eos", "--json", *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    two = generate("--tensor-parallel-size", "2")
+    assert len(two["token_ids"]) == 8 and two["token_ids"] == generate()["token_ids"]
