@@ -77,7 +77,11 @@ class TensorParallelRunner:
             _owner = self
             self.runner = ModelRunner(**dict(runner_kwargs, device=_rank_device(device, 0)))
             for rank, conn in enumerate(self.conns, 1):
-                status = conn.recv()
+                try:
+                    status = conn.recv()
+                except EOFError:  # it died before it could say why (its stderr may)
+                    self.procs[rank - 1].join(JOIN_SECONDS)
+                    status = f"exited with code {self.procs[rank - 1].exitcode}"
                 if status != "ready":
                     raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {status}")
         except BaseException:
