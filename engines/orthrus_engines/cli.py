@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--block-size", type=int, help="draft block length K (1 = plain AR)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first passes)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks to split the model over "
+                                                                        "(processes; one GPU each on CUDA)")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
     d = sub.add_parser("gen-data", help="generate training data: the model's own responses to a prompt file")
@@ -165,13 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
         )
-        llm = LLM(model=args.model, head=args.head, block_size=args.block_size, compile=args.compile)
+        llm = LLM(model=args.model, head=args.head, block_size=args.block_size, compile=args.compile,
+                  tensor_parallel_size=args.tensor_parallel_size)
         start = time.perf_counter()
         if args.chat:
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
         else:
             outputs = llm.generate(prompts, params)
         elapsed = time.perf_counter() - start
+        llm.close()  # the tensor-parallel workers, if any
     except OrthrusInputError as e:
         print(f"orthrus generate: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,9 @@ class EngineArgs:
     # (num_cached .. num_cached + K - 1), read back from the cache and overwritten by the verify pass, as
     # TensorRT-LLM's one-model draft pass does. The fused cycle's blocks stay transient either way.
     draft_kv: str = "transient"
+    # ranks the model is split over (heads, KV heads, MLP and vocabulary): rank 0 is the engine process,
+    # ranks 1..N-1 worker processes (gloo on CPU; NCCL on CUDA, rank r on cuda:r)
+    tensor_parallel_size: int = 1
 
     def resolve_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -62,6 +65,20 @@ class EngineArgs:
         if self.draft_kv not in DRAFT_KV_MODES:
             raise OrthrusInputError("draft_kv", f"must be one of {DRAFT_KV_MODES}, got {self.draft_kv!r}")
         return self.draft_kv
+
+    def resolve_tensor_parallel_size(self, shape, device: torch.device) -> int:
+        """The TP size, checked against the model's `shape` (a ModelShape) and the devices at hand."""
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise OrthrusInputError("tensor_parallel_size", f"must be an integer >= 1, got {tp!r}")
+        for name, n in (("attention heads", shape.num_heads), ("KV heads", shape.num_kv_heads),
+                        ("MLP intermediate size", shape.intermediate_size)):
+            if n % tp:
+                raise OrthrusInputError("tensor_parallel_size", f"must divide the model's {name} ({n}), got {tp}")
+        if device.type == "cuda" and tp > torch.cuda.device_count():
+            raise OrthrusInputError("tensor_parallel_size", f"{tp} ranks need {tp} GPUs, "
+                                                            f"{torch.cuda.device_count()} visible")
+        return tp
 
     def kv_cache_bytes(self, device: torch.device) -> int:
         if self.kv_cache_gb is not None:

@@ -48,6 +48,10 @@ class LLM:
                 acc.text, acc.token_ids = text, tokens
         return [results[r] for r in rids]
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel workers (also done when the engine is garbage-collected)."""
+        self.core.close()
+
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None):
         """One conversation ([{role, content}, ...]) or a list of them, through the chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages

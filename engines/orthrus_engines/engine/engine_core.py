@@ -17,6 +17,7 @@ from orthrus_engines.engine.output_processor import OutputProcessor
 from orthrus_engines.engine.page_manager import PageManager
 from orthrus_engines.engine.scheduler import PrefillBatch, Scheduler
 from orthrus_engines.engine.sequence import Sequence
+from orthrus_engines.engine.tp_worker import TensorParallelRunner, tensor_parallel_active
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.inputs import InputProcessor, Prompt, load_tokenizer
 from orthrus_engines.models.builtin import default_head
@@ -50,13 +51,19 @@ class EngineCore:
         self.vocab_size = src.hf_config.vocab_size
         window = getattr(src.hf_config, "max_position_embeddings", 4096)
         self.max_model_len = min(args.max_model_len or window, window)
-        num_pages = args.num_pages or max(
-            1, args.kv_cache_bytes(self.device) // ModelRunner.bytes_per_page(src, self.dtype, args.page_size))
+        tp = args.resolve_tensor_parallel_size(src.shape, self.device)
+        num_pages = args.num_pages or max(  # per rank: each holds its share of the KV heads
+            1, args.kv_cache_bytes(self.device) // ModelRunner.bytes_per_page(src, self.dtype, args.page_size, tp))
         self.max_model_len = min(self.max_model_len, num_pages * args.page_size)
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
-        self.runner = ModelRunner(src, self.device, self.dtype, args.page_size, num_pages, self.max_model_len,
-                                  args.cpu_packed_weights, args.compile,
-                                  attention_backend=args.resolve_attention_backend(self.device))
+        runner_kwargs = dict(src=src, device=self.device, dtype=self.dtype, page_size=args.page_size,
+                             num_pages=num_pages, max_model_len=self.max_model_len,
+                             pack_weights=args.cpu_packed_weights, compile=args.compile,
+                             attention_backend=args.resolve_attention_backend(self.device))
+        if tp == 1 and tensor_parallel_active():
+            raise RuntimeError("a tensor-parallel engine holds this process's torch.distributed group; "
+                               "close it before building a one-rank engine")
+        self.runner = ModelRunner(**runner_kwargs) if tp == 1 else TensorParallelRunner(runner_kwargs, tp)
         self.fused = args.fused_cycle and self.runner.anchor_causal  # the verify+draft cycle is available
         # its V x (K - 1) transient rows per sequence (V <= K) stay within one block (docs/ARCHITECTURE.md §1)
         self.fused_k = min(self.block_size, fused_block_limit(src.block_size)) if self.fused else 0
@@ -82,6 +89,7 @@ class EngineCore:
         self.output = OutputProcessor(self._eos_ids(), self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self.num_generated_tokens = 0
+        self.closed = False
 
     def _eos_ids(self) -> set[int]:
         ids = getattr(self.source.hf_config, "eos_token_id", None)
@@ -107,6 +115,8 @@ class EngineCore:
         if not isinstance(params, SamplingParams):
             raise OrthrusInputError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
         params.validate()
+        if self.closed:
+            raise RuntimeError("the engine is closed")
         if request_id in self.seqs:
             raise OrthrusInputError("request_id", f"{request_id!r} is already running")
         ids = self.inputs.prompt_ids(prompt)
@@ -187,6 +197,12 @@ class EngineCore:
             seq.finish_reason, seq.error = "error", error
             outs.append(self._finish(seq))
         return outs
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent); the engine takes no request after it."""
+        self.closed = True
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.close()
 
     # -- introspection (for the serving layer and tests) ----------------------------------------
     def drain_prefix_events(self) -> list[tuple[str, list[str]]]:
