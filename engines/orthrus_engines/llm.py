@@ -48,6 +48,10 @@ class LLM:
                 acc.text, acc.token_ids = text, tokens
         return [results[r] for r in rids]
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix: later requests prefill from scratch."""
+        self.core.reset_prefix_cache()
+
     def close(self) -> None:
         """Stop the engine's tensor-parallel workers (also done when the engine is garbage-collected)."""
         self.core.close()

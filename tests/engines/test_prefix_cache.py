@@ -88,6 +88,22 @@ def test_repeated_prompt_caches_full_pages_before_the_anchor(model_dir, plain, l
     assert again.token_ids == first.token_ids == plain.generate(prompt, GREEDY)[0].token_ids
 
 
+def test_reset_prefix_cache_forgets_every_prefix(model_dir, plain):
+    """`LLM.reset_prefix_cache()`: a repeated prompt prefills from scratch after it (same tokens), the
+    serving layer hears `cleared`, and the cache fills again afterwards."""
+    llm = new_llm(model_dir)
+    prompt = tokens(40, 7)
+    first = llm.generate(prompt, GREEDY)[0]
+    assert llm.generate(prompt, GREEDY)[0].cached_prompt_tokens == 32
+    llm.core.drain_prefix_events()
+    llm.reset_prefix_cache()
+    assert llm.core.drain_prefix_events() == [("cleared", [])]
+    after = llm.generate(prompt, GREEDY)[0]
+    assert after.cached_prompt_tokens == 0 and after.token_ids == first.token_ids
+    assert llm.generate(prompt, GREEDY)[0].cached_prompt_tokens == 32
+    assert llm.core.pages.num_free == llm.core.pages.num_pages
+
+
 def test_generated_tokens_are_cached_for_a_follow_up(model_dir, plain):
     """Pages filled during Orthrus decoding (verify-written KV) are registered and reusable."""
     llm = new_llm(model_dir)

@@ -204,6 +204,10 @@ class EngineCore:
         if isinstance(self.runner, TensorParallelRunner):
             self.runner.close()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. after changing weights in place); a `cleared` event follows."""
+        self.pages.clear_prefix_cache()
+
     # -- introspection (for the serving layer and tests) ----------------------------------------
     def drain_prefix_events(self) -> list[tuple[str, list[str]]]:
         return self.pages.drain_events()

@@ -75,6 +75,7 @@ class PageManager:
         return out
 
     def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (pages in use stay with their sequences, unnamed)."""
         for h, page in list(self.hash_to_page.items()):
             self.page_hash[page] = None
         self.hash_to_page.clear()
