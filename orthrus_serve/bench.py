@@ -147,7 +147,8 @@ async def _http_one(client, url: str, prompt: str, params: dict) -> RequestRecor
     rec, t0 = RequestRecord(), time.perf_counter()
     gaps, chunks, last_t, usage, finish = [], 0, None, None, None
     try:
-        async with client.stream("POST", url, json={"prompt": prompt, "stream": True, **params}) as resp:
+        async with client.stream("POST", url, json={"prompt": prompt, "stream": True,
+                                                  "stream_options": {"include_usage": True}, **params}) as resp:
             if resp.status_code != 200:
                 raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
             async for line in resp.aiter_lines():
@@ -156,6 +157,9 @@ async def _http_one(client, url: str, prompt: str, params: dict) -> RequestRecor
                 now, chunk = time.perf_counter(), json.loads(data)
                 if "error" in chunk:
                     raise RuntimeError(str(chunk["error"])[:200])
+                usage = chunk.get("usage") or usage
+                if not chunk["choices"]:  # the usage chunk
+                    continue
                 choice = chunk["choices"][0]
                 if choice.get("text"):
                     chunks += 1
@@ -165,7 +169,6 @@ async def _http_one(client, url: str, prompt: str, params: dict) -> RequestRecor
                         gaps.append(now - last_t)
                     last_t = now
                 finish = choice.get("finish_reason") or finish
-                usage = chunk.get("usage") or usage
         rec.latency_s = time.perf_counter() - t0
         if usage:
             rec.set_counters(usage_counters(usage))

@@ -1,5 +1,6 @@
 """The ingress deployment: gRPC (`orthrus.v1.Orthrus`) through Ray Serve's gRPC proxy and
-OpenAI-compatible HTTP through its HTTP proxy. It prepares each request once (tokens, block
+OpenAI-compatible HTTP through its HTTP proxy (with vLLM's /version, /tokenize and /detokenize; the fields
+each endpoint honours are openai_fields'). It prepares each request once (tokens, block
 hashes), streams from an engine replica chosen by the prefix-aware router, and maps errors:
 bad input -> INVALID_ARGUMENT / 400, a lost replica -> UNAVAILABLE / 503. With an API key set
 (ServeConfig.api_key_env), every API call needs `authorization: Bearer <key>` (else UNAUTHENTICATED /
@@ -16,7 +17,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from orthrus_engines import OrthrusInputError, RequestOutput
-from orthrus_serve import grpc_api, grpc_health
+from orthrus_serve import __version__, grpc_api, grpc_health
+from orthrus_serve import openai_fields as fields
 from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve import openai_api as oai
 from orthrus_serve.auth import ApiKey, grpc_authorization
@@ -87,23 +89,39 @@ class Ingress:
     async def chat_completions(self, request: Request):
         return await self._http(request, chat=True)
 
+    async def _read(self, request: Request, allowed: frozenset[str] | None) -> tuple[RequestPreparer, dict]:
+        """The model's preparer and the request's JSON body, its fields checked against `allowed`
+        (None: the caller checks them) and its model against the served one."""
+        prep = await self.ready()
+        body = oai.parse_body(await request.body())
+        if allowed is not None:
+            fields.check_fields(body, allowed)
+        fields.check_model(body, self.model_name)
+        return prep, body
+
+    def _refused(self, e: Exception) -> JSONResponse:
+        """OrthrusInputError -> 400, UnknownModel -> 404, in OpenAI's error shape."""
+        if isinstance(e, fields.UnknownModel):
+            return JSONResponse(oai.error_body(str(e), "model", code="model_not_found"), status_code=404)
+        return JSONResponse(oai.error_body(str(e), e.field), status_code=400)
+
     async def _http(self, request: Request, chat: bool):
         if denied := self._http_denied(request):
             return denied
         try:
-            prep = await self.ready()
-            body = oai.parse_body(await request.body())
+            prep, body = await self._read(request, fields.CHAT_FIELDS if chat else fields.COMPLETION_FIELDS)
             if chat:
-                ids = prep.inputs.chat_ids(body.get("messages"))
+                ids = prep.inputs.chat_ids(fields.chat_messages(body.get("messages")))
             else:
                 prompt = oai.completion_prompt(body)
                 ids = (prep.inputs.text_ids if isinstance(prompt, str) else prep.inputs.token_ids)(prompt, "prompt")
-            req = prep.prepare(ids, oai.sampling_fields(body))
-        except OrthrusInputError as e:
-            return JSONResponse(oai.error_body(str(e), e.field), status_code=400)
+            req = prep.prepare(ids, oai.sampling_fields(body, prep.inputs.max_model_len - len(ids)))
+            include_usage = fields.include_usage(body)
+        except (OrthrusInputError, fields.UnknownModel) as e:
+            return self._refused(e)
         rid = oai.new_id("chatcmpl" if chat else "cmpl")
         if body.get("stream"):
-            return StreamingResponse(self._sse(req, rid, chat), media_type="text/event-stream")
+            return StreamingResponse(self._sse(req, rid, chat, include_usage), media_type="text/event-stream")
         try:
             text, last = "", None
             async for delta in self.stream(req):
@@ -114,16 +132,54 @@ class Ingress:
         make = oai.chat_response if chat else oai.completion_response
         return make(rid, self.model_name, text, last)
 
-    async def _sse(self, req: PreparedRequest, rid: str, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, req: PreparedRequest, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         if chat:
-            yield oai.sse(oai.chat_chunk(rid, self.model_name, None))
+            yield oai.sse(oai.chat_chunk(rid, self.model_name, None, include_usage))
         try:
-            async for delta in self.stream(req):
+            last = None
+            async for last in self.stream(req):
                 make = oai.chat_chunk if chat else oai.completion_chunk
-                yield oai.sse(make(rid, self.model_name, delta))
+                yield oai.sse(make(rid, self.model_name, last, include_usage))
+            if include_usage and last is not None:
+                yield oai.sse(oai.usage_chunk(rid, self.model_name, chat, last))
         except REPLICA_LOST:
             yield oai.sse(oai.error_body("the engine replica was lost; retry", None, "unavailable"))
         yield oai.sse("[DONE]")
+
+    # -- vLLM's extra endpoints ---------------------------------------------------------------
+    @app.get("/version")
+    async def version(self, request: Request):
+        if denied := self._http_denied(request):
+            return denied
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """{"prompt": text} or {"messages": [...]} (through the chat template) -> its token ids."""
+        if denied := self._http_denied(request):
+            return denied
+        try:
+            prep, body = await self._read(request, None)
+            if "messages" in body:
+                fields.check_fields(body, fields.TOKENIZE_CHAT_FIELDS)
+                ids = prep.inputs.chat_ids(fields.chat_messages(body["messages"]))
+            else:
+                fields.check_fields(body, fields.TOKENIZE_FIELDS)
+                ids = prep.inputs.text_ids(body.get("prompt"), "prompt")
+        except (OrthrusInputError, fields.UnknownModel) as e:
+            return self._refused(e)
+        return {"tokens": ids, "count": len(ids), "max_model_len": prep.inputs.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        """{"tokens": [...]} -> {"prompt": their text}."""
+        if denied := self._http_denied(request):
+            return denied
+        try:
+            prep, body = await self._read(request, fields.DETOKENIZE_FIELDS)
+            return {"prompt": prep.detokenize(body.get("tokens"))}
+        except (OrthrusInputError, fields.UnknownModel) as e:
+            return self._refused(e)
 
     # -- gRPC -------------------------------------------------------------------------------
     def _check_grpc_key(self, grpc_context) -> None:

@@ -6,15 +6,7 @@ import uuid
 
 from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_engines.outputs import COUNTERS
-
-# OpenAI field -> our SamplingParams field; unknown OpenAI fields are ignored as OpenAI servers do,
-# except those that change results in a way we cannot honour.
-_PARAM_MAP = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
-              "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop",
-              "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "block_size": "block_size",
-              "use_diffusion": "use_diffusion"}
-_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None}
-
+from orthrus_serve.openai_fields import SAMPLING_MAP
 
 def parse_body(raw: bytes) -> dict:
     try:
@@ -26,14 +18,13 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def sampling_fields(body: dict) -> dict:
-    """The body's sampling fields under SamplingParams' names (request_prep.sampling_params checks them)."""
-    for field, default in _UNSUPPORTED.items():
-        if body.get(field, default) not in (default, None, False) and not (field == "n" and body.get(field) == 1):
-            raise OrthrusInputError(field, f"only {default!r} is supported")
-    params = {ours: body[theirs] for theirs, ours in _PARAM_MAP.items() if body.get(theirs) is not None}
+def sampling_fields(body: dict, room: int) -> dict:
+    """The body's sampling fields under SamplingParams' names (request_prep.sampling_params checks them).
+    `room`: what the window leaves after the prompt, the max_tokens of a request that sets none (as vLLM)."""
+    params = {ours: body[theirs] for theirs, ours in SAMPLING_MAP.items() if body.get(theirs) is not None}
     if isinstance(params.get("stop"), str):
         params["stop"] = [params["stop"]]
+    params.setdefault("max_tokens", room)
     return params
 
 
@@ -77,13 +68,11 @@ def completion_response(rid: str, model: str, text: str, last: RequestOutput) ->
             "usage": usage(last.counters())}
 
 
-def completion_chunk(rid: str, model: str, delta: RequestOutput) -> dict:
+def completion_chunk(rid: str, model: str, delta: RequestOutput, include_usage: bool) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
              "choices": [{"index": 0, "text": delta.text, "finish_reason": delta.finish_reason,
                           "logprobs": None}]}
-    if delta.finished:
-        chunk["usage"] = usage(delta.counters())
-    return chunk
+    return chunk | ({"usage": None} if include_usage else {})
 
 
 def chat_response(rid: str, model: str, text: str, last: RequestOutput) -> dict:
@@ -93,7 +82,7 @@ def chat_response(rid: str, model: str, text: str, last: RequestOutput) -> dict:
             "usage": usage(last.counters())}
 
 
-def chat_chunk(rid: str, model: str, delta: RequestOutput | None) -> dict:
+def chat_chunk(rid: str, model: str, delta: RequestOutput | None, include_usage: bool) -> dict:
     """delta None: the opening chunk that names the role."""
     if delta is None:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
@@ -102,9 +91,13 @@ def chat_chunk(rid: str, model: str, delta: RequestOutput | None) -> dict:
                   "finish_reason": delta.finish_reason}
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
              "choices": [choice]}
-    if delta is not None and delta.finished:
-        chunk["usage"] = usage(delta.counters())
-    return chunk
+    return chunk | ({"usage": None} if include_usage else {})
+
+
+def usage_chunk(rid: str, model: str, chat: bool, last: RequestOutput) -> dict:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the request's usage."""
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [], "usage": usage(last.counters())}
 
 
 def sse(obj: dict | str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from orthrus_engines import OrthrusInputError, SamplingParams
 from orthrus_engines.inputs import InputProcessor, load_tokenizer
 from orthrus_engines.prefix_hash import page_hashes
+from orthrus_engines.validation import check_token_ids
 
 # The sampling fields a request may set (the gRPC GenerateRequest's and the OpenAI body's, mapped).
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
@@ -54,3 +55,13 @@ class RequestPreparer:
         # The engine caches all but the last prompt token: those are the pages a replica can hold.
         hashes = page_hashes(token_ids[:-1], self.page_size, self.fingerprint)
         return PreparedRequest(request_id or uuid.uuid4().hex, token_ids, sp, hashes)
+
+    def detokenize(self, tokens, field: str = "tokens") -> str:
+        """The text of token ids in the vocabulary (any number of them: an output may fill the window)."""
+        if tokens == []:
+            return ""
+        window = len(tokens) + 1 if isinstance(tokens, (list, tuple)) else 1  # no window limit here
+        ids = check_token_ids(tokens, field, self.inputs.vocab_size, window)
+        if self.inputs.tokenizer is None:
+            raise OrthrusInputError(field, "this model has no tokenizer")
+        return self.inputs.tokenizer.decode(ids)

@@ -43,6 +43,15 @@ def serve_cluster(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def basic_app(serve_cluster):
+    """The default application with one engine replica, deployed once for the modules that share it
+    (test_serving, test_openai_surface)."""
+    deployed = serve_cluster.deploy("basic")
+    yield deployed
+    serve_cluster.delete("basic")
+
+
+@pytest.fixture(scope="session")
 def reference_llm(tiny_model_dir):
     """The engine alone, on the same model and engine arguments as the deployed replicas."""
     from orthrus_engines import LLM

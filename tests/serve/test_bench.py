@@ -108,9 +108,9 @@ def test_http_reader_on_mock_transport():
         seen.update(json.loads(request.content))
         chunks = [{"choices": [{"text": "a", "finish_reason": None}]},
                   {"choices": [{"text": "bc", "finish_reason": None}]},
-                  {"choices": [{"text": "", "finish_reason": "length"}],
-                   "usage": {"prompt_tokens": 5, "completion_tokens": 4,
-                             "orthrus": {"forward_passes": 2, "drafted_tokens": 3, "accepted_tokens": 2}}}]
+                  {"choices": [{"text": "", "finish_reason": "length"}]},
+                  {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 4, "orthrus": {
+                      "forward_passes": 2, "drafted_tokens": 3, "accepted_tokens": 2}}}]
         body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
         return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
 
@@ -120,5 +120,6 @@ def test_http_reader_on_mock_transport():
 
     r = asyncio.run(go())
     assert seen["stream"] is True and seen["ignore_eos"] is True and seen["prompt"] == "p"
+    assert seen["stream_options"] == {"include_usage": True}
     assert r.ok and r.completion_tokens == 4 and r.forward_passes == 2 and r.accepted_tokens == 2
     assert r.ttft_s is not None and len(r.itl_s) == 1

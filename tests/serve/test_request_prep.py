@@ -73,3 +73,14 @@ def test_openai_usage_of_the_counters():
     assert usage["orthrus"] == {name: counters[name] for name in ("forward_passes", "drafted_tokens",
                                                                   "accepted_tokens")}
     assert oai.usage_counters(usage) == counters  # what a client (the bench) reads back
+
+
+def test_detokenize_any_length_in_the_vocabulary(preparer):
+    ids = preparer.inputs.text_ids("The capital of France is")
+    assert preparer.detokenize(ids) == "The capital of France is"
+    assert preparer.detokenize(ids * 20)  # longer than the window (64): an output may be
+    assert preparer.detokenize([]) == ""
+    for bad in ([VOCAB], [1, -1], "hi", [1.5], None):
+        with pytest.raises(OrthrusInputError) as e:
+            preparer.detokenize(bad)
+        assert e.value.field == "tokens"

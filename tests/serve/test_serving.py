@@ -14,7 +14,6 @@ from orthrus_serve.api import orthrus_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
-APP = "basic"
 MODEL = "tiny-orthrus"  # the served name: the model directory's name
 VOCAB = 49152
 WINDOW = ENGINE_ARGS["max_model_len"]
@@ -24,10 +23,8 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 
 
 @pytest.fixture(scope="module")
-def app(serve_cluster):
-    deployed = serve_cluster.deploy(APP)
-    yield deployed
-    serve_cluster.delete(APP)
+def app(basic_app):
+    return basic_app
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +101,15 @@ def test_http_completions_equal_the_engine(http, reference_llm, refs, prompt):
     r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": MAX_TOKENS})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref.text
 
-    with http.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS, "stream": True}) as r:
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
-    chunks = events[:-1]
+    chunks, usage = events[:-2], events[-2]
     assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
     assert chunks[-1]["choices"][0]["finish_reason"] == ref.finish_reason
-    assert chunks[-1]["usage"]["completion_tokens"] == len(ref.token_ids)
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(ref.token_ids)
 
 
 def test_openai_client_completions(oai, refs):

@@ -1,0 +1,113 @@
+"""Which OpenAI request fields the server honours, per endpoint. The lists are explicit: a field the server
+does not implement (tools, response_format, logprobs, penalties, ...) gets a 400 naming it rather than being
+silently ignored, and a field OpenAI adds later is refused until it is implemented. Chat messages are checked
+and their content parts joined here too."""
+
+from orthrus_engines import OrthrusInputError
+
+# OpenAI field -> SamplingParams field (top_k, stop_token_ids, ignore_eos: vLLM's; the last two: ours).
+SAMPLING_MAP = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
+                "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop",
+                "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "block_size": "block_size",
+                "use_diffusion": "use_diffusion"}
+_GENERATE = {"model", "user", "stream", "stream_options", *SAMPLING_MAP}
+COMPLETION_FIELDS = frozenset(_GENERATE - {"max_completion_tokens"} | {"prompt"})
+CHAT_FIELDS = frozenset(_GENERATE | {"messages"})
+TOKENIZE_FIELDS = frozenset({"model", "prompt"})
+TOKENIZE_CHAT_FIELDS = frozenset({"model", "messages"})
+DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
+
+# Fields accepted only at the value that changes nothing (null, OpenAI's "not set", is accepted for any field).
+NO_OP_VALUES = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "echo": False,
+                "logprobs": False}
+_STRING_FIELDS = ("model", "user")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class UnknownModel(Exception):
+    """The request names a model this server does not serve (HTTP 404)."""
+
+
+def _is_no_op(value, no_op) -> bool:
+    return isinstance(value, bool) == isinstance(no_op, bool) and value == no_op
+
+
+def check_fields(body: dict, allowed: frozenset[str]) -> None:
+    """Every set field is one the endpoint implements, at a value of the right kind; the first other is named."""
+    for field, value in body.items():
+        if value is None or field in allowed:
+            continue
+        if field in NO_OP_VALUES:
+            if _is_no_op(value, NO_OP_VALUES[field]):
+                continue
+            raise OrthrusInputError(field, f"only {NO_OP_VALUES[field]!r} is supported")
+        raise OrthrusInputError(field, "is not supported by this server")
+    for field in _STRING_FIELDS:
+        if body.get(field) is not None and not isinstance(body[field], str):
+            raise OrthrusInputError(field, "must be a string")
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise OrthrusInputError("stream", "must be true or false")
+    include_usage(body)
+
+
+def include_usage(body: dict) -> bool:
+    """stream_options.include_usage (stream_options only with stream: true, as OpenAI has it)."""
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not body.get("stream"):
+        raise OrthrusInputError("stream_options", "is only allowed with stream: true")
+    if not isinstance(opts, dict):
+        raise OrthrusInputError("stream_options", "must be an object")
+    for key, value in opts.items():
+        if key != "include_usage" and value is not None:
+            raise OrthrusInputError(f"stream_options.{key}", "is not supported by this server")
+    if opts.get("include_usage") is not None and not isinstance(opts["include_usage"], bool):
+        raise OrthrusInputError("stream_options.include_usage", "must be true or false")
+    return bool(opts.get("include_usage"))
+
+
+def check_model(body: dict, served: str) -> None:
+    """`model` may be left out; set, it must name the served model."""
+    if body.get("model") is not None and body["model"] != served:
+        raise UnknownModel(f"The model `{body['model']}` does not exist (this server serves `{served}`).")
+
+
+def chat_messages(messages, field: str = "messages") -> list[dict]:
+    """The conversation as [{role, content: str}]: a content given as parts has its text parts joined
+    with newlines (as vLLM joins them); any other part type, role or message key is refused by name."""
+    if not isinstance(messages, list) or not messages:
+        raise OrthrusInputError(field, "must be a non-empty list of {role, content} objects")
+    return [_message(m, f"{field}[{i}]") for i, m in enumerate(messages)]
+
+
+def _message(m, field: str) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m.get("content") is None:
+        raise OrthrusInputError(field, "must have string 'role' and 'content'")
+    extra = next((k for k, v in m.items() if k not in ("role", "content") and v is not None), None)
+    if extra is not None:
+        raise OrthrusInputError(f"{field}.{extra}", "is not supported by this server")
+    if m["role"] not in CHAT_ROLES:
+        raise OrthrusInputError(f"{field}.role", f"{m['role']!r} is not supported (one of {', '.join(CHAT_ROLES)})")
+    return {"role": m["role"], "content": _content(m["content"], f"{field}.content")}
+
+
+def _content(content, field: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise OrthrusInputError(field, "must be a string or a non-empty list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            if isinstance(kind, str):
+                raise OrthrusInputError(f"{field}[{j}].type", f"{kind!r} content parts are not supported (only 'text')")
+            raise OrthrusInputError(f"{field}[{j}]", "must be a {type, ...} object")
+        extra = next((k for k, v in part.items() if k not in ("type", "text") and v is not None), None)
+        if extra is not None:
+            raise OrthrusInputError(f"{field}[{j}].{extra}", "is not supported by this server")
+        if not isinstance(part.get("text"), str):
+            raise OrthrusInputError(f"{field}[{j}].text", "must be a string")
+        texts.append(part["text"])
+    return "\n".join(texts)
