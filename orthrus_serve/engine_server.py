@@ -17,7 +17,8 @@ from orthrus_engines import AsyncEngine, EngineCore, RequestOutput, SamplingPara
 from orthrus_serve.config import ServeConfig
 from orthrus_serve.health import EngineHealth
 from orthrus_serve.metrics import EngineMetrics, RequestMetrics
-from orthrus_serve.prefix_index import PrefixIndex, make_prefix_index
+from orthrus_serve.prefix_index import PrefixIndex
+from orthrus_serve.redis_prefix_index import RedisPrefixIndex
 
 log = logging.getLogger(__name__)
 RESYNC_S = 30.0  # how often a replica republishes its whole prefix-cache content to the index
@@ -29,8 +30,8 @@ def replica_prefix_index(config: ServeConfig) -> PrefixIndex | None:
     idx = config.index
     if not idx.redis_url:
         return None
-    return make_prefix_index(idx.redis_url, config.index_namespace, idx.heartbeat_timeout_s, idx.redis_password_env,
-                             idx.redis_ca_file)
+    return RedisPrefixIndex.from_env(idx.redis_url, config.index_namespace, idx.heartbeat_timeout_s,
+                                     idx.redis_password_env, idx.redis_ca_file)
 
 
 class ThroughputMeter:

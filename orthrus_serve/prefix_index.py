@@ -11,13 +11,9 @@ Two implementations with the same semantics:
 - `RedisPrefixIndex` (redis_prefix_index.py): shared through Redis (the cluster case).
 """
 
-import logging
-import os
 import threading
 import time
 from typing import Iterable, Protocol
-
-log = logging.getLogger(__name__)
 
 Events = list[tuple[str, list[str]]]
 EVENT_KINDS = ("stored", "removed", "cleared")
@@ -128,21 +124,3 @@ class LocalPrefixIndex:
     def _drop_entries(self, replica_id: str) -> None:
         for h in self._held.pop(replica_id, ()):
             self._discard(h, replica_id)
-
-
-def make_prefix_index(redis_url: str | None, namespace: str, heartbeat_timeout_s: float,
-                      password_env: str | None = None, ca_file: str | None = None) -> PrefixIndex:
-    """Redis when a URL is configured (the cluster case), else the in-process index. The password,
-    if any, comes from the environment variable `password_env` of this process; `ca_file`: TLS
-    (rediss://) trusting that CA."""
-    if redis_url:
-        from orthrus_serve.redis_prefix_index import RedisPrefixIndex
-
-        password = None
-        if password_env:
-            password = os.environ.get(password_env)
-            if password is None:
-                log.warning("prefix index: %s is not set; connecting to Redis without a password", password_env)
-        return RedisPrefixIndex(redis_url, namespace, heartbeat_timeout_s=heartbeat_timeout_s, password=password,
-                                ca_file=ca_file)
-    return LocalPrefixIndex(heartbeat_timeout_s=heartbeat_timeout_s)

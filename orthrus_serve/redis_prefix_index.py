@@ -25,6 +25,7 @@ heartbeat or publish for it first clears all its entries: the index is again a s
 """
 
 import logging
+import os
 import threading
 import time
 
@@ -83,6 +84,16 @@ def redis_connection_kwargs(url: str, password: str | None, ca_file: str | None,
 
 class RedisPrefixIndex:
     """Index shared through Redis; see the module docstring for keys, TTLs and failure handling."""
+
+    @classmethod
+    def from_env(cls, url: str, namespace: str, heartbeat_timeout_s: float, password_env: str | None = None,
+                 ca_file: str | None = None) -> "RedisPrefixIndex":
+        """The password, if any, comes from this process's environment variable `password_env` (never
+        from a config); `ca_file`: TLS (rediss://) trusting that CA."""
+        password = os.environ.get(password_env) if password_env else None
+        if password_env and password is None:
+            log.warning("prefix index: %s is not set; connecting to Redis without a password", password_env)
+        return cls(url, namespace, heartbeat_timeout_s=heartbeat_timeout_s, password=password, ca_file=ca_file)
 
     def __init__(
         self,

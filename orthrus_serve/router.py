@@ -14,7 +14,8 @@ import random
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from orthrus_serve.prefix_index import make_prefix_index
+from orthrus_serve.prefix_index import LocalPrefixIndex
+from orthrus_serve.redis_prefix_index import RedisPrefixIndex
 
 
 def rank_replicas(
@@ -42,7 +43,8 @@ class PrefixAwareRouter(RequestRouter):
                          heartbeat_timeout_s: float = 5.0, redis_password_env: str | None = None,
                          redis_ca_file: str | None = None, **_):
         self.local = redis_url is None
-        self.index = make_prefix_index(redis_url, namespace, heartbeat_timeout_s, redis_password_env, redis_ca_file)
+        self.index = (RedisPrefixIndex.from_env(redis_url, namespace, heartbeat_timeout_s, redis_password_env,
+                                                redis_ca_file) if redis_url else LocalPrefixIndex(heartbeat_timeout_s))
         self.imbalance_threshold = imbalance_threshold
         self.min_match_blocks = min_match_blocks
         self._seen_stats: dict[str, int] = {}

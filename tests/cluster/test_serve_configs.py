@@ -92,12 +92,12 @@ def test_replica_resources_and_password_env_reach_the_deployment():
 
 
 def test_prefix_index_takes_the_password_from_the_environment(password_redis, monkeypatch):
-    from orthrus_serve.prefix_index import make_prefix_index
+    from orthrus_serve.redis_prefix_index import RedisPrefixIndex
     from orthrus_serve.redis_prefix_index import RedisPrefixIndex
 
     url = password_redis.url(db=2)
     monkeypatch.setenv("TEST_REDIS_PW", password_redis.password)
-    index = make_prefix_index(url, "pw-test", 30.0, password_env="TEST_REDIS_PW")
+    index = RedisPrefixIndex.from_env(url, "pw-test", 30.0, password_env="TEST_REDIS_PW")
     assert isinstance(index, RedisPrefixIndex)
     index.heartbeat("r1")
     index.publish("r1", [("stored", ["h1", "h2"])])
@@ -106,6 +106,6 @@ def test_prefix_index_takes_the_password_from_the_environment(password_redis, mo
 
     # Without it, Redis refuses; the index degrades (no match, no exception) as when Redis is down.
     monkeypatch.delenv("TEST_REDIS_PW")
-    blind = make_prefix_index(url, "pw-test", 30.0, password_env="TEST_REDIS_PW")
+    blind = RedisPrefixIndex.from_env(url, "pw-test", 30.0, password_env="TEST_REDIS_PW")
     blind.heartbeat("r2")
     assert blind.lookup(["h1", "h2"]) == {}

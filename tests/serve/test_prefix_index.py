@@ -9,7 +9,7 @@ import redis
 from redis_server import new_redis_server, redis_server
 from support.net import free_port
 
-from orthrus_serve.prefix_index import LocalPrefixIndex, make_prefix_index
+from orthrus_serve.prefix_index import LocalPrefixIndex
 from orthrus_serve.redis_prefix_index import RedisPrefixIndex
 
 H = [f"{i:032x}" for i in range(8)]  # stand-ins for page hashes
@@ -149,10 +149,14 @@ def test_gc_keeps_a_replica_that_came_back(make_index):
     assert index.lookup(H[:2]) == {"a": 2}
 
 
-def test_factory(redis_url):
-    assert isinstance(make_prefix_index(None, "m", 10.0), LocalPrefixIndex)
-    index = make_prefix_index(redis_url, "m", 10.0)
+def test_redis_index_from_env(redis_url, monkeypatch):
+    """The password comes from the named environment variable (none set: no password, a warning)."""
+    monkeypatch.delenv("ORTHRUS_TEST_NO_PW", raising=False)
+    index = RedisPrefixIndex.from_env(redis_url, "m", 10.0, password_env="ORTHRUS_TEST_NO_PW")
     assert isinstance(index, RedisPrefixIndex) and index.heartbeat_timeout_s == 10.0
+    index.heartbeat("a")
+    index.publish("a", [("stored", H[:2])])
+    assert index.lookup(H[:2]) == {"a": 2}
     index.close()
 
 

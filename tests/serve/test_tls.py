@@ -21,7 +21,6 @@ from orthrus_serve.api.orthrus_pb2_grpc import OrthrusServicer, add_OrthrusServi
 from orthrus_serve.cli import build_parser, main, serve_start_options, up_config
 from orthrus_serve.client import AsyncOrthrusClient, OrthrusClient
 from orthrus_serve.config import IndexSettings, ServeConfig
-from orthrus_serve.prefix_index import make_prefix_index
 from orthrus_serve.redis_prefix_index import RedisPrefixIndex, redis_connection_kwargs
 
 
@@ -223,7 +222,7 @@ def tls_redis(tls):
 
 
 def test_prefix_index_over_tls_redis(tls_redis, tls):
-    index = make_prefix_index(tls_redis, "tls-test", heartbeat_timeout_s=5.0, ca_file=str(tls.ca))
+    index = RedisPrefixIndex.from_env(tls_redis, "tls-test", heartbeat_timeout_s=5.0, ca_file=str(tls.ca))
     assert isinstance(index, RedisPrefixIndex)
     index.heartbeat("r1")
     index.publish("r1", [("stored", ["a", "b"])])
