@@ -42,10 +42,11 @@ def serve_cluster(tiny_model_dir):
             ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def basic_app(serve_cluster):
-    """The default application with one engine replica, deployed once for the modules that share it
-    (test_serving, test_openai_surface)."""
+    """The default application with one engine replica, deployed per module that uses it (test_serving,
+    test_openai_surface) and deleted after it: test_security's probe without metadata needs its own
+    application to be the only one."""
     deployed = serve_cluster.deploy("basic")
     yield deployed
     serve_cluster.delete("basic")

@@ -51,9 +51,11 @@ class ModelRunner:
         s = self.model.shape
         attn = self.model.layers[0].self_attn
         slots = num_pages * page_size
+        # zeros, not empty: a masked-out key slot never written (padding reads slot 0) must not hold a NaN,
+        # which a zero attention weight would still turn into a NaN output
         self.kv_cache = [
-            (torch.empty(slots, attn.num_kv_heads, s.head_dim, dtype=dtype, device=device),
-             torch.empty(slots, attn.num_kv_heads, s.head_dim, dtype=dtype, device=device))
+            (torch.zeros(slots, attn.num_kv_heads, s.head_dim, dtype=dtype, device=device),
+             torch.zeros(slots, attn.num_kv_heads, s.head_dim, dtype=dtype, device=device))
             for _ in range(s.num_layers)
         ]
 
