@@ -120,7 +120,7 @@ def run_a_redis_test(allow: str | None, tmp_path) -> subprocess.CompletedProcess
     if allow is not None:
         env["ORTHRUS_ALLOW_NO_REDIS"] = allow
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                           "tests/serve/test_prefix_index.py::test_factory"],
+                           "tests/serve/test_prefix_index.py::test_redis_index_from_env"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
