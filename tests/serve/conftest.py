@@ -52,6 +52,22 @@ def basic_app(serve_cluster):
     serve_cluster.delete("basic")
 
 
+@pytest.fixture(scope="module")
+def http(app):
+    """An HTTP client for the module's `app`."""
+    import httpx
+
+    with httpx.Client(base_url=app.http_base, timeout=60) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def oai(app):
+    """The official OpenAI client for the module's `app`."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{app.http_base}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
 @pytest.fixture(scope="session")
 def reference_llm(tiny_model_dir):
     """The engine alone, on the same model and engine arguments as the deployed replicas."""

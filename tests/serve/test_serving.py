@@ -23,20 +23,8 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 
 
 @pytest.fixture(scope="module")
-def app(basic_app):
+def app(basic_app):  # the shared clients (conftest's http, oai) talk to it
     return basic_app
-
-
-@pytest.fixture(scope="module")
-def http(app):
-    with httpx.Client(base_url=app.http_base, timeout=60) as h:
-        yield h
-
-
-@pytest.fixture(scope="module")
-def oai(app):
-    openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=f"{app.http_base}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
