@@ -75,6 +75,18 @@ def test_prefix_hit_equals_one_rank(engines):
     assert first.token_ids == again.token_ids == expected[0]
 
 
+def test_tail_draft_kv_equals_one_rank(engines, monkeypatch):
+    """`draft_kv="tail"` (the draft block written into the tail slots) under TP: the workers write their
+    shard of the tail too, so output equals one rank's, and no step falls back to plain AR."""
+    one, two = engines
+    for llm in (one, two):
+        monkeypatch.setattr(llm.core.orthrus_step, "draft_writes_tail", True)
+    params = SamplingParams(max_tokens=20, ignore_eos=True, block_size=4)
+    fallbacks = two.core.stats()["num_draft_fallbacks"]
+    assert _tokens(two, PROMPTS[:2], params) == _tokens(one, PROMPTS[:2], params)
+    assert two.core.stats()["num_draft_fallbacks"] == fallbacks
+
+
 def test_abort_under_tp(engines):
     """A request aborted mid-decode frees its pages; the others finish as on one rank."""
     one, two = engines

@@ -111,9 +111,9 @@ class TensorParallelRunner:
         self._send("prefill", [_seq_view(s) for s in seqs], ends)
         return self.runner.prefill(seqs, ends)
 
-    def draft(self, seqs, ks: list[int]):
-        self._send("draft", [_seq_view(s) for s in seqs], ks)
-        return self.runner.draft(seqs, ks)
+    def draft(self, seqs, ks: list[int], write_tail: bool = False):
+        self._send("draft", [_seq_view(s) for s in seqs], ks, write_tail)
+        return self.runner.draft(seqs, ks, write_tail)
 
     def verify(self, seqs, blocks: list[list[int]]):
         self._send("verify", [_seq_view(s) for s in seqs], blocks)
@@ -208,8 +208,8 @@ def _worker_main(rank: int, world: int, backend: str, init: str, runner_kwargs: 
                 mask_hidden = None
                 _, mask_hidden = runner.verify_and_draft([_rebuild(v) for v in seqs], blocks, ms)
             elif name in ("prefill", "draft", "verify"):
-                seqs, rest = args
-                getattr(runner, name)([_rebuild(v) for v in seqs], rest)
+                seqs, *rest = args
+                getattr(runner, name)([_rebuild(v) for v in seqs], *rest)
             else:  # the start-up timings
                 getattr(runner, name)(*args)
         except Exception as e:  # rank 0 ran the same call and reports the same fault
