@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import torch
 from orthrus_kernels import AttentionMetadata, PassKind, build_attention_metadata, build_verify_draft_metadata
 
-from orthrus_engines.engine.kv_bookkeeping import draft_kv_lens, query_starts
 from orthrus_engines.engine.sequence import Sequence
 from orthrus_engines.models.layers import cpu_packing_supported, pack_weights_for_cpu
 from orthrus_engines.models.loader import ModelSource, build_model
@@ -79,12 +78,10 @@ class ModelRunner:
         return hidden
 
     def _forward(self, kind: PassKind, seqs: list[Sequence], tokens: list[list[int]], logit_rows: list[int] | None,
-                 ar_rows: list[int] | None = None, starts: list[int] | None = None) -> torch.Tensor | None:
-        """One pass over `tokens` after each sequence's cached prefix (`starts`: its length, by default
-        num_cached): the AR view for a causal pass, the diffusion view (the AR projections at `ar_rows`)
-        for a draft block; logits at `logit_rows`."""
-        q_lens = [len(t) for t in tokens]
-        starts = [s.num_cached for s in seqs] if starts is None else starts
+                 ar_rows: list[int] | None = None) -> torch.Tensor | None:
+        """One pass over `tokens` after each sequence's cached prefix: the AR view for a causal pass, the
+        diffusion view (the AR projections at `ar_rows`) for a draft block; logits at `logit_rows`."""
+        starts, q_lens = [s.num_cached for s in seqs], [len(t) for t in tokens]
         positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens)])
         meta = build_attention_metadata(kind, q_lens, starts, [s.page_table for s in seqs], self.page_size,
                                         self.device, every_field=self.compiled, backend=self.attention_backend)
@@ -117,15 +114,12 @@ class ModelRunner:
             rows.extend(range(offset, offset + k - 1))
             anchors.append(offset)
             offset += k
-        starts = None
-        if write_tail:
-            kv_lens = draft_kv_lens([s.num_cached for s in seqs], ks)
-            for s, kv in zip(seqs, kv_lens):  # the scheduler gives every block its pages before the step
-                if kv > len(s.page_table) * self.page_size:
-                    raise RuntimeError(f"{s.request_id}: a draft block up to position {kv - 1} has no page to write")
-            starts = query_starts(kv_lens, ks)
+        if write_tail:  # the block sits at num_cached.. either way; written, it needs its pages
+            for s, k in zip(seqs, ks):  # (the scheduler gives every block its pages before the step)
+                if s.num_cached + k > len(s.page_table) * self.page_size:
+                    raise RuntimeError(f"a draft block up to position {s.num_cached + k - 1} has no page to write")
         kind = PassKind.draft_block(self.anchor_causal, write_tail)
-        return self._forward(kind, seqs, tokens, rows, anchors if self.anchor_ar else None, starts)
+        return self._forward(kind, seqs, tokens, rows, anchors if self.anchor_ar else None)
 
     def verify(self, seqs: list[Sequence], blocks: list[list[int]]) -> torch.Tensor:
         """[sum(k), V] AR logits for `[anchor, drafts...]` of each sequence; writes their KV."""
