@@ -8,6 +8,7 @@ from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_engines.outputs import COUNTERS
 from orthrus_serve.openai_fields import SAMPLING_MAP
 
+
 def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)

@@ -6,6 +6,7 @@ Everything raises OrthrusInputError naming the field, which the ingress maps to 
 INVALID_ARGUMENT or HTTP 400.
 """
 
+import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,7 @@ class RequestPreparer:
         """The text of token ids in the vocabulary (any number of them: an output may fill the window)."""
         if tokens == []:
             return ""
-        window = len(tokens) + 1 if isinstance(tokens, (list, tuple)) else 1  # no window limit here
-        ids = check_token_ids(tokens, field, self.inputs.vocab_size, window)
+        ids = check_token_ids(tokens, field, self.inputs.vocab_size, math.inf)  # no window limit here
         if self.inputs.tokenizer is None:
             raise OrthrusInputError(field, "this model has no tokenizer")
         return self.inputs.tokenizer.decode(ids)

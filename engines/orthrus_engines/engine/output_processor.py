@@ -2,7 +2,7 @@
 token ids, the token budget, the window; incremental detokenization), and the delta a caller gets."""
 
 from orthrus_engines.engine.sequence import Sequence, Status
-from orthrus_engines.outputs import RequestOutput
+from orthrus_engines.outputs import COUNTERS, RequestOutput
 
 
 class OutputProcessor:
@@ -55,12 +55,7 @@ class OutputProcessor:
             finished=finished,
             finish_reason=seq.finish_reason,
             error=seq.error,
-            prompt_tokens=seq.prompt_tokens,
-            cached_prompt_tokens=seq.cached_prompt_tokens,
-            forward_passes=seq.forward_passes,
-            drafted_tokens=seq.drafted_tokens,
-            accepted_tokens=seq.accepted_tokens,
-            completion_tokens=seq.completion_tokens,
+            **{name: getattr(seq, name) for name in COUNTERS},  # a sequence's counters go by the same names
         )
         seq.emitted_tokens, seq.emitted_text = seq.completion_tokens, visible
         return out

@@ -12,7 +12,7 @@ are the same ones, and no cached prefix is evicted while such a page is free.
 from collections import OrderedDict, deque
 
 from orthrus_engines.engine.sequence import Sequence
-from orthrus_engines.prefix_hash import page_hashes, next_page_hash
+from orthrus_engines.prefix_hash import next_page_hash, page_hashes
 
 
 class PageManager:

@@ -5,16 +5,15 @@ prompt's last chunk also commits its first token) or a decode step (one Orthrus 
 running sequences: a draft pass and a verify pass of K rows per sequence, or with a causal-anchor
 head one verify+draft pass of K x K rows). The plan of a decode step (K and cycle) comes from the
 draft policy for the sequences that let it choose; the others keep their own K. When both kinds
-of work are waiting, steps alternate, so a stream of long
-prompts cannot stall running requests.
+of work are waiting, steps alternate, so a stream of long prompts cannot stall running requests.
 """
 
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orthrus_engines.engine.page_manager import PageManager
 from orthrus_engines.engine.draft_policy import Plan
+from orthrus_engines.engine.page_manager import PageManager
 from orthrus_engines.engine.sequence import Sequence, Status
 
 
@@ -68,20 +67,27 @@ class Scheduler:
         never past the window."""
         k = min(plan.k, seq.block_size) if plan is not None and seq.auto_k else seq.block_size
         k = min(k, self.fused_k) if fused else k
-        remaining = seq.params.max_tokens - seq.completion_tokens
-        return 1 if remaining <= 1 else max(1, min(k, remaining + 1, self._window(seq)))
+        return 1 if self._remaining(seq) <= 1 else self._within_room(seq, k)
 
     def verify_length(self, seq: Sequence) -> int:
         """Fused cycle: the anchor and every draft the sequence carries (they are paid for; a step of
         K = 1 after a drafting one still verifies them), up to the last token it may emit (the drafts
         for it are verified too, as in the two-pass block) and inside the window."""
-        remaining = seq.params.max_tokens - seq.completion_tokens
-        return max(1, min(1 + len(seq.next_drafts), remaining + 1, self._window(seq)))
+        return self._within_room(seq, 1 + len(seq.next_drafts))
 
     def fused_block_length(self, seq: Sequence, k: int, v: int) -> int:
         """Fused cycle: K, but short enough that the MASK rows after the last of v verify slots (at
         positions up to num_cached + v - 1 + K - 1) stay inside the window."""
         return max(1, min(k, self._window(seq) - v + 1))
+
+    def _within_room(self, seq: Sequence, n: int) -> int:
+        """n block slots, but none past one slot beyond the last token the request may emit, nor past the
+        window (at least 1)."""
+        return max(1, min(n, self._remaining(seq) + 1, self._window(seq)))
+
+    @staticmethod
+    def _remaining(seq: Sequence) -> int:
+        return seq.params.max_tokens - seq.completion_tokens
 
     def _window(self, seq: Sequence) -> int:
         """Positions left in the window from the anchor's on (the anchor sits at len - 1)."""

@@ -1,6 +1,6 @@
 """`orthrus train`: distil the frozen AR view into its twins (the diffusion view).
 
-Recipe (REFERENCE.md): random anchors per packed window, blocks `[anchor, MASK x (K-1)]` reading the
+Recipe (the paper's; docs/TRAINING.md): random anchors per packed window, blocks `[anchor, MASK x (K-1)]` reading the
 AR prefix before the anchor, one denoising step, forward KL to the AR's teacher-forced distributions,
 AdamW with warm-up and cosine decay, gradient clipping. Only the twins (or their low-rank deltas)
 train. Batches are a pure function of (seed, step), so a resumed run continues exactly.
