@@ -18,6 +18,8 @@ class SamplingParams:
     # Orthrus: None = the engine's draft length; 1 = plain AR for this request.
     block_size: int | None = None
     use_diffusion: bool = True
+    # Offline use: callables (history, logits [V]) -> logits [V] applied to every AR and draft row alike.
+    logits_processors: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -45,6 +47,8 @@ class SamplingParams:
             raise OrthrusInputError("stop", f"must be a list of non-empty strings, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, list) or not all(is_int(t) for t in self.stop_token_ids):
             raise OrthrusInputError("stop_token_ids", f"must be a list of integers, got {self.stop_token_ids!r}")
+        if not isinstance(self.logits_processors, list) or not all(map(callable, self.logits_processors)):
+            raise OrthrusInputError("logits_processors", "must be a list of callables (history, logits) -> logits")
         if self.block_size is not None and (not is_int(self.block_size) or self.block_size < 1):
             raise OrthrusInputError("block_size", f"must be an integer >= 1, got {self.block_size!r}")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from orthrus_engines.engine.draft_policy import AcceptanceStats
+from orthrus_engines.engine.logits_processors import process_row, process_rows
 from orthrus_engines.engine.model_runner import ModelRunner
 from orthrus_engines.engine.sampler import greedy_accept, probs_from_logits, sample, seeded_draws, speculative_accept
 from orthrus_engines.engine.scheduler import DecodeBatch, PrefillBatch
@@ -115,8 +116,7 @@ class OrthrusStep:
             row = 0
             for i in drafting:
                 n = ks[i] - 1
-                drafts[i], q_probs[i] = self._draw(seqs[i], logits[row : row + n], argmax[row : row + n],
-                                                   len(seqs[i].token_ids))
+                drafts[i], q_probs[i] = self._draw(seqs[i], logits[row : row + n], argmax[row : row + n], [])
                 row += n
         except Exception as e:
             self._draft_fallback(e)
@@ -178,8 +178,7 @@ class OrthrusStep:
             argmax = logits.argmax(-1).tolist()
             out, row = [], 0
             for seq, _, new, m in running:  # drafts for the positions after the tokens this step commits
-                start = len(seq.token_ids) + len(new)
-                out.append(self._draw(seq, logits[row : row + m], argmax[row : row + m], start) if m else ([], None))
+                out.append(self._draw(seq, logits[row : row + m], argmax[row : row + m], new) if m else ([], None))
                 row += m
             return out
         except Exception as e:
@@ -199,10 +198,13 @@ class OrthrusStep:
         seq.accepted_tokens += accepted
 
     @staticmethod
-    def _draw(seq: Sequence, logits: torch.Tensor, argmax: list[int], start: int
+    def _draw(seq: Sequence, logits: torch.Tensor, argmax: list[int], committed: list[int]
               ) -> tuple[list[int], torch.Tensor | None]:
-        """Drafts for sequence positions start, start + 1, ..: their argmax (greedy), the seeded draws
-        from q (seeded), or samples and the q they came from."""
+        """Drafts for the positions after the sequence's tokens and the `committed` ones this step adds: their
+        argmax (greedy), the seeded draws from q (seeded), or samples and the q they came from."""
+        start = len(seq.token_ids) + len(committed)
+        if seq.processors:
+            return OrthrusStep._draw_processed(seq, logits, seq.token_ids + committed)
         if seq.params.greedy:
             return argmax, None
         if seq.seeded:
@@ -211,12 +213,32 @@ class OrthrusStep:
         return [sample(q[j], seq.generator) for j in range(len(argmax))], q
 
     @staticmethod
+    def _draw_processed(seq: Sequence, logits: torch.Tensor, history: list[int]
+                        ) -> tuple[list[int], torch.Tensor | None]:
+        """Drafts one at a time, each from its row processed after the drafts drawn before it."""
+        drafts: list[int] = []
+        q_rows: list[torch.Tensor] = []
+        for j in range(logits.shape[0]):
+            row = process_row(seq.processors, history + drafts, logits[j])[None]
+            if seq.params.greedy:
+                drafts.append(int(row.argmax()))
+            elif seq.seeded:
+                drafts += seeded_draws(row, seq.params, seq.params.seed, len(history) + j)
+            else:
+                q_rows.append(probs_from_logits(row, seq.params).cpu()[0])
+                drafts.append(sample(q_rows[-1], seq.generator))
+        return drafts, torch.stack(q_rows) if q_rows else None
+
+    @staticmethod
     def _try_accept(seq: Sequence, drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor,
                     argmax: list[int]) -> Result:
         """Tokens a step commits: accepted drafts and one more, from the AR logits of `[anchor, drafts...]`.
         Seeded: the drafts equal to the AR's own seeded draws, then its draw at the first mismatch (or
         after the last draft): exactly plain AR with that noise. A fault here is this sequence's alone."""
         try:
+            if seq.processors:  # the AR rows as plain AR decoding with these processors sees them
+                logits = process_rows(seq.processors, seq.token_ids, drafts, logits)
+                argmax = logits.argmax(-1).tolist()
             if seq.params.greedy:
                 return greedy_accept(drafts, argmax)
             if seq.seeded:

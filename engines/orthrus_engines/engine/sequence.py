@@ -11,6 +11,7 @@ import itertools
 import torch
 
 from orthrus_engines.engine.detokenizer import Detokenizer
+from orthrus_engines.engine.logits_processors import LogitsProcessor
 from orthrus_engines.sampling_params import SamplingParams
 
 _arrival = itertools.count()
@@ -31,6 +32,8 @@ class Sequence:
         self.prompt_tokens = len(prompt_ids)
         self.block_size = block_size  # K for this request (1 = plain AR), the most the policy may pick
         self.auto_k = auto_k  # the engine's draft-length policy picks K each step
+        # Applied alike to the AR and draft rows (engine/logits_processors.py).
+        self.processors: list[LogitsProcessor] = list(params.logits_processors)
         self.status = Status.WAITING
         self.arrival = next(_arrival)
         # Paged KV state.
