@@ -39,6 +39,13 @@ def copy_counters(msg: pb.GenerateResponse, out: RequestOutput) -> None:
         setattr(msg, name, value)
 
 
+def copy_logprobs(msg: pb.GenerateResponse, out: RequestOutput) -> None:
+    """The delta's token logprobs (and their alternatives), appended."""
+    for lp in out.logprobs or []:
+        msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
+                         top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
 def set_error(ctx, e: BaseException) -> None:
     if isinstance(e, Unauthenticated):
         ctx.set_code(grpc.StatusCode.UNAUTHENTICATED)

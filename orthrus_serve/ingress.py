@@ -115,7 +115,7 @@ class Ingress:
             else:
                 prompt = oai.completion_prompt(body)
                 ids = (prep.inputs.text_ids if isinstance(prompt, str) else prep.inputs.token_ids)(prompt, "prompt")
-            req = prep.prepare(ids, oai.sampling_fields(body, prep.inputs.max_model_len - len(ids)))
+            req = prep.prepare(ids, oai.sampling_fields(body, prep.inputs.max_model_len - len(ids), chat))
             include_usage = fields.include_usage(body)
         except (OrthrusInputError, fields.UnknownModel) as e:
             return self._refused(e)
@@ -123,23 +123,32 @@ class Ingress:
         if body.get("stream"):
             return StreamingResponse(self._sse(req, rid, chat, include_usage), media_type="text/event-stream")
         try:
-            text, last = "", None
+            text, last, lps = "", None, []
             async for delta in self.stream(req):
-                text, last = text + delta.text, delta
+                text, last, lps = text + delta.text, delta, lps + (delta.logprobs or [])
         except REPLICA_LOST:
             return JSONResponse(oai.error_body("the engine replica was lost; retry", None, "unavailable"),
                                 status_code=503)
         make = oai.chat_response if chat else oai.completion_response
-        return make(rid, self.model_name, text, last)
+        return make(rid, self.model_name, text, last, self._logprobs(req, lps, chat))
+
+    def _logprobs(self, req: PreparedRequest, lps: list, chat: bool, offset: int = 0) -> dict | None:
+        """The response's logprobs object, if the request asked for it."""
+        if req.params.logprobs is None:
+            return None
+        text = self.preparer.token_text
+        return oai.chat_logprobs(lps, text) if chat else oai.completion_logprobs(lps, text, offset)
 
     async def _sse(self, req: PreparedRequest, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         if chat:
             yield oai.sse(oai.chat_chunk(rid, self.model_name, None, include_usage))
         try:
-            last = None
+            last, offset = None, 0
             async for last in self.stream(req):
                 make = oai.chat_chunk if chat else oai.completion_chunk
-                yield oai.sse(make(rid, self.model_name, last, include_usage))
+                logprobs = self._logprobs(req, last.logprobs or [], chat, offset)
+                offset += sum(len(self.preparer.token_text(t)) for t in last.token_ids) if logprobs else 0
+                yield oai.sse(make(rid, self.model_name, last, include_usage, logprobs))
             if include_usage and last is not None:
                 yield oai.sse(oai.usage_chunk(rid, self.model_name, chat, last))
         except REPLICA_LOST:
@@ -205,6 +214,7 @@ class Ingress:
                 final.text += delta.text
                 final.token_ids.extend(delta.token_ids)
                 grpc_api.copy_counters(final, delta)
+                grpc_api.copy_logprobs(final, delta)
             return final
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             grpc_api.set_error(grpc_context, e)
@@ -216,6 +226,7 @@ class Ingress:
             async for delta in self.stream(req):
                 msg = pb.GenerateResponse(request_id=req.request_id, text=delta.text, token_ids=delta.token_ids)
                 grpc_api.copy_counters(msg, delta)
+                grpc_api.copy_logprobs(msg, delta)
                 yield msg
         except Exception as e:  # noqa: BLE001
             grpc_api.set_error(grpc_context, e)

@@ -4,9 +4,11 @@ import json
 import time
 import uuid
 
+from collections.abc import Callable
+
 from orthrus_engines import OrthrusInputError, RequestOutput
-from orthrus_engines.outputs import COUNTERS
-from orthrus_serve.openai_fields import SAMPLING_MAP
+from orthrus_engines.outputs import COUNTERS, TokenLogprob
+from orthrus_serve.openai_fields import SAMPLING_MAP, logprobs_request
 
 
 def parse_body(raw: bytes) -> dict:
@@ -19,14 +21,37 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def sampling_fields(body: dict, room: int) -> dict:
+def sampling_fields(body: dict, room: int, chat: bool = False) -> dict:
     """The body's sampling fields under SamplingParams' names (request_prep.sampling_params checks them).
     `room`: what the window leaves after the prompt, the max_tokens of a request that sets none (as vLLM)."""
     params = {ours: body[theirs] for theirs, ours in SAMPLING_MAP.items() if body.get(theirs) is not None}
     if isinstance(params.get("stop"), str):
         params["stop"] = [params["stop"]]
     params.setdefault("max_tokens", room)
+    if (logprobs := logprobs_request(body, chat)) is not None:
+        params["logprobs"] = logprobs
     return params
+
+
+TokenText = Callable[[int], str]  # a token id's text
+
+
+def completion_logprobs(lps: list[TokenLogprob], text: TokenText, offset: int = 0) -> dict:
+    """The completions API's logprobs object; text_offset counts from `offset` in the completion's text."""
+    tokens = [text(lp.token_id) for lp in lps]
+    offsets = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{text(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
+def chat_logprobs(lps: list[TokenLogprob], text: TokenText) -> dict:
+    """The chat API's logprobs object: per token its text, logprob, UTF-8 bytes and top alternatives."""
+    def entry(token_id: int, logprob: float) -> dict:
+        s = text(token_id)
+        return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
+
+    return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in lps]}
 
 
 def completion_prompt(body: dict):
@@ -63,33 +88,35 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def completion_response(rid: str, model: str, text: str, last: RequestOutput) -> dict:
+def completion_response(rid: str, model: str, text: str, last: RequestOutput, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": logprobs}],
             "usage": usage(last.counters())}
 
 
-def completion_chunk(rid: str, model: str, delta: RequestOutput, include_usage: bool) -> dict:
+def completion_chunk(rid: str, model: str, delta: RequestOutput, include_usage: bool,
+                     logprobs: dict | None = None) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
              "choices": [{"index": 0, "text": delta.text, "finish_reason": delta.finish_reason,
-                          "logprobs": None}]}
+                          "logprobs": logprobs}]}
     return chunk | ({"usage": None} if include_usage else {})
 
 
-def chat_response(rid: str, model: str, text: str, last: RequestOutput) -> dict:
+def chat_response(rid: str, model: str, text: str, last: RequestOutput, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": last.finish_reason, "logprobs": None}],
+                         "finish_reason": last.finish_reason, "logprobs": logprobs}],
             "usage": usage(last.counters())}
 
 
-def chat_chunk(rid: str, model: str, delta: RequestOutput | None, include_usage: bool) -> dict:
+def chat_chunk(rid: str, model: str, delta: RequestOutput | None, include_usage: bool,
+               logprobs: dict | None = None) -> dict:
     """delta None: the opening chunk that names the role."""
     if delta is None:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
     else:
         choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
-                  "finish_reason": delta.finish_reason}
+                  "finish_reason": delta.finish_reason, "logprobs": logprobs}
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
              "choices": [choice]}
     return chunk | ({"usage": None} if include_usage else {})

@@ -11,15 +11,14 @@ SAMPLING_MAP = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens
                 "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "block_size": "block_size",
                 "use_diffusion": "use_diffusion"}
 _GENERATE = {"model", "user", "stream", "stream_options", *SAMPLING_MAP}
-COMPLETION_FIELDS = frozenset(_GENERATE - {"max_completion_tokens"} | {"prompt"})
-CHAT_FIELDS = frozenset(_GENERATE | {"messages"})
+COMPLETION_FIELDS = frozenset(_GENERATE - {"max_completion_tokens"} | {"prompt", "logprobs"})
+CHAT_FIELDS = frozenset(_GENERATE | {"messages", "logprobs", "top_logprobs"})
 TOKENIZE_FIELDS = frozenset({"model", "prompt"})
 TOKENIZE_CHAT_FIELDS = frozenset({"model", "messages"})
 DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
 
 # Fields accepted only at the value that changes nothing (null, OpenAI's "not set", is accepted for any field).
-NO_OP_VALUES = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "echo": False,
-                "logprobs": False}
+NO_OP_VALUES = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "echo": False}
 _STRING_FIELDS = ("model", "user")
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -65,6 +64,21 @@ def include_usage(body: dict) -> bool:
     if opts.get("include_usage") is not None and not isinstance(opts["include_usage"], bool):
         raise OrthrusInputError("stream_options.include_usage", "must be true or false")
     return bool(opts.get("include_usage"))
+
+
+def logprobs_request(body: dict, chat: bool) -> int | None:
+    """SamplingParams.logprobs from OpenAI's fields: completions `logprobs: n` (alternatives per token);
+    chat `logprobs: true` and `top_logprobs: n` (default 0). SamplingParams checks the range."""
+    if not chat:
+        return body.get("logprobs")
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise OrthrusInputError("logprobs", "must be true or false")
+    if top is not None and not wanted:
+        raise OrthrusInputError("top_logprobs", "requires logprobs: true")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool)):
+        raise OrthrusInputError("top_logprobs", f"must be an integer, got {top!r}")
+    return (top or 0) if wanted else None
 
 
 def check_model(body: dict, served: str) -> None:

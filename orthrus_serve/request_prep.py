@@ -18,7 +18,7 @@ from orthrus_engines.validation import check_token_ids
 
 # The sampling fields a request may set (the gRPC GenerateRequest's and the OpenAI body's, mapped).
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                   "ignore_eos", "block_size", "use_diffusion")
+                   "ignore_eos", "block_size", "use_diffusion", "logprobs")
 
 
 @dataclass
@@ -56,6 +56,11 @@ class RequestPreparer:
         # The engine caches all but the last prompt token: those are the pages a replica can hold.
         hashes = page_hashes(token_ids[:-1], self.page_size, self.fingerprint)
         return PreparedRequest(request_id or uuid.uuid4().hex, token_ids, sp, hashes)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text (its id in brackets for a model without a tokenizer)."""
+        tok = self.inputs.tokenizer
+        return tok.decode([token_id]) if tok is not None else f"<{token_id}>"
 
     def detokenize(self, tokens, field: str = "tokens") -> str:
         """The text of token ids in the vocabulary (any number of them: an output may fill the window)."""

@@ -44,8 +44,9 @@ class LLM:
             for delta in self.core.step():
                 acc = results.setdefault(delta.request_id, RequestOutput(delta.request_id, [], ""))
                 text, tokens = acc.text + delta.text, acc.token_ids + delta.token_ids
+                logprobs = (acc.logprobs or []) + delta.logprobs if delta.logprobs is not None else None
                 acc.__dict__.update(delta.__dict__)
-                acc.text, acc.token_ids = text, tokens
+                acc.text, acc.token_ids, acc.logprobs = text, tokens, logprobs
         return [results[r] for r in rids]
 
     def reset_prefix_cache(self) -> None:

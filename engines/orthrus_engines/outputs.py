@@ -6,6 +6,20 @@ COUNTERS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "forwa
             "accepted_tokens")
 
 
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (OpenAI's chat limit)
+
+
+@dataclass
+class TokenLogprob:
+    """An output token's log probability under the AR view's distribution (after the request's processing,
+    temperature, top-k and top-p; greedy: the model's own log-softmax), and the `top` most likely tokens at
+    its position, best first (tokens that top-k / top-p drop are never among them)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class RequestOutput:
     """What a request produced. From `AsyncEngine.generate`: a delta (the new tokens and text since
@@ -23,6 +37,7 @@ class RequestOutput:
     drafted_tokens: int = 0  # draft tokens proposed by the diffusion view
     accepted_tokens: int = 0  # drafts the AR view accepted (counted before a stop cuts the block)
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, if the request asked for them
 
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTERS}

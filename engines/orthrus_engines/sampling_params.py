@@ -1,6 +1,7 @@
 from dataclasses import dataclass, field
 
 from orthrus_engines.errors import OrthrusInputError
+from orthrus_engines.outputs import MAX_LOGPROBS
 
 
 @dataclass
@@ -18,6 +19,8 @@ class SamplingParams:
     # Orthrus: None = the engine's draft length; 1 = plain AR for this request.
     block_size: int | None = None
     use_diffusion: bool = True
+    # Log probabilities of the output tokens and this many alternatives each (0: the tokens' own only).
+    logprobs: int | None = None
     # Offline use: callables (history, logits [V]) -> logits [V] applied to every AR and draft row alike.
     logits_processors: list = field(default_factory=list)
 
@@ -49,6 +52,8 @@ class SamplingParams:
             raise OrthrusInputError("stop_token_ids", f"must be a list of integers, got {self.stop_token_ids!r}")
         if not isinstance(self.logits_processors, list) or not all(map(callable, self.logits_processors)):
             raise OrthrusInputError("logits_processors", "must be a list of callables (history, logits) -> logits")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise OrthrusInputError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.block_size is not None and (not is_int(self.block_size) or self.block_size < 1):
             raise OrthrusInputError("block_size", f"must be an integer >= 1, got {self.block_size!r}")
 

@@ -19,8 +19,7 @@ def refused(fn, *args) -> OrthrusInputError:
 
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", [{}]),
-    ("function_call", "auto"), ("response_format", {"type": "json_object"}), ("logprobs", True),
-    ("top_logprobs", 2), ("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 1}),
+    ("function_call", "auto"), ("response_format", {"type": "json_object"}), ("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 1}),
     ("audio", {"voice": "x"}), ("modalities", ["text"]), ("parallel_tool_calls", True), ("min_tokens", 2),
     ("n", True), ("a_field_openai_adds_later", 1)])
 def test_chat_refuses_what_it_does_not_implement_by_name(field, value):
@@ -28,8 +27,8 @@ def test_chat_refuses_what_it_does_not_implement_by_name(field, value):
     assert e.field == field
 
 
-@pytest.mark.parametrize("field,value", [("best_of", 3), ("suffix", "end"), ("echo", True), ("logprobs", 1),
-                                         ("max_completion_tokens", 4), ("messages", USER)])
+@pytest.mark.parametrize("field,value", [("best_of", 3), ("suffix", "end"), ("echo", True),
+                                         ("max_completion_tokens", 4), ("top_logprobs", 2), ("messages", USER)])
 def test_completions_refuse_what_they_do_not_implement_by_name(field, value):
     assert refused(fields.check_fields, {"prompt": "hi", field: value}, fields.COMPLETION_FIELDS).field == field
 
@@ -38,7 +37,7 @@ def test_completions_refuse_what_they_do_not_implement_by_name(field, value):
 def test_harmless_fields_and_no_op_values_are_accepted(allowed):
     body = {"model": "m", "user": "u", "stream": True, "stream_options": {"include_usage": True}, "n": 1,
             "presence_penalty": 0, "frequency_penalty": 0.0, "seed": 3, "stop": ["x"], "tools": None,
-            "logprobs": False, "max_tokens": 4, "temperature": 0}
+            "max_tokens": 4, "temperature": 0}
     fields.check_fields(body, allowed)
     assert fields.include_usage(body)
 

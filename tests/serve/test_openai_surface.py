@@ -143,16 +143,68 @@ def test_tokenize_bad_input_is_400(http, path, body, field):
     assert err["message"].startswith(f"{field}:") and err["type"] == "invalid_request_error"
 
 
+# -- log probabilities ------------------------------------------------------------------------------
+
+
+def _ref_logprobs(reference_llm, prompt, top: int, chat: bool = False):
+    sp = SamplingParams(max_tokens=SHORT, logprobs=top)
+    out = (reference_llm.chat(prompt, sp) if chat else reference_llm.generate(prompt, sp))[0]
+    return out, [lp.logprob for lp in out.logprobs], [[t for t, _ in lp.top] for lp in out.logprobs]
+
+
+def test_completions_logprobs_equal_the_engine(oai, reference_llm):
+    """Non-stream and stream: one entry per token, the engine's values and alternatives, token texts that
+    spell the completion, offsets into it."""
+    ref, values, tops = _ref_logprobs(reference_llm, PROMPT, 2)
+    decode = reference_llm.tokenizer.decode
+    c = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=SHORT, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(values, abs=1e-5) and len(values) == c.usage.completion_tokens
+    assert lp.tokens == [decode([t]) for t in ref.token_ids] and "".join(lp.tokens) == c.choices[0].text
+    assert [list(d) for d in lp.top_logprobs] == [[decode([t]) for t in top] for top in tops]
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    chunks = list(oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=SHORT, temperature=0, logprobs=2,
+                                         stream=True))
+    streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(values, abs=1e-5)
+    offsets = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
+
+
+def test_chat_logprobs_equal_the_engine(oai, reference_llm):
+    ref, values, tops = _ref_logprobs(reference_llm, CHAT, 3, chat=True)
+    decode = reference_llm.tokenizer.decode
+    c = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=SHORT, temperature=0, logprobs=True,
+                                    top_logprobs=3)
+    content = c.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx(values, abs=1e-5)
+    assert [e.token for e in content] == [decode([t]) for t in ref.token_ids]
+    assert all(e.bytes == list(e.token.encode()) for e in content)
+    assert [[a.token for a in e.top_logprobs] for e in content] == [[decode([t]) for t in top] for top in tops]
+    plain = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_grpc_logprobs_equal_the_engine(client, reference_llm):
+    ref, values, tops = _ref_logprobs(reference_llm, PROMPT, 2)
+    r = client.generate(PROMPT, max_tokens=SHORT, logprobs=2)
+    assert [lp.token_id for lp in r.logprobs] == list(r.token_ids) == ref.token_ids
+    assert [lp.logprob for lp in r.logprobs] == pytest.approx(values, abs=1e-5)
+    assert [[a.token_id for a in lp.top] for lp in r.logprobs] == tops
+    streamed = [lp.logprob for msg in client.generate_stream(PROMPT, max_tokens=SHORT, logprobs=2) for lp in msg.logprobs]
+    assert streamed == pytest.approx(values, abs=1e-5)
+    assert not client.generate(PROMPT, max_tokens=2).logprobs
+
+
 # -- what is not implemented is refused by name -----------------------------------------------------
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
 CHAT_REFUSED = [
     {"tools": TOOLS}, {"tool_choice": "none"}, {"functions": [{"name": "f", "parameters": {}}]},
-    {"function_call": "none"}, {"response_format": {"type": "json_object"}}, {"logprobs": True},
-    {"top_logprobs": 2}, {"n": 2}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}, {"logit_bias": {"5": 1}},
+    {"function_call": "none"}, {"response_format": {"type": "json_object"}}, {"n": 2}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}, {"logit_bias": {"5": 1}},
     {"audio": {"voice": "alloy", "format": "wav"}}, {"modalities": ["text", "audio"]}, {"parallel_tool_calls": False},
     {"extra_body": {"repetition_penalty": 1.2}}]
-COMPLETION_REFUSED = [{"best_of": 2}, {"suffix": "!"}, {"echo": True}, {"logprobs": 2}, {"n": 3},
+COMPLETION_REFUSED = [{"best_of": 2}, {"suffix": "!"}, {"echo": True}, {"n": 3},
                       {"presence_penalty": 1.0}, {"logit_bias": {"5": 1}}]
 
 

@@ -21,7 +21,8 @@ import torch
 from orthrus_engines.engine.draft_policy import AcceptanceStats
 from orthrus_engines.engine.logits_processors import process_row, process_rows
 from orthrus_engines.engine.model_runner import ModelRunner
-from orthrus_engines.engine.sampler import greedy_accept, probs_from_logits, sample, seeded_draws, speculative_accept
+from orthrus_engines.engine.sampler import (greedy_accept, probs_from_logits, sample, seeded_draws, speculative_accept,
+                                            token_logprobs)
 from orthrus_engines.engine.scheduler import DecodeBatch, PrefillBatch
 from orthrus_engines.engine.sequence import Sequence
 
@@ -240,11 +241,15 @@ class OrthrusStep:
                 logits = process_rows(seq.processors, seq.token_ids, drafts, logits)
                 argmax = logits.argmax(-1).tolist()
             if seq.params.greedy:
-                return greedy_accept(drafts, argmax)
-            if seq.seeded:
-                return greedy_accept(drafts, seeded_draws(logits, seq.params, seq.params.seed, len(seq.token_ids)))
-            p = probs_from_logits(logits, seq.params).cpu()
-            return speculative_accept(drafts, q, p, seq.generator) if drafts else [sample(p[0], seq.generator)]
+                new = greedy_accept(drafts, argmax)
+            elif seq.seeded:
+                new = greedy_accept(drafts, seeded_draws(logits, seq.params, seq.params.seed, len(seq.token_ids)))
+            else:
+                p = probs_from_logits(logits, seq.params).cpu()
+                new = speculative_accept(drafts, q, p, seq.generator) if drafts else [sample(p[0], seq.generator)]
+            if seq.params.logprobs is not None:  # the AR rows the committed tokens were chosen from
+                seq.step_logprobs = token_logprobs(logits, seq.params, new)
+            return new
         except Exception as e:
             return e
 

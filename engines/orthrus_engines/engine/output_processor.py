@@ -16,8 +16,11 @@ class OutputProcessor:
         p = seq.params
         max_stop = max((len(s) for s in p.stop), default=0)
         stopped_by_string, appended = False, 0
+        step_logprobs, seq.step_logprobs = seq.step_logprobs, None
         for t in tokens:
             seq.token_ids.append(t)
+            if step_logprobs is not None:
+                seq.logprobs.append(step_logprobs[appended])
             appended += 1
             if seq.detok is not None:
                 before = len(seq.text)
@@ -55,6 +58,7 @@ class OutputProcessor:
             finished=finished,
             finish_reason=seq.finish_reason,
             error=seq.error,
+            logprobs=seq.logprobs[seq.emitted_tokens :] if seq.params.logprobs is not None else None,
             **{name: getattr(seq, name) for name in COUNTERS},  # a sequence's counters go by the same names
         )
         seq.emitted_tokens, seq.emitted_text = seq.completion_tokens, visible

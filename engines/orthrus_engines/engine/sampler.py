@@ -12,6 +12,7 @@ plain AR with this noise whatever the block size, cycle or batch.
 import torch
 
 from orthrus_engines.engine.gumbel import gumbel_noise
+from orthrus_engines.outputs import TokenLogprob
 from orthrus_engines.sampling_params import SamplingParams
 
 
@@ -41,6 +42,17 @@ def seeded_draws(logits: torch.Tensor, params: SamplingParams, seed: int, start:
     z = filtered_logits(logits, params)
     positions = torch.arange(start, start + z.shape[0], device=z.device)
     return (z + gumbel_noise(seed, positions, z.shape[-1])).argmax(-1).tolist()
+
+
+def token_logprobs(logits: torch.Tensor, params: SamplingParams, tokens: list[int]) -> list[TokenLogprob]:
+    """Row i's log probability of tokens[i] and its params.logprobs best alternatives, under the distribution
+    the token was chosen from: the log-softmax of the logits (greedy) or of the filtered logits (sampled)."""
+    rows = logits[: len(tokens)].float()
+    lp = torch.log_softmax(rows if params.greedy else filtered_logits(rows, params), -1)
+    chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    top_lp, top_ids = lp.topk(params.logprobs, -1) if params.logprobs else (lp[:, :0], lp[:, :0].long())
+    return [TokenLogprob(t, c, [(i, v) for i, v in zip(ids, vals) if v > float("-inf")])
+            for t, c, ids, vals in zip(tokens, chosen, top_ids.tolist(), top_lp.tolist())]
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:

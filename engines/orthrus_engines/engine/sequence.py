@@ -12,6 +12,7 @@ import torch
 
 from orthrus_engines.engine.detokenizer import Detokenizer
 from orthrus_engines.engine.logits_processors import LogitsProcessor
+from orthrus_engines.outputs import TokenLogprob
 from orthrus_engines.sampling_params import SamplingParams
 
 _arrival = itertools.count()
@@ -54,6 +55,8 @@ class Sequence:
         self.text = ""
         self.emitted_tokens = 0  # output tokens already sent as deltas
         self.emitted_text = 0
+        self.logprobs: list[TokenLogprob] = []  # per output token, if the request asked for them
+        self.step_logprobs: list[TokenLogprob] | None = None  # the step's, until its tokens are committed
         self.finish_reason: str | None = None
         self.error: str | None = None
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
