@@ -13,6 +13,16 @@ GRPC_HEALTH_SERVICER = "orthrus_serve.grpc_health.add_HealthServicer_to_server" 
 GRPC_SERVICERS = [GRPC_SERVICER, GRPC_HEALTH_SERVICER]  # Serve's gRPCOptions.grpc_servicer_functions
 
 
+def replica_bundles(cfg: ServeConfig) -> list[dict[str, float]]:
+    """A replica's placement group under tensor parallelism (N ranks): bundle 0 is the replica actor
+    (rank 0) with all N GPUs, since the replica starts ranks 1..N-1 as its own worker processes and
+    they use its devices (rank r: cuda:r of the GPUs Ray gave the replica); bundles 1..N-1 reserve
+    each worker rank's CPUs. Deployed STRICT_PACK: every rank on one node (they meet on loopback)."""
+    replica = {"CPU": cfg.replica_num_cpus, "GPU": cfg.replica_num_gpus, **cfg.replica_resources}
+    workers = [{"CPU": cfg.replica_num_cpus}] * (cfg.tensor_parallel_size - 1)
+    return [{k: v for k, v in replica.items() if v > 0}] + workers
+
+
 def engine_options(cfg: ServeConfig) -> dict:
     opts: dict = {
         "ray_actor_options": {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus,
@@ -21,6 +31,9 @@ def engine_options(cfg: ServeConfig) -> dict:
         "health_check_period_s": 2.0,
         "graceful_shutdown_timeout_s": 10.0,
     }
+    if cfg.tensor_parallel_size > 1:
+        opts["placement_group_bundles"] = replica_bundles(cfg)
+        opts["placement_group_strategy"] = "STRICT_PACK"
     if cfg.router.kind == "prefix":
         opts["request_router_config"] = RequestRouterConfig(
             request_router_class="orthrus_serve.router:PrefixAwareRouter",

@@ -57,7 +57,7 @@ class ServeConfig(_Strict):
     router: RouterSettings = Field(default_factory=RouterSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     replica_num_cpus: float = Field(1.0, ge=0)
-    replica_num_gpus: float = Field(0.0, ge=0)
+    replica_num_gpus: float = Field(0.0, ge=0)  # with engine.tensor_parallel_size N > 1: N, or 0 (CPU ranks)
     replica_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per replica
     max_ongoing_requests: int = Field(64, ge=1)
     # The environment variable that holds the API key (on Kubernetes, from a Secret). The ingress
@@ -77,6 +77,23 @@ class ServeConfig(_Strict):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together (HTTPS needs both)")
         return self
+
+    @model_validator(mode="after")
+    def _devices_for_every_rank(self) -> "ServeConfig":
+        tp = self.tensor_parallel_size
+        if tp > 1 and self.replica_num_gpus not in (0, tp):
+            raise ValueError(f"replica_num_gpus must equal engine.tensor_parallel_size ({tp}: one GPU per rank) "
+                             f"or be 0 (ranks on CPU), got {self.replica_num_gpus}")
+        if tp > 1 and self.replica_num_cpus <= 0:
+            raise ValueError("replica_num_cpus must be > 0 with engine.tensor_parallel_size > 1 (each rank's CPUs "
+                             "are a bundle of the replica's placement group)")
+        return self
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """engine.tensor_parallel_size; a bad value is left for EngineArgs to name."""
+        tp = self.engine.get("tensor_parallel_size", 1)
+        return tp if isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1 else 1
 
     @property
     def served_model_name(self) -> str:

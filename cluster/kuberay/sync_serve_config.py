@@ -1,10 +1,11 @@
-"""Copy cluster/serve.yaml into the RayService's serveConfigV2, so the two never differ.
+"""Copy cluster/serve.yaml into the RayService's serveConfigV2 (and cluster/serve-tp2.yaml into the
+tp2 overlay's patch of it), so the copies never differ.
 
-    python cluster/kuberay/sync_serve_config.py          # rewrite rayservice.yaml's serveConfigV2
+    python cluster/kuberay/sync_serve_config.py          # rewrite each copy's serveConfigV2
     python cluster/kuberay/sync_serve_config.py --check  # exit 1 if it is out of date
 
 The block scalar after `serveConfigV2: |` is replaced by the Serve config's text, comments
-included; nothing else in rayservice.yaml changes.
+included; nothing else in the target file changes.
 """
 
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SERVE_CONFIG = HERE.parent / "serve.yaml"
 RAYSERVICE = HERE / "base" / "rayservice.yaml"
+COPIES = [(SERVE_CONFIG, RAYSERVICE), (HERE.parent / "serve-tp2.yaml", HERE / "tp2" / "rayservice-tp2.yaml")]
 KEY = "serveConfigV2: |"
 
 
@@ -31,17 +33,19 @@ def render(rayservice: str, serve_config: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    current = RAYSERVICE.read_text()
-    wanted = render(current, SERVE_CONFIG.read_text())
-    if "--check" in argv:
-        if current != wanted:
-            print(f"{RAYSERVICE} is out of date: run python {__file__}")
-            return 1
-        return 0
-    if current != wanted:
-        RAYSERVICE.write_text(wanted)
-        print(f"updated {RAYSERVICE}")
-    return 0
+    stale = 0
+    for serve_config, target in COPIES:
+        current = target.read_text()
+        wanted = render(current, serve_config.read_text())
+        if current == wanted:
+            continue
+        if "--check" in argv:
+            print(f"{target} is out of date: run python {__file__}")
+            stale = 1
+        else:
+            target.write_text(wanted)
+            print(f"updated {target}")
+    return stale
 
 
 if __name__ == "__main__":

@@ -448,7 +448,7 @@ def _rule_admits(rule: dict, src: dict, port: int) -> bool:
 # -- kustomize -------------------------------------------------------------------------------
 def render_kustomization(root: Path) -> list[dict]:
     """`kustomize build` for what this repository uses: `resources` (files and directories) and
-    `patches` with a path (strategic merge on maps, which is a deep merge)."""
+    `patches` with a path: a strategic merge (on maps, a deep merge) or a JSON 6902 list of `replace` ops."""
     k = yaml.safe_load((root / "kustomization.yaml").read_text())
     objs: list[dict] = []
     for res in k.get("resources", []):
@@ -459,13 +459,31 @@ def render_kustomization(root: Path) -> list[dict]:
             objs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     for patch in k.get("patches", []):
         body = yaml.safe_load((root / patch["path"]).read_text())
-        target = patch.get("target", {"kind": body["kind"], "name": body["metadata"]["name"]})
+        target = patch.get("target") or {"kind": body["kind"], "name": body["metadata"]["name"]}
         hits = [o for o in objs if o["kind"] == target.get("kind", o["kind"])
                 and o["metadata"]["name"] == target.get("name", o["metadata"]["name"])]
         if len(hits) != 1:
             raise ValueError(f"patch {patch['path']} matches {len(hits)} objects")
-        _merge(hits[0], {k: v for k, v in body.items() if k not in ("apiVersion", "kind")})
+        if isinstance(body, list):
+            _json6902(hits[0], body)
+        else:
+            _merge(hits[0], {k: v for k, v in body.items() if k not in ("apiVersion", "kind")})
     return objs
+
+
+def _json6902(obj: dict, ops: list[dict]) -> None:
+    """`replace` ops only (the path must exist, as kustomize requires)."""
+    for op in ops:
+        if op["op"] != "replace":
+            raise ValueError(f"unsupported JSON 6902 op {op['op']!r}")
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        node = obj
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        key = int(last) if isinstance(node, list) else last
+        if isinstance(node, dict) and key not in node:
+            raise KeyError(f"{op['path']}: nothing to replace")
+        node[key] = copy.deepcopy(op["value"])
 
 
 def _merge(dst: dict, src: dict) -> None:

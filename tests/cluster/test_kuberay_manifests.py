@@ -85,7 +85,7 @@ def _key(o: dict) -> tuple:
 
 # -- the files ---------------------------------------------------------------------------------
 def test_every_yaml_file_is_used_by_a_kustomization():
-    assert [p.relative_to(KUBERAY) for p in KUSTOMIZATIONS] == [Path("."), Path("base"), Path("gcs-ft")]
+    assert [p.relative_to(KUBERAY) for p in KUSTOMIZATIONS] == [Path("."), Path("base"), Path("gcs-ft"), Path("tp2")]
     resources, patches = referenced_files()
     for path in KUBERAY.rglob("*.y*ml"):
         assert path.name == "kustomization.yaml" or path.resolve() in resources | patches, f"{path} is in no kustomization"
@@ -183,12 +183,17 @@ def _sync_module():
 
 
 def test_serve_config_v2_is_cluster_serve_yaml():
+    """base: cluster/serve.yaml; tp2: cluster/serve-tp2.yaml (its patch of serveConfigV2)."""
     sync = _sync_module()
-    current = sync.RAYSERVICE.read_text()
-    assert sync.render(current, sync.SERVE_CONFIG.read_text()) == current, \
-        "serveConfigV2 differs from cluster/serve.yaml: run python cluster/kuberay/sync_serve_config.py"
-    rs = rayservice(load_all(sync.RAYSERVICE))
-    assert serve_config_v2(rs) == yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
+    assert [(s.name, t.relative_to(KUBERAY)) for s, t in sync.COPIES] == \
+        [("serve.yaml", Path("base/rayservice.yaml")), ("serve-tp2.yaml", Path("tp2/rayservice-tp2.yaml"))]
+    for serve_config, target in sync.COPIES:
+        current = target.read_text()
+        assert sync.render(current, serve_config.read_text()) == current, \
+            f"serveConfigV2 differs from {serve_config}: run python cluster/kuberay/sync_serve_config.py"
+    for root, name in ((KUBERAY, "serve.yaml"), (KUBERAY / "tp2", "serve-tp2.yaml")):
+        rs = rayservice(render_kustomization(root))
+        assert serve_config_v2(rs) == yaml.safe_load((REPO / "cluster" / name).read_text())
 
 
 def test_serve_config_v2_parses_and_its_import_path_builds_the_app():
@@ -217,10 +222,14 @@ def _containers(rs: dict) -> dict[str, dict]:
     return out
 
 
-def test_rayservice_fits_the_serve_config():
+@pytest.mark.parametrize("root", ["kuberay", "tp2"])
+def test_rayservice_fits_the_serve_config(root):
     import ray
 
-    objs = render_kustomization(KUBERAY)
+    from orthrus_serve.app import engine_options
+    from orthrus_serve.config import ServeConfig
+
+    objs = render_kustomization(KUBERAY if root == "kuberay" else KUBERAY / root)
     rs = rayservice(objs)
     serve = serve_config_v2(rs)
     (app,) = serve["applications"]
@@ -248,17 +257,25 @@ def test_rayservice_fits_the_serve_config():
         (env,) = [e for e in c["env"] if e["name"] == env_name]
         assert env["valueFrom"]["secretKeyRef"] == {"name": "orthrus-redis", "key": "password"}, name
 
-    # GPU workers sized for the replicas: whole replicas (of replica_num_gpus GPUs, the tensor-
-    # parallel size) per pod, CPUs for them and an ingress replica, and enough pods for the
-    # autoscaling range. The head takes no replicas.
+    # GPU workers sized for the replicas: whole replicas (of replica_num_gpus GPUs, one per tensor-
+    # parallel rank) per pod, CPUs for them (every bundle of a TP replica's placement group: its
+    # ranks are one node's) and an ingress replica, and enough pods for the autoscaling range. The
+    # head takes no replicas.
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     (group,) = spec["workerGroupSpecs"]
     limits = containers[group["groupName"]]["resources"]["limits"]
-    gpus, tp = int(quantity(limits["nvidia.com/gpu"])), args["replica_num_gpus"]
-    assert tp >= 1 and gpus % tp == 0
-    per_pod = gpus // tp
+    cfg = ServeConfig.model_validate(args)
+    opts = engine_options(cfg)
+    bundles = opts.get("placement_group_bundles", [{"CPU": cfg.replica_num_cpus, "GPU": cfg.replica_num_gpus}])
+    replica_gpus, replica_cpus = (sum(b.get(r, 0) for b in bundles) for r in ("GPU", "CPU"))
+    assert replica_gpus == cfg.replica_num_gpus == cfg.tensor_parallel_size
+    assert len(bundles) == 1 or opts["placement_group_strategy"] == "STRICT_PACK"
+    gpus = int(quantity(limits["nvidia.com/gpu"]))
+    assert gpus == quantity(containers[group["groupName"]]["resources"]["requests"]["nvidia.com/gpu"])
+    assert gpus % replica_gpus == 0
+    per_pod = gpus // int(replica_gpus)
     ingress = next(d for d in app["deployments"] if d["name"] == "OrthrusIngress")
-    assert quantity(limits["cpu"]) >= per_pod * args["replica_num_cpus"] + ingress["ray_actor_options"]["num_cpus"]
+    assert quantity(limits["cpu"]) >= per_pod * replica_cpus + ingress["ray_actor_options"]["num_cpus"]
     auto = args["autoscaling"]
     assert group["maxReplicas"] * per_pod >= auto["max_replicas"]
     assert group["minReplicas"] * per_pod >= auto["min_replicas"]

@@ -14,7 +14,7 @@ from orthrus_serve.app import GRPC_SERVICERS, engine_options
 from orthrus_serve.config import ServeConfig
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
-CONFIGS = {"serve.yaml": "gpu", "serve-cpu.yaml": "cpu", "local/serve.yaml": "multinode"}
+CONFIGS = {"serve.yaml": "gpu", "serve-tp2.yaml": "tp2", "serve-cpu.yaml": "cpu", "local/serve.yaml": "multinode"}
 
 
 def load(name: str) -> dict:
@@ -62,6 +62,18 @@ def test_the_gpu_config_is_a_real_deployment():
     assert args.index.redis_url and args.index.redis_password_env  # shared index, password from a Secret
     assert "@" not in args.index.redis_url  # no credentials in the config
     assert load("serve.yaml")["proxy_location"] == "EveryNode"
+
+
+def test_the_tp2_config_is_the_gpu_config_with_two_ranks_per_replica():
+    gpu, tp2 = (load(n)["applications"][0]["args"] for n in ("serve.yaml", "serve-tp2.yaml"))
+    cfg = ServeConfig.model_validate(tp2)
+    assert cfg.tensor_parallel_size == cfg.replica_num_gpus == 2 and cfg.model  # not the built-in (9 heads)
+    opts = engine_options(cfg)
+    assert opts["placement_group_bundles"] == [{"CPU": 3.0, "GPU": 2.0}, {"CPU": 3.0}]
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    same = {"model", "engine", "replica_num_cpus", "replica_num_gpus"}
+    assert {k: v for k, v in tp2.items() if k not in same} == {k: v for k, v in gpu.items() if k not in same}
+    assert {k: v for k, v in tp2["engine"].items() if k != "tensor_parallel_size"} == gpu["engine"]
 
 
 def test_the_cpu_config_runs_on_one_machine():

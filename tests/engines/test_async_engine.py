@@ -25,6 +25,7 @@ def engine(model_dir):
     yield eng
     eng.shutdown()
     assert not eng._thread.is_alive()
+    assert eng.core.closed  # the core closed too: a tensor-parallel one stops its workers here
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +185,7 @@ def test_shutdown_stops_the_engine_thread(model_dir):
     asyncio.run(collect(eng, "s", [1, 2, 3], SamplingParams(max_tokens=3)))
     eng.shutdown()
     assert not eng._thread.is_alive()
+    assert eng.core.closed  # the core closed too: a tensor-parallel one stops its workers here
 
 
 # -- incremental detokenization (built-in tokenizer) -------------------------------------------

@@ -39,7 +39,26 @@ def test_fixed_replicas_and_pow2_router():
     assert opts["num_replicas"] == 3 and "request_router_config" not in opts and "autoscaling_config" not in opts
 
 
+def test_tensor_parallel_replica_reserves_a_bundle_per_rank():
+    """TP = 2 on GPUs: the replica (rank 0) holds both GPUs in bundle 0, its worker's CPUs are bundle 1,
+    all on one node; Serve accepts the options (the actor fits its first bundle)."""
+    from orthrus_serve.engine_server import EngineServer
+
+    cfg = ServeConfig(engine={"tensor_parallel_size": 2}, replica_num_cpus=4, replica_num_gpus=2,
+                      replica_resources={"accel": 1})
+    opts = engine_options(cfg)
+    assert opts["placement_group_bundles"] == [{"CPU": 4.0, "GPU": 2.0, "accel": 1.0}, {"CPU": 4.0}]
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    assert opts["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 2.0, "resources": {"accel": 1.0}}
+    EngineServer.options(**opts)  # Serve's own check of the bundles against the actor's resources
+    cpu = engine_options(ServeConfig(engine={"tensor_parallel_size": 3}))
+    assert cpu["placement_group_bundles"] == [{"CPU": 1.0}] * 3 and cpu["ray_actor_options"]["num_gpus"] == 0
+    assert "placement_group_bundles" not in engine_options(ServeConfig(replica_num_gpus=1))  # one rank: no group
+
+
 @pytest.mark.parametrize("bad, field", [
+    ({"engine": {"tensor_parallel_size": 2}, "replica_num_gpus": 1}, "replica_num_gpus"),
+    ({"engine": {"tensor_parallel_size": 2}, "replica_num_cpus": 0}, "replica_num_cpus"),
     ({"num_replicas": 0}, "num_replicas"),
     ({"autoscaling": {"max_replicas": 0}}, "max_replicas"),
     ({"router": {"kind": "random"}}, "kind"),

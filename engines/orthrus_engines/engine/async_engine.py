@@ -76,6 +76,8 @@ class AsyncEngine:
         self._stopped = True
         self._commands.put(("stop",))
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():  # a step still running keeps its workers; they exit with this process
+            self.core.close()  # tensor-parallel workers stop now, not when the engine is collected
 
     # -- engine thread ------------------------------------------------------------------------
     def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
