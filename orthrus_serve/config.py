@@ -78,6 +78,14 @@ class ServeConfig(_Strict):
             raise ValueError("ssl_certfile and ssl_keyfile go together (HTTPS needs both)")
         return self
 
+    @model_validator(mode="after")
+    def _engine_backend(self) -> "ServeConfig":
+        """engine.backend: "torch" (default) or "trtllm", which needs tensorrt_llm (refused, named, without it)."""
+        from orthrus_engines.trtllm import validate_backend
+
+        validate_backend(self.engine.get("backend", "torch"), field="engine.backend")
+        return self
+
     @property
     def served_model_name(self) -> str:
         from pathlib import PurePath
