@@ -73,8 +73,9 @@ def test_block_inputs_and_draft_rows():
 
 
 def test_twin_names():
-    assert weights.twin_name("model.layers.3.self_attn.q_proj_diff.weight") == "model.layers.3.self_attn.twin.q_proj.weight"
-    assert weights.twin_name("model.layers.0.self_attn.k_norm_diff.weight") == "model.layers.0.self_attn.twin.k_norm.weight"
+    pre = "model.layers.3.self_attn."
+    assert weights.twin_name(f"{pre}q_proj_diff.weight") == f"{pre}twin.q_proj.weight"
+    assert weights.twin_name(f"{pre}k_norm_diff.weight") == f"{pre}twin.k_norm.weight"
     assert weights.twin_name("model.layers.0.self_attn.q_proj.weight") == "model.layers.0.self_attn.q_proj.weight"
 
 
@@ -86,7 +87,8 @@ def test_lowrank_head_merges_to_ar_plus_delta():
     base = {f"{pre}q_proj.weight": torch.randn(q, hidden), f"{pre}k_proj.weight": torch.randn(kv, hidden),
             f"{pre}v_proj.weight": torch.randn(kv, hidden), f"{pre}o_proj.weight": torch.randn(hidden, q),
             f"{pre}q_norm.weight": torch.randn(Dh), f"{pre}k_norm.weight": torch.randn(Dh)}
-    head = {f"{pre}qkv_proj_diff.lora_A": torch.randn(r, hidden), f"{pre}qkv_proj_diff.lora_B": torch.randn(q + 2 * kv, r),
+    head = {f"{pre}qkv_proj_diff.lora_A": torch.randn(r, hidden),
+            f"{pre}qkv_proj_diff.lora_B": torch.randn(q + 2 * kv, r),
             f"{pre}o_proj_diff.lora_A": torch.randn(r, q), f"{pre}o_proj_diff.lora_B": torch.randn(hidden, r)}
     out = weights.orthrus_weights(base, head, 1, H, KV, Dh)
     delta = head[f"{pre}qkv_proj_diff.lora_B"] @ head[f"{pre}qkv_proj_diff.lora_A"]
@@ -99,5 +101,6 @@ def test_lowrank_head_merges_to_ar_plus_delta():
 
 
 def test_checkpoint_without_twins_is_refused():
+    base = {"model.layers.0.self_attn.o_proj.weight": torch.zeros(2, 2)}
     with pytest.raises(OrthrusInputError, match="twins"):
-        weights.orthrus_weights({"model.layers.0.self_attn.o_proj.weight": torch.zeros(2, 2)}, None, 1, 1, 1, 2)
+        weights.orthrus_weights(base, None, 1, 1, 1, 2)

@@ -17,7 +17,8 @@ import torch
 
 from orthrus_engines.errors import OrthrusInputError
 
-_TWIN = re.compile(r"^(model\.layers\.\d+\.self_attn\.)(q_proj|k_proj|v_proj|o_proj|q_norm|k_norm)_diff\.(weight|bias)$")
+_TWIN = re.compile(
+    r"^(model\.layers\.\d+\.self_attn\.)(q_proj|k_proj|v_proj|o_proj|q_norm|k_norm)_diff\.(weight|bias)$")
 _LORA = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(qkv|o)_proj_diff\.lora_([AB])$")
 
 
@@ -49,7 +50,7 @@ def merge_lowrank(base: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], 
             delta = b.float() @ a.float()
             sizes = [size if size is not None else delta.shape[0] for _, size in parts]
             if sum(sizes) != delta.shape[0]:
-                raise OrthrusInputError("head", f"layer {i} {proj} delta has {delta.shape[0]} rows, expected {sum(sizes)}")
+                raise OrthrusInputError("head", f"layer {i} {proj} delta: {delta.shape[0]} rows, not {sum(sizes)}")
             for (name, _), chunk in zip(parts, delta.split(sizes)):
                 ar = base.get(f"{pre}{name}.weight")
                 if ar is None:
