@@ -95,6 +95,14 @@ class ServeConfig(_Strict):
         tp = self.engine.get("tensor_parallel_size", 1)
         return tp if isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1 else 1
 
+    @model_validator(mode="after")
+    def _engine_backend(self) -> "ServeConfig":
+        """engine.backend: "torch" (default) or "trtllm", which needs tensorrt_llm (refused, named, without it)."""
+        from orthrus_engines.trtllm import validate_backend
+
+        validate_backend(self.engine.get("backend", "torch"), field="engine.backend")
+        return self
+
     @property
     def served_model_name(self) -> str:
         from pathlib import PurePath

@@ -42,6 +42,17 @@ class EngineArgs:
     # ranks the model is split over (heads, KV heads, MLP and vocabulary): rank 0 is the engine process,
     # ranks 1..N-1 worker processes (gloo on CPU; NCCL on CUDA, rank r on cuda:r)
     tensor_parallel_size: int = 1
+    # "torch": this engine; "trtllm": Orthrus in TensorRT-LLM (orthrus_engines.trtllm), refused naming
+    # tensorrt_llm where it is not installed
+    backend: str = "torch"
+
+    def check_backend(self) -> None:
+        """The torch engine serves backend "torch"; "trtllm" runs in TensorRT-LLM's executor."""
+        from orthrus_engines.trtllm import validate_backend
+
+        if validate_backend(self.backend) == "trtllm":
+            raise OrthrusInputError("backend", "'trtllm' runs in TensorRT-LLM's own LLM, not this engine: call "
+                                    "orthrus_engines.trtllm.register() and give tensorrt_llm.LLM an OrthrusDecodingConfig")
 
     def resolve_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -35,6 +35,7 @@ class EngineCore:
     """The synchronous engine: requests in, one batched Orthrus step at a time, output deltas out."""
 
     def __init__(self, args: EngineArgs):
+        args.check_backend()
         self.args = args
         path = model_dir(args.model)
         self.tokenizer_path = Path(args.tokenizer).expanduser() if args.tokenizer else path
