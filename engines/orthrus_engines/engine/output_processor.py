@@ -55,6 +55,7 @@ class OutputProcessor:
             finished=finished,
             finish_reason=seq.finish_reason,
             error=seq.error,
+            index=seq.index,
             **{name: getattr(seq, name) for name in COUNTERS},  # a sequence's counters go by the same names
         )
         seq.emitted_tokens, seq.emitted_text = seq.completion_tokens, visible

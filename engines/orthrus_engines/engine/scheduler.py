@@ -96,6 +96,8 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.waits_for_leader():  # its prompt is being prefilled by its request's first sample
+                return
             self.pages.match_prefix(seq)
             need = seq.prefill_target + self.block_length(seq)
             headroom = self.pages.pages_for(need) - len(seq.page_table) + len(self.running)  # 1 page/running seq
