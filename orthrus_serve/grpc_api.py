@@ -32,11 +32,23 @@ def sampling_fields(request: pb.GenerateRequest) -> dict:
     return fields
 
 
-def copy_counters(msg: pb.GenerateResponse, out: RequestOutput) -> None:
-    """The finish reason and the counters (the response's fields have the counters' names)."""
+def copy_counters(msg: pb.GenerateResponse, out: RequestOutput, counters: dict[str, int] | None = None) -> None:
+    """The finish reason and the counters (the response's fields have the counters' names): `out`'s, or the
+    request's `counters` (`RequestAccumulator.counters()`) where given."""
     msg.finish_reason = out.finish_reason or ""
-    for name, value in out.counters().items():
+    for name, value in (counters if counters is not None else out.counters()).items():
         setattr(msg, name, value)
+
+
+def unary_response(request_id: str, result: RequestOutput) -> pb.GenerateResponse:
+    """The whole request (`RequestAccumulator.result()`): completion 0 in the top fields, every completion
+    in `completions`, the request's counters."""
+    msg = pb.GenerateResponse(request_id=request_id, text=result.text, token_ids=result.token_ids)
+    copy_counters(msg, result)
+    msg.completions.extend(pb.Completion(index=s.index, text=s.text, token_ids=s.token_ids,
+                                         finish_reason=s.finish_reason or "", completion_tokens=s.completion_tokens)
+                           for s in result.outputs)
+    return msg
 
 
 def set_error(ctx, e: BaseException) -> None:

@@ -106,6 +106,16 @@ def test_async_engine_streams_samples_by_index(model_dir, llm):
             aborted.append(d)
         assert sorted(d.index for d in aborted if d.finished) == [0, 1, 2]
         assert all(d.finish_reason == "abort" for d in aborted if d.finished)
+        before = engine.stats()["num_generated_tokens"]
+        stream = engine.generate("gone", prompt, SamplingParams(n=3, max_tokens=400, ignore_eos=True))
+        await anext(stream)
+        await stream.aclose()  # the caller leaves: every sample is aborted, every page freed
+        for _ in range(2000):
+            s = engine.stats()
+            if not (s["num_running"] or s["num_waiting"]):
+                break
+            await asyncio.sleep(0.01)
+        assert s["num_free_pages"] == s["num_pages"] and s["num_generated_tokens"] - before < 400  # none ran out
 
     try:
         asyncio.run(run())
