@@ -46,7 +46,8 @@ class RequestAccumulator:
         if acc is None:
             self.samples[delta.index] = replace(delta, token_ids=list(delta.token_ids))
             return
-        text, tokens = acc.text + delta.text, acc.token_ids + delta.token_ids
+        text, tokens = acc.text + delta.text, acc.token_ids
+        tokens.extend(delta.token_ids)
         acc.__dict__.update(delta.__dict__)
         acc.text, acc.token_ids = text, tokens
 
