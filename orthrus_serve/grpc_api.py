@@ -32,18 +32,36 @@ def sampling_fields(request: pb.GenerateRequest) -> dict:
     return fields
 
 
-def copy_counters(msg: pb.GenerateResponse, out: RequestOutput) -> None:
-    """The finish reason and the counters (the response's fields have the counters' names)."""
+def copy_counters(msg: pb.GenerateResponse, out: RequestOutput, counters: dict[str, int] | None = None) -> None:
+    """The finish reason and the counters (the response's fields have the counters' names): `out`'s, or the
+    request's `counters` (`RequestAccumulator.counters()`) where given."""
     msg.finish_reason = out.finish_reason or ""
-    for name, value in out.counters().items():
+    for name, value in (counters if counters is not None else out.counters()).items():
         setattr(msg, name, value)
 
 
+def logprob_messages(out: RequestOutput) -> list[pb.TokenLogprob]:
+    """The output's token logprobs (and their alternatives) as messages."""
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]) for lp in out.logprobs or []]
+
+
 def copy_logprobs(msg: pb.GenerateResponse, out: RequestOutput) -> None:
-    """The delta's token logprobs (and their alternatives), appended."""
-    for lp in out.logprobs or []:
-        msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
-                         top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+    """The delta's token logprobs, appended."""
+    msg.logprobs.extend(logprob_messages(out))
+
+
+def unary_response(request_id: str, result: RequestOutput) -> pb.GenerateResponse:
+    """The whole request (`RequestAccumulator.result()`): completion 0 in the top fields, every completion
+    in `completions`, the request's counters."""
+    msg = pb.GenerateResponse(request_id=request_id, text=result.text, token_ids=result.token_ids)
+    copy_counters(msg, result)
+    copy_logprobs(msg, result)
+    msg.completions.extend(pb.Completion(index=s.index, text=s.text, token_ids=s.token_ids,
+                                         finish_reason=s.finish_reason or "", completion_tokens=s.completion_tokens,
+                                         logprobs=logprob_messages(s))
+                           for s in result.outputs)
+    return msg
 
 
 def set_error(ctx, e: BaseException) -> None:

@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from orthrus_engines import OrthrusInputError, RequestOutput
+from orthrus_engines.outputs import RequestAccumulator
 from orthrus_serve import __version__, grpc_api, grpc_health
 from orthrus_serve import openai_fields as fields
 from orthrus_serve.api import orthrus_pb2 as pb
@@ -123,14 +124,14 @@ class Ingress:
         if body.get("stream"):
             return StreamingResponse(self._sse(req, rid, chat, include_usage), media_type="text/event-stream")
         try:
-            text, last, lps = "", None, []
+            acc = RequestAccumulator()
             async for delta in self.stream(req):
-                text, last, lps = text + delta.text, delta, lps + (delta.logprobs or [])
+                acc.add(delta)
         except REPLICA_LOST:
             return JSONResponse(oai.error_body("the engine replica was lost; retry", None, "unavailable"),
                                 status_code=503)
         make = oai.chat_response if chat else oai.completion_response
-        return make(rid, self.model_name, text, last, self._logprobs(req, lps, chat))
+        return make(rid, self.model_name, acc.result(), lambda s: self._logprobs(req, s.logprobs or [], chat))
 
     def _logprobs(self, req: PreparedRequest, lps: list, chat: bool, offset: int = 0) -> dict | None:
         """The response's logprobs object, if the request asked for it."""
@@ -140,17 +141,23 @@ class Ingress:
         return oai.chat_logprobs(lps, text) if chat else oai.completion_logprobs(lps, text, offset)
 
     async def _sse(self, req: PreparedRequest, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        """The chunks of every sample as the engine makes them (interleaved, each with its choice index)."""
         if chat:
-            yield oai.sse(oai.chat_chunk(rid, self.model_name, None, include_usage))
+            for i in range(req.params.n):
+                yield oai.sse(oai.chat_chunk(rid, self.model_name, None, include_usage, index=i))
         try:
-            last, offset = None, 0
-            async for last in self.stream(req):
-                make = oai.chat_chunk if chat else oai.completion_chunk
-                logprobs = self._logprobs(req, last.logprobs or [], chat, offset)
-                offset += sum(len(self.preparer.token_text(t)) for t in last.token_ids) if logprobs else 0
-                yield oai.sse(make(rid, self.model_name, last, include_usage, logprobs))
-            if include_usage and last is not None:
-                yield oai.sse(oai.usage_chunk(rid, self.model_name, chat, last))
+            acc, offsets = RequestAccumulator(), [0] * req.params.n  # text offsets, per choice
+            async for delta in self.stream(req):
+                acc.add(delta)
+                logprobs = self._logprobs(req, delta.logprobs or [], chat, offsets[delta.index])
+                if logprobs is not None and not chat:
+                    offsets[delta.index] += sum(map(len, logprobs["tokens"]))
+                if chat:
+                    yield oai.sse(oai.chat_chunk(rid, self.model_name, delta, include_usage, logprobs=logprobs))
+                else:
+                    yield oai.sse(oai.completion_chunk(rid, self.model_name, delta, include_usage, logprobs))
+            if include_usage and acc.samples:
+                yield oai.sse(oai.usage_chunk(rid, self.model_name, chat, acc.counters()))
         except REPLICA_LOST:
             yield oai.sse(oai.error_body("the engine replica was lost; retry", None, "unavailable"))
         yield oai.sse("[DONE]")
@@ -209,13 +216,10 @@ class Ingress:
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
             req = await self._prepare_grpc(request, grpc_context)
-            final = pb.GenerateResponse(request_id=req.request_id)
+            acc = RequestAccumulator()
             async for delta in self.stream(req):
-                final.text += delta.text
-                final.token_ids.extend(delta.token_ids)
-                grpc_api.copy_counters(final, delta)
-                grpc_api.copy_logprobs(final, delta)
-            return final
+                acc.add(delta)
+            return grpc_api.unary_response(req.request_id, acc.result())
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             grpc_api.set_error(grpc_context, e)
             return pb.GenerateResponse()
@@ -223,9 +227,12 @@ class Ingress:
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
         try:
             req = await self._prepare_grpc(request, grpc_context)
+            acc = RequestAccumulator()  # the request's counters so far, over its completions
             async for delta in self.stream(req):
-                msg = pb.GenerateResponse(request_id=req.request_id, text=delta.text, token_ids=delta.token_ids)
-                grpc_api.copy_counters(msg, delta)
+                acc.add(delta)
+                msg = pb.GenerateResponse(request_id=req.request_id, text=delta.text, token_ids=delta.token_ids,
+                                          index=delta.index)
+                grpc_api.copy_counters(msg, delta, acc.counters())
                 grpc_api.copy_logprobs(msg, delta)
                 yield msg
         except Exception as e:  # noqa: BLE001

@@ -68,33 +68,34 @@ class EngineMetrics:
 
 
 class RequestMetrics:
-    """Feeds one request's deltas into the replica's metrics."""
+    """Feeds one request's deltas into the replica's metrics (with n > 1, its samples' deltas interleaved:
+    each sample's counters are its own; the prompt is counted once, with the first sample, which
+    prefilled it)."""
 
     def __init__(self, metrics: EngineMetrics, totals: dict, now: float | None = None):
         self.m = metrics
         self.totals = totals  # replica-wide prompt / cached counts, for the hit-rate gauge
-        self.start = self.last = now if now is not None else time.monotonic()
-        self.first = True
-        self.drafted = self.accepted = 0
+        self.start = now if now is not None else time.monotonic()
+        self.last: dict[int, float] = {}  # sample index -> when its last tokens came
+        self.drafted: dict[int, int] = {}  # sample index -> its counters already counted
+        self.accepted: dict[int, int] = {}
 
     def on_delta(self, delta: RequestOutput, now: float | None = None) -> None:
         now = now if now is not None else time.monotonic()
-        n, c = len(delta.token_ids), delta.counters()
+        n, c, i = len(delta.token_ids), delta.counters(), delta.index
         if n:
             self.m.generated.inc(n)
-            if self.first:
+            if not self.last:
                 self.m.ttft.observe(now - self.start)
-                self.first = False
-            else:
-                self.m.itl.observe((now - self.last) / n)  # a chunk of n tokens: per-token latency
-            self.last = now
-        if c["drafted_tokens"] > self.drafted:
-            self.m.drafted.inc(c["drafted_tokens"] - self.drafted)
-            self.drafted = c["drafted_tokens"]
-        if c["accepted_tokens"] > self.accepted:
-            self.m.accepted.inc(c["accepted_tokens"] - self.accepted)
-            self.accepted = c["accepted_tokens"]
-        if delta.finished:
+            elif i in self.last:
+                self.m.itl.observe((now - self.last[i]) / n)  # a chunk of n tokens: per-token latency
+            self.last[i] = now
+        for seen, name, metric in ((self.drafted, "drafted_tokens", self.m.drafted),
+                                   (self.accepted, "accepted_tokens", self.m.accepted)):
+            if c[name] > seen.get(i, 0):
+                metric.inc(c[name] - seen.get(i, 0))
+                seen[i] = c[name]
+        if delta.finished and i == 0:
             self.m.prompt_tokens.inc(c["prompt_tokens"])
             if c["cached_prompt_tokens"]:
                 self.m.cached_prompt_tokens.inc(c["cached_prompt_tokens"])

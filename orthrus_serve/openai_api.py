@@ -34,6 +34,7 @@ def sampling_fields(body: dict, room: int, chat: bool = False) -> dict:
 
 
 TokenText = Callable[[int], str]  # a token id's text
+LogprobsOf = Callable[[RequestOutput], dict | None]  # a sample's logprobs object, if the request asked
 
 
 def completion_logprobs(lps: list[TokenLogprob], text: TokenText, offset: int = 0) -> dict:
@@ -88,44 +89,48 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def completion_response(rid: str, model: str, text: str, last: RequestOutput, logprobs: dict | None = None) -> dict:
+def completion_response(rid: str, model: str, result: RequestOutput, logprobs: LogprobsOf = lambda s: None) -> dict:
+    """`result`: the whole request (`RequestAccumulator.result()`), a choice per sample."""
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": logprobs}],
-            "usage": usage(last.counters())}
+            "choices": [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason, "logprobs": logprobs(s)}
+                        for s in result.outputs],
+            "usage": usage(result.counters())}
 
 
 def completion_chunk(rid: str, model: str, delta: RequestOutput, include_usage: bool,
                      logprobs: dict | None = None) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-             "choices": [{"index": 0, "text": delta.text, "finish_reason": delta.finish_reason,
+             "choices": [{"index": delta.index, "text": delta.text, "finish_reason": delta.finish_reason,
                           "logprobs": logprobs}]}
     return chunk | ({"usage": None} if include_usage else {})
 
 
-def chat_response(rid: str, model: str, text: str, last: RequestOutput, logprobs: dict | None = None) -> dict:
+def chat_response(rid: str, model: str, result: RequestOutput, logprobs: LogprobsOf = lambda s: None) -> dict:
+    """`result`: the whole request (`RequestAccumulator.result()`), a choice per sample."""
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": last.finish_reason, "logprobs": logprobs}],
-            "usage": usage(last.counters())}
+            "choices": [{"index": s.index, "message": {"role": "assistant", "content": s.text},
+                         "finish_reason": s.finish_reason, "logprobs": logprobs(s)} for s in result.outputs],
+            "usage": usage(result.counters())}
 
 
-def chat_chunk(rid: str, model: str, delta: RequestOutput | None, include_usage: bool,
+def chat_chunk(rid: str, model: str, delta: RequestOutput | None, include_usage: bool, index: int = 0,
                logprobs: dict | None = None) -> dict:
-    """delta None: the opening chunk that names the role."""
+    """delta None: the opening chunk of choice `index`, which names the role."""
     if delta is None:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
     else:
-        choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+        choice = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
                   "finish_reason": delta.finish_reason, "logprobs": logprobs}
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
              "choices": [choice]}
     return chunk | ({"usage": None} if include_usage else {})
 
 
-def usage_chunk(rid: str, model: str, chat: bool, last: RequestOutput) -> dict:
-    """The last chunk of a stream with stream_options.include_usage: no choices, the request's usage."""
+def usage_chunk(rid: str, model: str, chat: bool, counters: dict[str, int]) -> dict:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the request's usage
+    (`counters`: `RequestAccumulator.counters()`)."""
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [], "usage": usage(last.counters())}
+            "model": model, "choices": [], "usage": usage(counters)}
 
 
 def sse(obj: dict | str) -> str:

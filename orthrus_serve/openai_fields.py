@@ -7,7 +7,7 @@ from orthrus_engines import OrthrusInputError
 
 # OpenAI field -> SamplingParams field (top_k, stop_token_ids, ignore_eos: vLLM's; the last two: ours).
 SAMPLING_MAP = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
-                "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop",
+                "top_p": "top_p", "top_k": "top_k", "seed": "seed", "n": "n", "stop": "stop",
                 "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "block_size": "block_size",
                 "use_diffusion": "use_diffusion"}
 _GENERATE = {"model", "user", "stream", "stream_options", *SAMPLING_MAP}
@@ -18,7 +18,7 @@ TOKENIZE_CHAT_FIELDS = frozenset({"model", "messages"})
 DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
 
 # Fields accepted only at the value that changes nothing (null, OpenAI's "not set", is accepted for any field).
-NO_OP_VALUES = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "echo": False}
+NO_OP_VALUES = {"best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "echo": False}
 _STRING_FIELDS = ("model", "user")
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -37,9 +37,10 @@ def check_fields(body: dict, allowed: frozenset[str]) -> None:
         if value is None or field in allowed:
             continue
         if field in NO_OP_VALUES:
-            if _is_no_op(value, NO_OP_VALUES[field]):
-                continue
-            raise OrthrusInputError(field, f"only {NO_OP_VALUES[field]!r} is supported")
+            if _is_no_op(value, NO_OP_VALUES[field]) or (field == "best_of" and _is_no_op(value, body.get("n"))):
+                continue  # best_of = n: n samples, all returned
+            also = " (or n)" if field == "best_of" else ""
+            raise OrthrusInputError(field, f"only {NO_OP_VALUES[field]!r}{also} is supported")
         raise OrthrusInputError(field, "is not supported by this server")
     for field in _STRING_FIELDS:
         if body.get(field) is not None and not isinstance(body[field], str):

@@ -18,7 +18,7 @@ from orthrus_engines.validation import check_token_ids
 
 # The sampling fields a request may set (the gRPC GenerateRequest's and the OpenAI body's, mapped).
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                   "ignore_eos", "block_size", "use_diffusion", "logprobs")
+                   "ignore_eos", "block_size", "use_diffusion", "n", "logprobs")
 
 
 @dataclass

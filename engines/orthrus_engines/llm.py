@@ -6,7 +6,7 @@ from orthrus_engines.config import engine_args_from
 from orthrus_engines.engine.engine_core import EngineCore
 from orthrus_engines.inputs import Prompt
 from orthrus_engines.errors import OrthrusInputError
-from orthrus_engines.outputs import RequestOutput
+from orthrus_engines.outputs import RequestAccumulator, RequestOutput
 from orthrus_engines.sampling_params import SamplingParams
 
 
@@ -21,6 +21,7 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order; with n > 1 its `outputs` holds every sample's."""
         if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt; tokenize() names what is wrong with a bad one
         if isinstance(sampling_params, list):
@@ -37,17 +38,13 @@ class LLM:
                 self.core.add_request(rids[-1], p_ids, sp)
         except Exception:
             for rid in rids:  # all or nothing: a bad request leaves no half-added batch behind
-                self.core.abort_request(rid)
+                self.core.abort(rid)
             raise
-        results: dict[str, RequestOutput] = {}
+        results = {rid: RequestAccumulator() for rid in rids}
         while self.core.has_unfinished():
             for delta in self.core.step():
-                acc = results.setdefault(delta.request_id, RequestOutput(delta.request_id, [], ""))
-                text, tokens = acc.text + delta.text, acc.token_ids + delta.token_ids
-                logprobs = (acc.logprobs or []) + delta.logprobs if delta.logprobs is not None else None
-                acc.__dict__.update(delta.__dict__)
-                acc.text, acc.token_ids, acc.logprobs = text, tokens, logprobs
-        return [results[r] for r in rids]
+                results[delta.request_id].add(delta)
+        return [results[r].result() for r in rids]
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix: later requests prefill from scratch."""

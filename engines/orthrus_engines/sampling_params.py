@@ -1,7 +1,10 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.outputs import MAX_LOGPROBS
+
+MAX_N = 128  # the most samples one request may ask for
+
 
 
 @dataclass
@@ -23,6 +26,8 @@ class SamplingParams:
     logprobs: int | None = None
     # Offline use: callables (history, logits [V]) -> logits [V] applied to every AR and draft row alike.
     logits_processors: list = field(default_factory=list)
+    # Samples of the prompt (vLLM's and OpenAI's n): sample i is seeded with seed + i (as vLLM seeds them).
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +61,13 @@ class SamplingParams:
             raise OrthrusInputError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.block_size is not None and (not is_int(self.block_size) or self.block_size < 1):
             raise OrthrusInputError("block_size", f"must be an integer >= 1, got {self.block_size!r}")
+        if not is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise OrthrusInputError("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+
+    def sample_params(self, index: int) -> "SamplingParams":
+        """The params of sample `index` of an n > 1 request: n = 1 and, with a seed, seed + index."""
+        seed = self.seed + index if self.seed is not None else None
+        return replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

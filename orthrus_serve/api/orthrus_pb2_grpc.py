@@ -62,7 +62,8 @@ class OrthrusServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """One request, a stream of deltas; the last message carries finish_reason and the counters.
+        """One request, a stream of deltas (with n > 1 each tagged with its completion's index, interleaved);
+        a completion's last message carries its finish_reason, the stream's last the request's final counters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,3 +48,22 @@ def test_engine_stats_feed_gauges_and_the_fallback_counter():
         m.on_engine_stats({"num_waiting": waiting, "kv_usage": 0.5, "num_draft_fallbacks": fallbacks})
     assert m.queue_depth.calls == [2, 1, 0, 0] and m.kv_usage.calls == [0.5] * 4
     assert m.draft_fallbacks.calls == [3, 2]
+
+
+def test_samples_of_one_request_count_their_own_counters_and_the_prompt_once():
+    """n > 1: interleaved deltas of two samples, each with its own counters; time between tokens is per sample."""
+    m = EngineMetrics(*(Recorder() for _ in range(10)))
+    r = RequestMetrics(m, {}, now=0.0)
+
+    def sample(i, tokens, drafted, finished=False):
+        out = delta(tokens, drafted, 0, finished, cached=0 if i == 0 else 32)
+        out.index = i
+        return out
+
+    r.on_delta(sample(0, [1, 2], 4), now=1.0)
+    r.on_delta(sample(1, [3], 2), now=1.5)
+    r.on_delta(sample(0, [4], 6, finished=True), now=2.0)
+    r.on_delta(sample(1, [5], 5, finished=True), now=2.1)
+    assert m.ttft.calls == [1.0] and [round(x, 6) for x in m.itl.calls] == [1.0, 0.6]
+    assert sum(m.drafted.calls) == 6 + 5 and sum(m.generated.calls) == 5
+    assert m.prompt_tokens.calls == [40] and m.cached_prompt_tokens.calls == []  # once: the first sample's

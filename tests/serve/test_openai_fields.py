@@ -4,9 +4,11 @@ name, chat content parts are joined, max_tokens defaults to the window's room, u
 import pytest
 
 from orthrus_engines import OrthrusInputError, RequestOutput
-from orthrus_engines.outputs import COUNTERS
+from orthrus_engines.outputs import COUNTERS, RequestAccumulator
+from orthrus_engines.sampling_params import MAX_N
 from orthrus_serve import openai_api as oai
 from orthrus_serve import openai_fields as fields
+from orthrus_serve.request_prep import sampling_params
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -19,9 +21,10 @@ def refused(fn, *args) -> OrthrusInputError:
 
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", [{}]),
-    ("function_call", "auto"), ("response_format", {"type": "json_object"}), ("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 1}),
+    ("function_call", "auto"), ("response_format", {"type": "json_object"}), ("presence_penalty", 0.5),
+    ("frequency_penalty", -1), ("logit_bias", {"5": 1}),
     ("audio", {"voice": "x"}), ("modalities", ["text"]), ("parallel_tool_calls", True), ("min_tokens", 2),
-    ("n", True), ("a_field_openai_adds_later", 1)])
+    ("best_of", 2), ("a_field_openai_adds_later", 1)])
 def test_chat_refuses_what_it_does_not_implement_by_name(field, value):
     e = refused(fields.check_fields, {"messages": USER, field: value}, fields.CHAT_FIELDS)
     assert e.field == field
@@ -100,5 +103,33 @@ def test_usage_only_in_a_last_chunk_without_choices_when_asked():
     for chunk in (oai.completion_chunk("id", "m", last, True), oai.chat_chunk("id", "m", None, True)):
         assert chunk["usage"] is None
     for chat in (False, True):
-        final = oai.usage_chunk("id", "m", chat, last)
+        final = oai.usage_chunk("id", "m", chat, last.counters())
         assert final["choices"] == [] and final["usage"] == oai.usage(last.counters())
+
+
+@pytest.mark.parametrize("allowed", [fields.CHAT_FIELDS, fields.COMPLETION_FIELDS])
+def test_n_is_a_sampling_field_and_best_of_may_equal_it(allowed):
+    body = {"n": 3, "best_of": 3}
+    fields.check_fields(body, allowed)
+    assert sampling_params(oai.sampling_fields(body, 10)).n == 3
+    assert refused(fields.check_fields, {"n": 3, "best_of": 2}, allowed).field == "best_of"
+    for bad in (0, True, 1.5, MAX_N + 1):  # checked where every sampling field is, named
+        assert refused(sampling_params, oai.sampling_fields({"n": bad}, 10)).field == "n"
+
+
+def test_choices_per_sample_and_the_prompt_counted_once():
+    acc = RequestAccumulator()
+    for i, text, passes in ((1, "b", 3), (0, "a", 2), (1, "c", 4)):  # interleaved deltas, counters per sample
+        acc.add(RequestOutput("r", [i], text, finished=text != "b", finish_reason=None if text == "b" else "stop",
+                              index=i, prompt_tokens=9, cached_prompt_tokens=8 * i, completion_tokens=len(text),
+                              forward_passes=passes))
+    result = acc.result()
+    for response in (oai.completion_response("id", "m", result), oai.chat_response("id", "m", result)):
+        texts = [c.get("text", c.get("message", {}).get("content")) for c in response["choices"]]
+        assert [c["index"] for c in response["choices"]] == [0, 1] and texts == ["a", "bc"]
+        usage = response["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (9, 2, 11)
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0 and usage["orthrus"]["forward_passes"] == 6
+    chunk = oai.chat_chunk("id", "m", None, False, index=1)
+    assert chunk["choices"][0]["index"] == 1 and chunk["choices"][0]["delta"]["role"] == "assistant"
+    assert oai.completion_chunk("id", "m", acc.samples[1], False)["choices"][0]["index"] == 1

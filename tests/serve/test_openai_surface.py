@@ -108,6 +108,67 @@ def test_raw_stream_has_no_usage_key_unless_asked(http):
     assert lines and all('"usage"' not in ln for ln in lines)
 
 
+# -- n > 1 -------------------------------------------------------------------------------------------
+
+N_SAMPLED = dict(temperature=0.9, seed=7, max_tokens=16)  # sample i: seed 7 + i
+
+
+@pytest.fixture(scope="module")
+def n_refs(reference_llm):
+    """The engine alone: the three samples of PROMPT and of CHAT, each as a single request seeded 7 + i."""
+    sps = [SamplingParams(**{**N_SAMPLED, "seed": 7 + i}, ignore_eos=True) for i in range(3)]
+    outs = reference_llm.generate([PROMPT] * 3 + [reference_llm.core.inputs.chat_ids(CHAT)] * 3, sps * 2)
+    return {"completions": outs[:3], "chat": outs[3:]}
+
+
+def _create(oai, chat: bool, **kw):
+    if chat:
+        return oai.chat.completions.create(model=MODEL, messages=CHAT, extra_body={"ignore_eos": True}, **kw)
+    return oai.completions.create(model=MODEL, prompt=PROMPT, extra_body={"ignore_eos": True}, **kw)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_n_choices_are_the_seeded_samples(oai, n_refs, chat):
+    refs = n_refs["chat" if chat else "completions"]
+    c = _create(oai, chat, n=3, **N_SAMPLED)
+    assert [ch.index for ch in c.choices] == [0, 1, 2]
+    texts = [ch.message.content if chat else ch.text for ch in c.choices]
+    assert texts == [r.text for r in refs] and len(set(texts)) > 1
+    assert all(ch.finish_reason == "length" for ch in c.choices)
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (refs[0].prompt_tokens, 3 * 16)  # prompt once
+    assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_n_stream_interleaves_choices_by_index(oai, n_refs, chat):
+    refs = n_refs["chat" if chat else "completions"]
+    chunks = list(_create(oai, chat, n=3, stream=True, stream_options={"include_usage": True}, **N_SAMPLED))
+    *body, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == 3 * 16
+    assert last.usage.prompt_tokens == refs[0].prompt_tokens
+    assert all(len(ch.choices) == 1 and ch.usage is None for ch in body)  # one choice per chunk, as OpenAI
+    texts: dict[int, str] = {}
+    for ch in body:
+        piece = ch.choices[0].delta.content if chat else ch.choices[0].text
+        texts[ch.choices[0].index] = texts.get(ch.choices[0].index, "") + (piece or "")
+    assert [texts[i] for i in range(3)] == [r.text for r in refs]
+    order = [ch.choices[0].index for ch in body if (ch.choices[0].delta.content if chat else ch.choices[0].text)]
+    assert order != sorted(order)  # the choices' chunks interleave
+    finishes = [ch.choices[0].index for ch in body if ch.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1, 2]
+    if chat:  # each choice opens with its role
+        assert [ch.choices[0].index for ch in body[:3]] == [0, 1, 2]
+        assert all(ch.choices[0].delta.role == "assistant" for ch in body[:3])
+
+
+def test_best_of_equal_to_n_is_n(http, n_refs):
+    body = {"prompt": PROMPT, "n": 3, "best_of": 3, "ignore_eos": True, **N_SAMPLED}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert [ch["text"] for ch in r.json()["choices"]] == [ref.text for ref in n_refs["completions"]]
+    assert_error(http.post("/v1/completions", json={**body, "best_of": 4}), 400, "best_of")
+
+
 # -- vLLM's extra endpoints -----------------------------------------------------------------------
 
 
@@ -201,10 +262,11 @@ def test_grpc_logprobs_equal_the_engine(client, reference_llm):
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
 CHAT_REFUSED = [
     {"tools": TOOLS}, {"tool_choice": "none"}, {"functions": [{"name": "f", "parameters": {}}]},
-    {"function_call": "none"}, {"response_format": {"type": "json_object"}}, {"n": 2}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}, {"logit_bias": {"5": 1}},
+    {"function_call": "none"}, {"response_format": {"type": "json_object"}}, {"presence_penalty": 0.5},
+    {"frequency_penalty": 0.5}, {"logit_bias": {"5": 1}},
     {"audio": {"voice": "alloy", "format": "wav"}}, {"modalities": ["text", "audio"]}, {"parallel_tool_calls": False},
     {"extra_body": {"repetition_penalty": 1.2}}]
-COMPLETION_REFUSED = [{"best_of": 2}, {"suffix": "!"}, {"echo": True}, {"n": 3},
+COMPLETION_REFUSED = [{"best_of": 2}, {"suffix": "!"}, {"echo": True}, {"n": 0},
                       {"presence_penalty": 1.0}, {"logit_bias": {"5": 1}}]
 
 

@@ -138,6 +138,25 @@ def test_models_and_model_info(oai, http, client, reference_llm):
     assert info.prefix_fingerprint == core.fingerprint
 
 
+def test_grpc_n_completions_unary_and_stream(client, reference_llm):
+    """n = 3 over plain grpcio: the unary response lists the completions by index (completion 0 also in its
+    top fields), the stream tags every delta with its completion's index; counters count the prompt once."""
+    kw = dict(max_tokens=MAX_TOKENS, temperature=0.8, seed=11, ignore_eos=True)
+    refs = reference_llm.generate([PROMPTS[1]] * 3, [SamplingParams(**{**kw, "seed": 11 + i}) for i in range(3)])
+    r = client.generate(PROMPTS[1], n=3, **kw)
+    assert [(c.index, list(c.token_ids), c.text, c.finish_reason) for c in r.completions] == [
+        (i, ref.token_ids, ref.text, "length") for i, ref in enumerate(refs)]
+    assert (list(r.token_ids), r.text) == (refs[0].token_ids, refs[0].text)
+    assert (r.prompt_tokens, r.completion_tokens) == (refs[0].prompt_tokens, 3 * MAX_TOKENS)
+
+    msgs = list(client.generate_stream(PROMPTS[1], n=3, **kw))
+    for i, ref in enumerate(refs):
+        mine = [m for m in msgs if m.index == i]
+        assert [t for m in mine for t in m.token_ids] == ref.token_ids
+        assert [m.finish_reason for m in mine if m.finish_reason] == ["length"] and mine[-1].finish_reason
+    assert (msgs[-1].prompt_tokens, msgs[-1].completion_tokens) == (refs[0].prompt_tokens, 3 * MAX_TOKENS)
+
+
 # -- cancellation frees the engine ------------------------------------------------------------
 
 LONG = {"max_tokens": 240, "ignore_eos": True, "block_size": 1}  # plain AR: hundreds of steps
@@ -200,6 +219,7 @@ GRPC_BAD = [
     ({"prompt": "hi", "temperature": -1.0}, "temperature"),
     ({"prompt": "hi", "top_k": -5}, "top_k"),
     ({"prompt": "hi", "block_size": 0}, "block_size"),
+    ({"prompt": "hi", "n": 0}, "n"),
     ({"prompt": "hi", "stop": [""]}, "stop"),
     ({"prompt": "hi", "stop_token_ids": [VOCAB + 3]}, "stop_token_ids"),
     ({"prompt": "word " * (WINDOW + 10)}, "prompt"),  # over the model's window
@@ -264,7 +284,9 @@ HTTP_BAD = [
     ("completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
     ("completions", {"prompt": "hi", "stop": 5}, "stop"),
     ("completions", {"prompt": "hi", "seed": "x"}, "seed"),
-    ("completions", {"prompt": "hi", "n": 2}, "n"),
+    ("completions", {"prompt": "hi", "n": 0}, "n"),
+    ("completions", {"prompt": "hi", "n": 129}, "n"),
+    ("completions", {"prompt": "hi", "n": 2, "best_of": 3}, "best_of"),
     ("completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
     ("completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 2}, "logprobs"),

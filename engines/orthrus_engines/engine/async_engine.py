@@ -2,7 +2,9 @@
 
 The engine runs in one background thread (torch releases the GIL in its kernels). Callers on any
 asyncio loop submit requests and receive `RequestOutput` deltas; a caller that stops iterating
-(cancelled, closed, or just gone) aborts its request, so nothing it held stays allocated.
+(cancelled, closed, or just gone) aborts its request, so nothing it held stays allocated. A request
+with n > 1 streams the deltas of its samples as they come, each tagged with its `index`, and ends
+when every sample has finished.
 """
 
 import asyncio
@@ -10,6 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from orthrus_engines.config import engine_args_from
 from orthrus_engines.engine.engine_core import EngineCore
@@ -26,7 +29,7 @@ class AsyncEngine:
         self.core = EngineCore(engine_args_from(model, block_size, engine_args))
         self.tokenizer = self.core.tokenizer
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="orthrus-engine", daemon=True)
@@ -45,17 +48,19 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise OrthrusInputError("request_id", f"{request_id!r} is already running")
-            self._streams[request_id] = (loop, out_q)
+            self._streams[request_id] = _Stream(loop, out_q, getattr(params, "n", 1))
         done = asyncio.get_running_loop().create_future()
         self._commands.put(("add", request_id, prompt, params, done))
         try:
             await done  # validation errors (OrthrusInputError) surface here, in the caller
+            unfinished = params.n
             while True:
                 item = await out_q.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finished:
+                unfinished -= item.finished
+                if not unfinished:
                     return
         finally:
             with self._lock:
@@ -83,11 +88,12 @@ class AsyncEngine:
     def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
         with self._lock:
             target = self._streams.get(request_id)
-            if target is not None and (isinstance(out, BaseException) or out.finished):
+            if target is not None and not isinstance(out, BaseException) and out.finished:
+                target.unfinished -= 1
+            if target is not None and (isinstance(out, BaseException) or not target.unfinished):
                 del self._streams[request_id]
         if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, out)
+            target.loop.call_soon_threadsafe(target.queue.put_nowait, out)
 
     def _handle(self, cmd: tuple) -> None:
         if cmd[0] == "add":
@@ -101,8 +107,7 @@ class AsyncEngine:
                     self._streams.pop(rid, None)
                 loop.call_soon_threadsafe(_resolve, done, e)
         elif cmd[0] == "abort":
-            out = self.core.abort_request(cmd[1])
-            if out is not None:
+            for out in self.core.abort(cmd[1]):  # every sample of the request
                 self._deliver(out, cmd[1])
 
     def _loop(self) -> None:
@@ -122,6 +127,15 @@ class AsyncEngine:
                 outs = self.core.fail_all(f"{type(e).__name__}: {e}")
             for out in outs:
                 self._deliver(out, out.request_id)
+
+
+@dataclass
+class _Stream:
+    """Where a request's deltas go: its caller's loop and queue; ends when no sample is unfinished."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    unfinished: int
 
 
 def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:

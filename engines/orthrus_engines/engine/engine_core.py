@@ -88,8 +88,9 @@ class EngineCore:
                                    self.fused_k, self.policy.choose if self.policy is not None else None)
         self.orthrus_step = OrthrusStep(self.runner, self.acceptance, self.fused_acceptance, args.resolve_draft_kv())
         self.output = OutputProcessor(self._eos_ids(), self.max_model_len)
-        self.seqs: dict[str, Sequence] = {}
+        self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self.num_generated_tokens = 0
+        self.num_prefill_tokens = 0  # prompt positions prefill passes computed (prefix-cache hits are not)
         self.closed = False
 
     def _eos_ids(self) -> set[int]:
@@ -111,32 +112,52 @@ class EngineCore:
     def tokenize(self, prompt: Prompt) -> list[int]:
         return self.inputs.prompt_ids(prompt)
 
+    @property
+    def seqs(self) -> dict[str, Sequence]:
+        """Each unfinished request's first unfinished sample (its one sequence for n = 1)."""
+        return {rid: samples[0] for rid, samples in self.requests.items()}
+
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Sequence:
+        """Queue a request; its first sample's sequence. With n > 1 the other samples wait until the first
+        has prefilled the prompt, then take its full pages from the prefix cache (each prefills at most the
+        last page), and sample i is seeded with seed + i."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise OrthrusInputError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
         params.validate()
         if self.closed:
             raise RuntimeError("the engine is closed")
-        if request_id in self.seqs:
+        if request_id in self.requests:
             raise OrthrusInputError("request_id", f"{request_id!r} is already running")
         ids = self.inputs.prompt_ids(prompt)
         self.inputs.check_request(ids, params)
         k = 1 if not params.use_diffusion else (params.block_size or self.block_size)
         auto_k = self.policy is not None and params.use_diffusion and params.block_size is None
-        detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        seq = Sequence(request_id, ids, params, k, detok, auto_k)
-        self.seqs[request_id] = seq
-        self.scheduler.add(seq)
-        return seq
+        shares = self.pages.enable_prefix_cache and len(ids) - 1 >= self.page_size  # a full page to share
+        samples: list[Sequence] = []
+        for i in range(params.n):
+            detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
+            leader = samples[0] if samples and shares else None
+            samples.append(Sequence(request_id, ids, params.sample_params(i) if params.n > 1 else params, k, detok,
+                                    auto_k, index=i, leader=leader))
+        self.requests[request_id] = samples
+        for seq in samples:
+            self.scheduler.add(seq)
+        return samples[0]
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Abort every unfinished sample of a request: their last deltas (none for an unknown request)."""
+        outs = []
+        for seq in self.requests.pop(request_id, []):
+            self.scheduler.remove(seq)
+            seq.finish_reason = "abort"
+            outs.append(self.output.delta(seq))
+        return outs
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        seq = self.seqs.pop(request_id, None)
-        if seq is None:
-            return None
-        self.scheduler.remove(seq)
-        seq.finish_reason = "abort"
-        return self.output.delta(seq)
+        """`abort`, for a caller of one sample: the first aborted sample's delta, or None."""
+        outs = self.abort(request_id)
+        return outs[0] if outs else None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -148,6 +169,8 @@ class EngineCore:
             return []
         if self.policy is not None and self.device.type == "cuda":
             torch.cuda.synchronize()  # the policy times this step's passes, not a pass still running
+        if isinstance(batch, PrefillBatch):
+            self.num_prefill_tokens += sum(end - seq.num_cached for seq, end in zip(batch.seqs, batch.ends))
         start = time.perf_counter()
         try:
             results, timing = self.orthrus_step.run(batch)
@@ -188,13 +211,17 @@ class EngineCore:
 
     def _finish(self, seq: Sequence) -> RequestOutput:
         self.scheduler.remove(seq)
-        self.seqs.pop(seq.request_id, None)
+        samples = self.requests.get(seq.request_id, [])
+        if seq in samples:
+            samples.remove(seq)
+            if not samples:
+                del self.requests[seq.request_id]
         return self.output.delta(seq)
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Finish every request with an error (the last resort after an internal failure)."""
         outs = []
-        for seq in list(self.seqs.values()):
+        for seq in [seq for samples in self.requests.values() for seq in samples]:
             seq.finish_reason, seq.error = "error", error
             outs.append(self._finish(seq))
         return outs
@@ -221,6 +248,7 @@ class EngineCore:
             "num_pages": self.pages.num_pages,
             "kv_usage": 1 - self.pages.num_free / self.pages.num_pages,
             "num_generated_tokens": self.num_generated_tokens,
+            "num_prefill_tokens": self.num_prefill_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_draft_fallbacks": self.orthrus_step.num_draft_fallbacks,
         }

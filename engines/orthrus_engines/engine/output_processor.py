@@ -59,6 +59,7 @@ class OutputProcessor:
             finish_reason=seq.finish_reason,
             error=seq.error,
             logprobs=seq.logprobs[seq.emitted_tokens :] if seq.params.logprobs is not None else None,
+            index=seq.index,
             **{name: getattr(seq, name) for name in COUNTERS},  # a sequence's counters go by the same names
         )
         seq.emitted_tokens, seq.emitted_text = seq.completion_tokens, visible

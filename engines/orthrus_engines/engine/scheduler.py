@@ -6,6 +6,8 @@ running sequences: a draft pass and a verify pass of K rows per sequence, or wit
 head one verify+draft pass of K x K rows). The plan of a decode step (K and cycle) comes from the
 draft policy for the sequences that let it choose; the others keep their own K. When both kinds
 of work are waiting, steps alternate, so a stream of long prompts cannot stall running requests.
+The samples 1..n-1 of an n > 1 request hold admission until sample 0 has prefilled the prompt, so
+they find its full pages in the prefix cache.
 """
 
 from collections import deque
@@ -96,6 +98,8 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.waits_for_leader():  # its prompt is being prefilled by its request's first sample
+                return
             self.pages.match_prefix(seq)
             need = seq.prefill_target + self.block_length(seq)
             headroom = self.pages.pages_for(need) - len(seq.page_table) + len(self.running)  # 1 page/running seq

@@ -26,8 +26,13 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, block_size: int,
-                 detokenizer: Detokenizer | None, auto_k: bool = False):
+                 detokenizer: Detokenizer | None, auto_k: bool = False, index: int = 0,
+                 leader: "Sequence | None" = None):
         self.request_id = request_id
+        self.index = index  # which sample of an n > 1 request (0 for n = 1)
+        # n > 1: the request's first sample, whose prefill this one waits for (then the prefix cache holds the
+        # prompt's full pages, and this one prefills only the rest); None once it has it, or never waits.
+        self.leader = leader
         self.params = params
         self.token_ids: list[int] = list(prompt_ids)
         self.prompt_tokens = len(prompt_ids)
@@ -61,6 +66,12 @@ class Sequence:
         self.error: str | None = None
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator().manual_seed(seed)
+
+    def waits_for_leader(self) -> bool:
+        """Whether the leader has not yet cached the prompt (it has once it commits a token, or finishes)."""
+        if self.leader is not None and (self.leader.completion_tokens > 0 or self.leader.finished):
+            self.leader = None
+        return self.leader is not None
 
     @property
     def seeded(self) -> bool:
