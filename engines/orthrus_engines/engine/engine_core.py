@@ -124,7 +124,7 @@ class EngineCore:
         k = 1 if not params.use_diffusion else (params.block_size or self.block_size)
         auto_k = self.policy is not None and params.use_diffusion and params.block_size is None
         detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        seq = Sequence(request_id, ids, params, k, detok, auto_k)
+        seq = Sequence(request_id, ids, params, k, detok, auto_k, self.output.eos_ids)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
