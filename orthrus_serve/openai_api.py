@@ -6,7 +6,7 @@ import uuid
 
 from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_engines.outputs import COUNTERS
-from orthrus_serve.openai_fields import SAMPLING_MAP
+from orthrus_serve.openai_fields import SAMPLING_MAP, logit_bias
 
 
 def parse_body(raw: bytes) -> dict:
@@ -25,6 +25,8 @@ def sampling_fields(body: dict, room: int) -> dict:
     params = {ours: body[theirs] for theirs, ours in SAMPLING_MAP.items() if body.get(theirs) is not None}
     if isinstance(params.get("stop"), str):
         params["stop"] = [params["stop"]]
+    if "logit_bias" in params:
+        params["logit_bias"] = logit_bias(params["logit_bias"])
     params.setdefault("max_tokens", room)
     return params
 
