@@ -3,6 +3,8 @@ drafting (K 1-4, both cycles, batched with other requests) equals HF transformer
 processing (repetition_penalty, sequence_bias, min_new_tokens) and, for OpenAI's presence and frequency
 penalties, a plain AR loop over the HF model; seeded output equals that loop's seeded draws."""
 
+import json
+import shutil
 from collections import Counter
 
 import pytest
@@ -42,8 +44,13 @@ def eos(plain) -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model, eos):
-    return tiny_model("qwen3", eos_token_id=eos, **MODEL)  # the same weights
+def model_dir(tiny_model, eos, tmp_path_factory):
+    """The shared checkpoint copied, with `eos` as its EOS."""
+    path = tmp_path_factory.mktemp("penalties") / "m"
+    shutil.copytree(tiny_model("qwen3", **MODEL), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    return path
 
 
 def hf_generate(hf, eos: int, **kw) -> list[int]:
@@ -109,6 +116,7 @@ def cases(oracle, plain, eos) -> list[tuple[SamplingParams, list[int]]]:
     assert all(want != plain[: len(want)] for _, want in out[:3])  # the processing changes the output
     unprocessed = SamplingParams(max_tokens=MAX, seed=77, min_tokens=8, **SP)
     assert out[3][1] != reference_decode(oracle, unprocessed, eos)
+    assert len(out[3][1]) > 8 and out[3][1][-1] == eos  # EOS ends it once min_tokens are out
     return out
 
 
