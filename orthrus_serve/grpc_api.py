@@ -29,6 +29,7 @@ def sampling_fields(request: pb.GenerateRequest) -> dict:
     fields = {f: getattr(request, f) for f in SAMPLING_FIELDS
               if not request.DESCRIPTOR.fields_by_name[f].has_presence or request.HasField(f)}
     fields["stop"], fields["stop_token_ids"] = list(request.stop), list(request.stop_token_ids)
+    fields["logit_bias"] = dict(request.logit_bias)
     return fields
 
 

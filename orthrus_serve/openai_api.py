@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_engines.outputs import COUNTERS, TokenLogprob
-from orthrus_serve.openai_fields import SAMPLING_MAP, logprobs_request
+from orthrus_serve.openai_fields import SAMPLING_MAP, logit_bias, logprobs_request
 
 
 def parse_body(raw: bytes) -> dict:
@@ -27,6 +27,8 @@ def sampling_fields(body: dict, room: int, chat: bool = False) -> dict:
     params = {ours: body[theirs] for theirs, ours in SAMPLING_MAP.items() if body.get(theirs) is not None}
     if isinstance(params.get("stop"), str):
         params["stop"] = [params["stop"]]
+    if "logit_bias" in params:
+        params["logit_bias"] = logit_bias(params["logit_bias"])
     params.setdefault("max_tokens", room)
     if (logprobs := logprobs_request(body, chat)) is not None:
         params["logprobs"] = logprobs

@@ -1,5 +1,5 @@
 """Which OpenAI request fields the server honours, per endpoint. The lists are explicit: a field the server
-does not implement (tools, response_format, logprobs, penalties, ...) gets a 400 naming it rather than being
+does not implement (tools, response_format, logprobs, ...) gets a 400 naming it rather than being
 silently ignored, and a field OpenAI adds later is refused until it is implemented. Chat messages are checked
 and their content parts joined here too."""
 
@@ -9,7 +9,10 @@ from orthrus_engines import OrthrusInputError
 SAMPLING_MAP = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
                 "top_p": "top_p", "top_k": "top_k", "seed": "seed", "n": "n", "stop": "stop",
                 "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "block_size": "block_size",
-                "use_diffusion": "use_diffusion"}
+                "use_diffusion": "use_diffusion",
+                # penalties and bias: OpenAI's (logit_bias keys are token ids as strings), then vLLM's extras
+                "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                "logit_bias": "logit_bias", "repetition_penalty": "repetition_penalty", "min_tokens": "min_tokens"}
 _GENERATE = {"model", "user", "stream", "stream_options", *SAMPLING_MAP}
 COMPLETION_FIELDS = frozenset(_GENERATE - {"max_completion_tokens"} | {"prompt", "logprobs"})
 CHAT_FIELDS = frozenset(_GENERATE | {"messages", "logprobs", "top_logprobs"})
@@ -18,7 +21,7 @@ TOKENIZE_CHAT_FIELDS = frozenset({"model", "messages"})
 DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
 
 # Fields accepted only at the value that changes nothing (null, OpenAI's "not set", is accepted for any field).
-NO_OP_VALUES = {"best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "echo": False}
+NO_OP_VALUES = {"best_of": 1, "echo": False}
 _STRING_FIELDS = ("model", "user")
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -48,6 +51,17 @@ def check_fields(body: dict, allowed: frozenset[str]) -> None:
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         raise OrthrusInputError("stream", "must be true or false")
     include_usage(body)
+
+
+def logit_bias(value) -> dict[int, float]:
+    """OpenAI's logit_bias ({"token id": bias}, keys strings in JSON) with integer keys; the values and the
+    vocabulary are SamplingParams' and the request's checks."""
+    if not isinstance(value, dict):
+        raise OrthrusInputError("logit_bias", "must be an object of token id -> bias")
+    bad = next((k for k in value if not (isinstance(k, str) and k.isascii() and k.isdigit())), None)
+    if bad is not None:
+        raise OrthrusInputError("logit_bias", f"keys must be token ids written as strings, got {bad!r}")
+    return {int(k): v for k, v in value.items()}
 
 
 def include_usage(body: dict) -> bool:

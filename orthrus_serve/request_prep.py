@@ -18,7 +18,8 @@ from orthrus_engines.validation import check_token_ids
 
 # The sampling fields a request may set (the gRPC GenerateRequest's and the OpenAI body's, mapped).
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                   "ignore_eos", "block_size", "use_diffusion", "n", "logprobs")
+                   "ignore_eos", "block_size", "use_diffusion", "n", "logprobs", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens")
 
 
 @dataclass

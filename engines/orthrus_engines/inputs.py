@@ -5,7 +5,7 @@ from pathlib import Path
 
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.sampling_params import SamplingParams
-from orthrus_engines.validation import check_budget, check_stop_token_ids, check_token_ids
+from orthrus_engines.validation import check_budget, check_logit_bias, check_stop_token_ids, check_token_ids
 
 Prompt = str | list[int] | dict  # text, token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -71,3 +71,4 @@ class InputProcessor:
         if params.stop and self.tokenizer is None:
             raise OrthrusInputError("stop", "stop strings need a tokenizer")
         check_stop_token_ids(params.stop_token_ids, self.vocab_size)
+        check_logit_bias(params.logit_bias, self.vocab_size)

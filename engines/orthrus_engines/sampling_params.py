@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, field, replace
 
 from orthrus_engines.errors import OrthrusInputError
@@ -5,6 +6,8 @@ from orthrus_engines.outputs import MAX_LOGPROBS
 
 MAX_N = 128  # the most samples one request may ask for
 
+
+MAX_LOGIT_BIAS = 300  # entries in logit_bias (as OpenAI limits it)
 
 
 @dataclass
@@ -24,6 +27,12 @@ class SamplingParams:
     use_diffusion: bool = True
     # Log probabilities of the output tokens and this many alternatives each (0: the tokens' own only).
     logprobs: int | None = None
+    # Penalties and bias (engine/penalties.py), applied before temperature as vLLM applies them.
+    presence_penalty: float = 0.0  # OpenAI: minus this for each token the output holds; [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output; [-2, 2]
+    repetition_penalty: float = 1.0  # vLLM / HF: prompt and output tokens' logits > 0 / it, else * it
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, [-100, 100]
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are generated
     # Offline use: callables (history, logits [V]) -> logits [V] applied to every AR and draft row alike.
     logits_processors: list = field(default_factory=list)
     # Samples of the prompt (vLLM's and OpenAI's n): sample i is seeded with seed + i (as vLLM seeds them).
@@ -63,6 +72,21 @@ class SamplingParams:
             raise OrthrusInputError("block_size", f"must be an integer >= 1, got {self.block_size!r}")
         if not is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise OrthrusInputError("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_num(value) or not -2 <= value <= 2:
+                raise OrthrusInputError(name, f"must be a number in [-2, 2], got {value!r}")
+        if not is_num(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+            raise OrthrusInputError("repetition_penalty", f"must be > 0 (1: off), got {self.repetition_penalty!r}")
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise OrthrusInputError("logit_bias", f"must be an object of at most {MAX_LOGIT_BIAS} token id -> bias")
+        for token, bias in self.logit_bias.items():
+            if not is_int(token) or token < 0:
+                raise OrthrusInputError("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
+            if not is_num(bias) or not -100 <= bias <= 100:
+                raise OrthrusInputError("logit_bias", f"bias of token {token} must be in [-100, 100], got {bias!r}")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise OrthrusInputError("min_tokens", f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
 
     def sample_params(self, index: int) -> "SamplingParams":
         """The params of sample `index` of an n > 1 request: n = 1 and, with a seed, seed + index."""

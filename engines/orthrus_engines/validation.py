@@ -26,3 +26,9 @@ def check_stop_token_ids(ids: list[int], vocab_size: int) -> None:
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise OrthrusInputError("stop_token_ids", f"token id {bad[0]} is outside the vocabulary")
+
+
+def check_logit_bias(bias: dict[int, float], vocab_size: int) -> None:
+    bad = [t for t in bias if not 0 <= t < vocab_size]
+    if bad:
+        raise OrthrusInputError("logit_bias", f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")

@@ -24,27 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1forthrus_serve/api/orthrus.proto\x12\northrus.v1\"\xc3\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x17\n\nblock_size\x18\x0c \x01(\x05H\x05\x88\x01\x01\x12\x1a\n\ruse_diffusion\x18\r \x01(\x08H\x06\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\x05H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x08\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_block_sizeB\x10\n\x0e_use_diffusionB\x04\n\x02_nB\x0b\n\t_logprobs\"\xdf\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05\x12\x16\n\x0e\x66orward_passes\x18\x08 \x01(\x05\x12\x16\n\x0e\x64rafted_tokens\x18\t \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\n \x01(\x05\x12\r\n\x05index\x18\x0b \x01(\x05\x12+\n\x0b\x63ompletions\x18\x0c \x03(\x0b\x32\x16.orthrus.v1.Completion\x12*\n\x08logprobs\x18\r \x03(\x0b\x32\x18.orthrus.v1.TokenLogprob\"\x9a\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.orthrus.v1.TokenLogprob\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.orthrus.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\x12\n\x10ModelInfoRequest\"\x90\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x1a\n\x12prefix_fingerprint\x18\x06 \x01(\t2\xe9\x01\n\x07Orthrus\x12\x45\n\x08Generate\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse0\x01\x12H\n\tModelInfo\x12\x1c.orthrus.v1.ModelInfoRequest\x1a\x1d.orthrus.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1forthrus_serve/api/orthrus.proto\x12\northrus.v1\"\xff\x05\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x17\n\nblock_size\x18\x0c \x01(\x05H\x05\x88\x01\x01\x12\x1a\n\ruse_diffusion\x18\r \x01(\x08H\x06\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\x05H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x14 \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x15 \x01(\x02H\n\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x16 \x01(\x02H\x0b\x88\x01\x01\x12>\n\nlogit_bias\x18\x17 \x03(\x0b\x32*.orthrus.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x18 \x01(\x05H\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_block_sizeB\x10\n\x0e_use_diffusionB\x04\n\x02_nB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokens\"\xdf\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05\x12\x16\n\x0e\x66orward_passes\x18\x08 \x01(\x05\x12\x16\n\x0e\x64rafted_tokens\x18\t \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\n \x01(\x05\x12\r\n\x05index\x18\x0b \x01(\x05\x12+\n\x0b\x63ompletions\x18\x0c \x03(\x0b\x32\x16.orthrus.v1.Completion\x12*\n\x08logprobs\x18\r \x03(\x0b\x32\x18.orthrus.v1.TokenLogprob\"\x9a\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.orthrus.v1.TokenLogprob\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.orthrus.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\x12\n\x10ModelInfoRequest\"\x90\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x1a\n\x12prefix_fingerprint\x18\x06 \x01(\t2\xe9\x01\n\x07Orthrus\x12\x45\n\x08Generate\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse0\x01\x12H\n\tModelInfo\x12\x1c.orthrus.v1.ModelInfoRequest\x1a\x1d.orthrus.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orthrus_serve.api.orthrus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=48
-  _globals['_GENERATEREQUEST']._serialized_end=499
-  _globals['_GENERATERESPONSE']._serialized_start=502
-  _globals['_GENERATERESPONSE']._serialized_end=853
-  _globals['_COMPLETION']._serialized_start=856
-  _globals['_COMPLETION']._serialized_end=1010
-  _globals['_TOKENLOGPROB']._serialized_start=1012
-  _globals['_TOKENLOGPROB']._serialized_end=1098
-  _globals['_TOPLOGPROB']._serialized_start=1100
-  _globals['_TOPLOGPROB']._serialized_end=1147
-  _globals['_MODELINFOREQUEST']._serialized_start=1149
-  _globals['_MODELINFOREQUEST']._serialized_end=1167
-  _globals['_MODELINFORESPONSE']._serialized_start=1170
-  _globals['_MODELINFORESPONSE']._serialized_end=1314
-  _globals['_ORTHRUS']._serialized_start=1317
-  _globals['_ORTHRUS']._serialized_end=1550
+  _globals['_GENERATEREQUEST']._serialized_end=815
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=574
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=622
+  _globals['_GENERATERESPONSE']._serialized_start=818
+  _globals['_GENERATERESPONSE']._serialized_end=1169
+  _globals['_COMPLETION']._serialized_start=1172
+  _globals['_COMPLETION']._serialized_end=1326
+  _globals['_TOKENLOGPROB']._serialized_start=1328
+  _globals['_TOKENLOGPROB']._serialized_end=1414
+  _globals['_TOPLOGPROB']._serialized_start=1416
+  _globals['_TOPLOGPROB']._serialized_end=1463
+  _globals['_MODELINFOREQUEST']._serialized_start=1465
+  _globals['_MODELINFOREQUEST']._serialized_end=1483
+  _globals['_MODELINFORESPONSE']._serialized_start=1486
+  _globals['_MODELINFORESPONSE']._serialized_end=1630
+  _globals['_ORTHRUS']._serialized_start=1633
+  _globals['_ORTHRUS']._serialized_end=1866
 # @@protoc_insertion_point(module_scope)

@@ -21,10 +21,8 @@ def refused(fn, *args) -> OrthrusInputError:
 
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", [{}]),
-    ("function_call", "auto"), ("response_format", {"type": "json_object"}), ("presence_penalty", 0.5),
-    ("frequency_penalty", -1), ("logit_bias", {"5": 1}),
-    ("audio", {"voice": "x"}), ("modalities", ["text"]), ("parallel_tool_calls", True), ("min_tokens", 2),
-    ("best_of", 2), ("a_field_openai_adds_later", 1)])
+    ("function_call", "auto"), ("response_format", {"type": "json_object"}), ("audio", {"voice": "x"}),
+    ("modalities", ["text"]), ("parallel_tool_calls", True), ("best_of", 2), ("a_field_openai_adds_later", 1)])
 def test_chat_refuses_what_it_does_not_implement_by_name(field, value):
     e = refused(fields.check_fields, {"messages": USER, field: value}, fields.CHAT_FIELDS)
     assert e.field == field
@@ -93,6 +91,23 @@ def test_max_tokens_defaults_to_the_room_the_window_leaves():
     assert oai.sampling_fields({"max_tokens": None}, 200)["max_tokens"] == 200
     assert oai.sampling_fields({"max_tokens": 5}, 200)["max_tokens"] == 5
     assert oai.sampling_fields({"max_completion_tokens": 7, "stop": "x"}, 200) == {"max_tokens": 7, "stop": ["x"]}
+
+
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2, "min_tokens": 2,
+             "logit_bias": {"5": 1, "017": -100}}
+
+
+@pytest.mark.parametrize("allowed", [fields.CHAT_FIELDS, fields.COMPLETION_FIELDS])
+def test_penalties_and_bias_are_sampling_fields(allowed):
+    """OpenAI's penalties and logit_bias (token ids as strings) and vLLM's repetition_penalty, min_tokens."""
+    fields.check_fields(dict(PENALTIES), allowed)
+    params = oai.sampling_fields(PENALTIES, 200)
+    assert params == {**PENALTIES, "logit_bias": {5: 1, 17: -100}, "max_tokens": 200}
+
+
+@pytest.mark.parametrize("bias", [[5], {"a": 1}, {"-3": 1}, {"1.5": 1}, {"٣": 1}])
+def test_logit_bias_keys_must_be_token_ids(bias):
+    assert refused(oai.sampling_fields, {"logit_bias": bias}, 200).field == "logit_bias"
 
 
 def test_usage_only_in_a_last_chunk_without_choices_when_asked():

@@ -262,12 +262,9 @@ def test_grpc_logprobs_equal_the_engine(client, reference_llm):
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
 CHAT_REFUSED = [
     {"tools": TOOLS}, {"tool_choice": "none"}, {"functions": [{"name": "f", "parameters": {}}]},
-    {"function_call": "none"}, {"response_format": {"type": "json_object"}}, {"presence_penalty": 0.5},
-    {"frequency_penalty": 0.5}, {"logit_bias": {"5": 1}},
-    {"audio": {"voice": "alloy", "format": "wav"}}, {"modalities": ["text", "audio"]}, {"parallel_tool_calls": False},
-    {"extra_body": {"repetition_penalty": 1.2}}]
-COMPLETION_REFUSED = [{"best_of": 2}, {"suffix": "!"}, {"echo": True}, {"n": 0},
-                      {"presence_penalty": 1.0}, {"logit_bias": {"5": 1}}]
+    {"function_call": "none"}, {"response_format": {"type": "json_object"}},
+    {"audio": {"voice": "alloy", "format": "wav"}}, {"modalities": ["text", "audio"]}, {"parallel_tool_calls": False}]
+COMPLETION_REFUSED = [{"best_of": 2}, {"suffix": "!"}, {"echo": True}, {"n": 0}]
 
 
 def _field(kwargs: dict) -> str:
@@ -300,3 +297,42 @@ def test_harmless_fields_keep_working(oai, http):
             "suffix": None, "tools": None, "user": "u-1", "seed": 1, "stream": False}
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
+
+
+# -- penalties and bias ---------------------------------------------------------------------------
+# Each changes this prompt's greedy output on its own (the first two tokens: `plain`'s).
+PENALTIES = [lambda plain: {"presence_penalty": 1.5}, lambda plain: {"frequency_penalty": -2.0},
+             lambda plain: {"repetition_penalty": 1.25}, lambda plain: {"logit_bias": {plain[0]: -100.0}},
+             lambda plain: {"min_tokens": 4, "stop_token_ids": [plain[1]]}]
+PENALTY_IDS = ["presence", "frequency", "repetition", "logit_bias", "min_tokens"]
+
+
+@pytest.mark.parametrize("case", PENALTIES, ids=PENALTY_IDS)
+def test_penalties_and_bias_equal_the_engine(oai, reference_llm, case):
+    """OpenAI's presence/frequency penalties and logit_bias (keys: token ids as strings), vLLM's
+    repetition_penalty and min_tokens (extra fields): completions and chat give the engine's output."""
+    sp = dict(max_tokens=12, temperature=0)
+    plain = reference_llm.generate(PROMPT, SamplingParams(max_tokens=12))[0]
+    params = case(plain.token_ids)
+    ref = reference_llm.generate(PROMPT, SamplingParams(max_tokens=12, **params))[0]
+    assert ref.token_ids != plain.token_ids
+    native = {k: v for k, v in params.items() if k in ("presence_penalty", "frequency_penalty", "logit_bias")}
+    extra = {k: v for k, v in params.items() if k not in native}
+    if "logit_bias" in native:
+        native["logit_bias"] = {str(t): b for t, b in native["logit_bias"].items()}
+    c = oai.completions.create(model=MODEL, prompt=PROMPT, extra_body=extra, **native, **sp)
+    assert c.choices[0].text == ref.text and c.usage.completion_tokens == len(ref.token_ids)
+
+    chat_ref = reference_llm.chat(CHAT, SamplingParams(max_tokens=12, **params))[0]
+    chat = oai.chat.completions.create(model=MODEL, messages=CHAT, extra_body=extra, **native, **sp)
+    assert chat.choices[0].message.content == chat_ref.text
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": "high"}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"min_tokens": 8}, "min_tokens")])
+def test_bad_penalties_are_400_naming_the_field(http, body, field):
+    for path, prompt in [("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": CHAT})]:
+        assert_error(http.post(path, json={**prompt, "max_tokens": 4, **body}), 400, field)

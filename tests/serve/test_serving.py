@@ -74,6 +74,24 @@ def test_grpc_unary_and_stream_equal_the_engine(client, reference_llm, refs, pro
     assert list(r.token_ids) == ref.token_ids and r.text == ref.text and r.request_id == "my-request-1"
 
 
+# Each changes the first prompt's greedy output on its own (`plain`: its tokens); floats exact in float32.
+PENALTIES = [lambda plain: {"presence_penalty": 1.5}, lambda plain: {"frequency_penalty": -2.0},
+             lambda plain: {"repetition_penalty": 1.25}, lambda plain: {"logit_bias": {plain[0]: -100.0}},
+             lambda plain: {"min_tokens": 4, "stop_token_ids": [plain[1]]}]
+
+
+@pytest.mark.parametrize("case", PENALTIES, ids=["presence", "frequency", "repetition", "logit_bias", "min_tokens"])
+def test_grpc_penalties_and_bias_equal_the_engine(client, reference_llm, refs, case):
+    plain = refs[PROMPTS[0]]
+    params = case(plain.token_ids)
+    ref = reference_llm.generate(PROMPTS[0], SamplingParams(max_tokens=MAX_TOKENS, **params))[0]
+    assert ref.token_ids != plain.token_ids
+    r = client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, **params)
+    assert list(r.token_ids) == ref.token_ids and r.text == ref.text
+    msgs = list(client.generate_stream(PROMPTS[0], max_tokens=MAX_TOKENS, **params))
+    assert [t for m in msgs for t in m.token_ids] == ref.token_ids
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_http_completions_equal_the_engine(http, reference_llm, refs, prompt):
     ref = refs[prompt]
@@ -226,6 +244,11 @@ GRPC_BAD = [
     ({"prompt": [1, 2, VOCAB]}, "prompt_token_ids"),
     ({"prompt": [5, -1]}, "prompt_token_ids"),
     ({"prompt": list(range(1, WINDOW + 1))}, "prompt_token_ids"),
+    ({"prompt": "hi", "presence_penalty": -2.5}, "presence_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"prompt": "hi", "logit_bias": {VOCAB: 1.0}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {-1: 1.0}}, "logit_bias"),
+    ({"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
 ]
 
 

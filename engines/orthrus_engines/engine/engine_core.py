@@ -139,7 +139,7 @@ class EngineCore:
             detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
             leader = samples[0] if samples and shares else None
             samples.append(Sequence(request_id, ids, params.sample_params(i) if params.n > 1 else params, k, detok,
-                                    auto_k, index=i, leader=leader))
+                                    auto_k, self.output.eos_ids, index=i, leader=leader))
         self.requests[request_id] = samples
         for seq in samples:
             self.scheduler.add(seq)

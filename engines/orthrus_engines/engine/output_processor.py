@@ -25,7 +25,9 @@ class OutputProcessor:
             if seq.detok is not None:
                 before = len(seq.text)
                 seq.text += seq.detok.add(t)
-                hit = find_stop(seq.text, p.stop, max(0, before - max_stop + 1)) if p.stop else None
+                # as vLLM: no stop string ends within the first min_tokens tokens
+                checks = p.stop and seq.completion_tokens > p.min_tokens
+                hit = find_stop(seq.text, p.stop, max(0, before - max_stop + 1)) if checks else None
                 if hit is not None:
                     seq.text = seq.text[:hit]
                     seq.finish_reason, stopped_by_string = "stop", True

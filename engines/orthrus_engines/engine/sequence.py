@@ -12,6 +12,7 @@ import torch
 
 from orthrus_engines.engine.detokenizer import Detokenizer
 from orthrus_engines.engine.logits_processors import LogitsProcessor
+from orthrus_engines.engine.penalties import sampling_processors
 from orthrus_engines.outputs import TokenLogprob
 from orthrus_engines.sampling_params import SamplingParams
 
@@ -26,8 +27,8 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, block_size: int,
-                 detokenizer: Detokenizer | None, auto_k: bool = False, index: int = 0,
-                 leader: "Sequence | None" = None):
+                 detokenizer: Detokenizer | None, auto_k: bool = False, eos_ids: set[int] = frozenset(),
+                 index: int = 0, leader: "Sequence | None" = None):
         self.request_id = request_id
         self.index = index  # which sample of an n > 1 request (0 for n = 1)
         # n > 1: the request's first sample, whose prefill this one waits for (then the prefix cache holds the
@@ -38,8 +39,10 @@ class Sequence:
         self.prompt_tokens = len(prompt_ids)
         self.block_size = block_size  # K for this request (1 = plain AR), the most the policy may pick
         self.auto_k = auto_k  # the engine's draft-length policy picks K each step
-        # Applied alike to the AR and draft rows (engine/logits_processors.py).
-        self.processors: list[LogitsProcessor] = list(params.logits_processors)
+        # Applied alike to the AR and draft rows (engine/logits_processors.py): the params' penalties and
+        # bias (`eos_ids`: what min_tokens masks besides the stop token ids), then the offline callables.
+        self.processors: list[LogitsProcessor] = (
+            sampling_processors(params, self.token_ids, self.prompt_tokens, eos_ids) + list(params.logits_processors))
         self.status = Status.WAITING
         self.arrival = next(_arrival)
         # Paged KV state.
