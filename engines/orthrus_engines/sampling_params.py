@@ -1,6 +1,7 @@
 from dataclasses import dataclass, field
 
 from orthrus_engines.errors import OrthrusInputError
+from orthrus_engines.structured import check_spec
 
 
 @dataclass
@@ -20,6 +21,8 @@ class SamplingParams:
     use_diffusion: bool = True
     # Offline use: callables (history, logits [V]) -> logits [V] applied to every AR and draft row alike.
     logits_processors: list = field(default_factory=list)
+    # Structured output: one {kind: value}, kind json | json_object | regex | choice | grammar (structured.py).
+    structured: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +52,8 @@ class SamplingParams:
             raise OrthrusInputError("stop_token_ids", f"must be a list of integers, got {self.stop_token_ids!r}")
         if not isinstance(self.logits_processors, list) or not all(map(callable, self.logits_processors)):
             raise OrthrusInputError("logits_processors", "must be a list of callables (history, logits) -> logits")
+        if self.structured is not None:
+            check_spec(self.structured)
         if self.block_size is not None and (not is_int(self.block_size) or self.block_size < 1):
             raise OrthrusInputError("block_size", f"must be an integer >= 1, got {self.block_size!r}")
 

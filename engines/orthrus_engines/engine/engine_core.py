@@ -11,6 +11,7 @@ import torch
 from orthrus_engines.config import EngineArgs
 from orthrus_engines.engine.detokenizer import Detokenizer
 from orthrus_engines.engine.draft_policy import AcceptanceStats, AutoDraftPolicy
+from orthrus_engines.engine.grammar import Grammars
 from orthrus_engines.engine.model_runner import ModelRunner
 from orthrus_engines.engine.orthrus_step import OrthrusStep, fused_block_limit
 from orthrus_engines.engine.output_processor import OutputProcessor
@@ -87,6 +88,7 @@ class EngineCore:
                                    self.fused_k, self.policy.choose if self.policy is not None else None)
         self.orthrus_step = OrthrusStep(self.runner, self.acceptance, self.fused_acceptance, args.resolve_draft_kv())
         self.output = OutputProcessor(self._eos_ids(), self.max_model_len)
+        self.grammars = Grammars(self.tokenizer, str(self.tokenizer_path), self.vocab_size, self._eos_ids())
         self.seqs: dict[str, Sequence] = {}
         self.num_generated_tokens = 0
         self.closed = False
@@ -125,6 +127,8 @@ class EngineCore:
         auto_k = self.policy is not None and params.use_diffusion and params.block_size is None
         detok = Detokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
         seq = Sequence(request_id, ids, params, k, detok, auto_k)
+        if params.structured is not None:  # the grammar's mask last, after any other processing
+            seq.processors.append(self.grammars.processor(params.structured, len(ids)))
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
