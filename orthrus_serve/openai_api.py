@@ -6,6 +6,7 @@ import uuid
 
 from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_engines.outputs import COUNTERS
+from orthrus_serve import structured_fields
 from orthrus_serve.openai_fields import SAMPLING_MAP
 
 
@@ -26,6 +27,8 @@ def sampling_fields(body: dict, room: int) -> dict:
     if isinstance(params.get("stop"), str):
         params["stop"] = [params["stop"]]
     params.setdefault("max_tokens", room)
+    if (structured := structured_fields.from_http(body)) is not None:
+        params["structured"] = structured
     return params
 
 

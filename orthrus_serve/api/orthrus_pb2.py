@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1forthrus_serve/api/orthrus.proto\x12\northrus.v1\"\x89\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x17\n\nblock_size\x18\x0c \x01(\x05H\x05\x88\x01\x01\x12\x1a\n\ruse_diffusion\x18\r \x01(\x08H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_block_sizeB\x10\n\x0e_use_diffusion\"\xf7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05\x12\x16\n\x0e\x66orward_passes\x18\x08 \x01(\x05\x12\x16\n\x0e\x64rafted_tokens\x18\t \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\n \x01(\x05\"\x12\n\x10ModelInfoRequest\"\x90\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x1a\n\x12prefix_fingerprint\x18\x06 \x01(\t2\xe9\x01\n\x07Orthrus\x12\x45\n\x08Generate\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse0\x01\x12H\n\tModelInfo\x12\x1c.orthrus.v1.ModelInfoRequest\x1a\x1d.orthrus.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1forthrus_serve/api/orthrus.proto\x12\northrus.v1\"\xff\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x17\n\nblock_size\x18\x0c \x01(\x05H\x05\x88\x01\x01\x12\x1a\n\ruse_diffusion\x18\r \x01(\x08H\x06\x88\x01\x01\x12\x13\n\x0bguided_json\x18\x1e \x01(\t\x12\x1a\n\x12guided_json_object\x18\x1f \x01(\x08\x12\x14\n\x0cguided_regex\x18  \x01(\t\x12\x15\n\rguided_choice\x18! \x03(\t\x12\x16\n\x0eguided_grammar\x18\" \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_block_sizeB\x10\n\x0e_use_diffusion\"\xf7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05\x12\x16\n\x0e\x66orward_passes\x18\x08 \x01(\x05\x12\x16\n\x0e\x64rafted_tokens\x18\t \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\n \x01(\x05\"\x12\n\x10ModelInfoRequest\"\x90\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x1a\n\x12prefix_fingerprint\x18\x06 \x01(\t2\xe9\x01\n\x07Orthrus\x12\x45\n\x08Generate\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse0\x01\x12H\n\tModelInfo\x12\x1c.orthrus.v1.ModelInfoRequest\x1a\x1d.orthrus.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orthrus_serve.api.orthrus_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=48
-  _globals['_GENERATEREQUEST']._serialized_end=441
-  _globals['_GENERATERESPONSE']._serialized_start=444
-  _globals['_GENERATERESPONSE']._serialized_end=691
-  _globals['_MODELINFOREQUEST']._serialized_start=693
-  _globals['_MODELINFOREQUEST']._serialized_end=711
-  _globals['_MODELINFORESPONSE']._serialized_start=714
-  _globals['_MODELINFORESPONSE']._serialized_end=858
-  _globals['_ORTHRUS']._serialized_start=861
-  _globals['_ORTHRUS']._serialized_end=1094
+  _globals['_GENERATEREQUEST']._serialized_end=559
+  _globals['_GENERATERESPONSE']._serialized_start=562
+  _globals['_GENERATERESPONSE']._serialized_end=809
+  _globals['_MODELINFOREQUEST']._serialized_start=811
+  _globals['_MODELINFOREQUEST']._serialized_end=829
+  _globals['_MODELINFORESPONSE']._serialized_start=832
+  _globals['_MODELINFORESPONSE']._serialized_end=976
+  _globals['_ORTHRUS']._serialized_start=979
+  _globals['_ORTHRUS']._serialized_end=1212
 # @@protoc_insertion_point(module_scope)

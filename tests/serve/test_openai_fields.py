@@ -19,7 +19,7 @@ def refused(fn, *args) -> OrthrusInputError:
 
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", [{}]),
-    ("function_call", "auto"), ("response_format", {"type": "json_object"}), ("logprobs", True),
+    ("function_call", "auto"), ("logprobs", True),
     ("top_logprobs", 2), ("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"5": 1}),
     ("audio", {"voice": "x"}), ("modalities", ["text"]), ("parallel_tool_calls", True), ("min_tokens", 2),
     ("n", True), ("a_field_openai_adds_later", 1)])
