@@ -78,6 +78,17 @@ def test_regex_and_choice(llms):
     assert all(o.text in choices for o in sampled)  # rejection sampling over the masked p and q
 
 
+def test_preemption_recomputes_the_same_constrained_output(model_dir, llms):
+    """A pool too small for the batch: recomputed sequences resume their grammar state (seeded and greedy)."""
+    prompts = [f"Person number {i} as JSON, please:" for i in range(6)]
+    params = [SamplingParams(max_tokens=40, structured={"json": SCHEMA}, **(dict(SEEDED, seed=i) if i % 2 else {}))
+              for i in range(6)]
+    tight = LLM(str(model_dir), block_size=4, num_pages=16, page_size=4)
+    got = tight.generate(prompts, params)
+    assert tight.core.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in llms[True].generate(prompts, params)]
+
+
 def test_matcher_follows_any_order_of_histories(model_dir):
     """Rows are processed at histories that branch (drafts), go back (rejections) and repeat (a recompute
     after preemption): each row's mask is that of a fresh matcher fed its history."""
