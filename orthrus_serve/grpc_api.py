@@ -8,6 +8,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.exceptions import BackPressureError
 
 from orthrus_engines import OrthrusInputError, RequestOutput
+from orthrus_serve import structured_fields
 from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve.request_prep import SAMPLING_FIELDS
 
@@ -30,6 +31,8 @@ def sampling_fields(request: pb.GenerateRequest) -> dict:
               if not request.DESCRIPTOR.fields_by_name[f].has_presence or request.HasField(f)}
     fields["stop"], fields["stop_token_ids"] = list(request.stop), list(request.stop_token_ids)
     fields["logit_bias"] = dict(request.logit_bias)
+    if (structured := structured_fields.from_grpc(request)) is not None:
+        fields["structured"] = structured
     return fields
 
 

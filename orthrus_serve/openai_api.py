@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_engines.outputs import COUNTERS, TokenLogprob
+from orthrus_serve import structured_fields
 from orthrus_serve.openai_fields import SAMPLING_MAP, logit_bias, logprobs_request
 
 
@@ -32,6 +33,8 @@ def sampling_fields(body: dict, room: int, chat: bool = False) -> dict:
     params.setdefault("max_tokens", room)
     if (logprobs := logprobs_request(body, chat)) is not None:
         params["logprobs"] = logprobs
+    if (structured := structured_fields.from_http(body)) is not None:
+        params["structured"] = structured
     return params
 
 

@@ -1,9 +1,10 @@
 """Which OpenAI request fields the server honours, per endpoint. The lists are explicit: a field the server
-does not implement (tools, response_format, logprobs, ...) gets a 400 naming it rather than being
+does not implement (tools, audio, ...) gets a 400 naming it rather than being
 silently ignored, and a field OpenAI adds later is refused until it is implemented. Chat messages are checked
 and their content parts joined here too."""
 
 from orthrus_engines import OrthrusInputError
+from orthrus_serve import structured_fields
 
 # OpenAI field -> SamplingParams field (top_k, stop_token_ids, ignore_eos: vLLM's; the last two: ours).
 SAMPLING_MAP = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
@@ -14,6 +15,7 @@ SAMPLING_MAP = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens
                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
                 "logit_bias": "logit_bias", "repetition_penalty": "repetition_penalty", "min_tokens": "min_tokens"}
 _GENERATE = {"model", "user", "stream", "stream_options", *SAMPLING_MAP}
+_GENERATE |= structured_fields.HTTP_FIELDS  # response_format, guided_*: SamplingParams.structured
 COMPLETION_FIELDS = frozenset(_GENERATE - {"max_completion_tokens"} | {"prompt", "logprobs"})
 CHAT_FIELDS = frozenset(_GENERATE | {"messages", "logprobs", "top_logprobs"})
 TOKENIZE_FIELDS = frozenset({"model", "prompt"})

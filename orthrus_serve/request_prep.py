@@ -20,6 +20,7 @@ from orthrus_engines.validation import check_token_ids
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "block_size", "use_diffusion", "n", "logprobs", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens")
+STRUCTURED = "structured"  # set from response_format / guided_* (structured_fields), not a field of its own
 
 
 @dataclass
@@ -32,7 +33,7 @@ class PreparedRequest:
 
 def sampling_params(fields: dict) -> SamplingParams:
     """A request's sampling fields as checked SamplingParams; an unknown field is named in the error."""
-    unknown = set(fields) - set(SAMPLING_FIELDS)
+    unknown = set(fields) - set(SAMPLING_FIELDS) - {STRUCTURED}
     if unknown:
         raise OrthrusInputError(sorted(unknown)[0], "unknown sampling field")
     try:

@@ -3,10 +3,9 @@ from dataclasses import dataclass, field, replace
 
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.outputs import MAX_LOGPROBS
+from orthrus_engines.structured import check_spec
 
 MAX_N = 128  # the most samples one request may ask for
-
-
 MAX_LOGIT_BIAS = 300  # entries in logit_bias (as OpenAI limits it)
 
 
@@ -37,6 +36,8 @@ class SamplingParams:
     logits_processors: list = field(default_factory=list)
     # Samples of the prompt (vLLM's and OpenAI's n): sample i is seeded with seed + i (as vLLM seeds them).
     n: int = 1
+    # Structured output: one {kind: value}, kind json | json_object | regex | choice | grammar (structured.py).
+    structured: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -68,6 +69,8 @@ class SamplingParams:
             raise OrthrusInputError("logits_processors", "must be a list of callables (history, logits) -> logits")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise OrthrusInputError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.structured is not None:
+            check_spec(self.structured)
         if self.block_size is not None and (not is_int(self.block_size) or self.block_size < 1):
             raise OrthrusInputError("block_size", f"must be an integer >= 1, got {self.block_size!r}")
         if not is_int(self.n) or not 1 <= self.n <= MAX_N:

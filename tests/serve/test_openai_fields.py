@@ -21,7 +21,7 @@ def refused(fn, *args) -> OrthrusInputError:
 
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", [{}]),
-    ("function_call", "auto"), ("response_format", {"type": "json_object"}), ("audio", {"voice": "x"}),
+    ("function_call", "auto"), ("audio", {"voice": "x"}),
     ("modalities", ["text"]), ("parallel_tool_calls", True), ("best_of", 2), ("a_field_openai_adds_later", 1)])
 def test_chat_refuses_what_it_does_not_implement_by_name(field, value):
     e = refused(fields.check_fields, {"messages": USER, field: value}, fields.CHAT_FIELDS)

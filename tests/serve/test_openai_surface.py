@@ -4,6 +4,8 @@ endpoints (/version, /tokenize, /detokenize), and a 400 naming every field the s
 The official `openai` client and httpx for raw bodies; gRPC keeps its own defaults."""
 
 import importlib.metadata
+import json
+import re
 
 import httpx
 import pytest
@@ -257,13 +259,50 @@ def test_grpc_logprobs_equal_the_engine(client, reference_llm):
     assert not client.generate(PROMPT, max_tokens=2).logprobs
 
 
+# -- structured output ------------------------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False,
+          "x-guidance": {"whitespace_flexible": False}}  # compact: a random model's output stays short
+
+
+def test_response_format_json_schema(oai, reference_llm):
+    import jsonschema
+    import openai
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    c = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=64, temperature=0, response_format=fmt)
+    text = c.choices[0].message.content
+    jsonschema.validate(json.loads(text), PERSON)
+    assert c.choices[0].finish_reason == "stop"
+    ref = reference_llm.chat(CHAT, SamplingParams(max_tokens=64, structured={"json": PERSON}))[0]
+    assert text == ref.text
+    with pytest.raises(openai.BadRequestError) as e:
+        bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+        oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, response_format=bad)
+    assert e.value.param == "response_format.json_schema.schema"
+
+
+def test_grpc_guided_choice_and_regex(client):
+    import grpc
+
+    colours = ["red", "green", "dark blue"]
+    r = client.generate(PROMPT, guided_choice=colours, max_tokens=8)
+    assert r.text in colours and r.finish_reason == "stop"
+    r = client.generate(PROMPT, guided_regex="[0-9]{2}-[a-z]{1,4}", max_tokens=12, temperature=1.0, seed=3)
+    assert re.fullmatch("[0-9]{2}-[a-z]{1,4}", r.text) and r.finish_reason == "stop"
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate(PROMPT, guided_regex="a(b")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("guided_regex:")
+
+
 # -- what is not implemented is refused by name -----------------------------------------------------
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
 CHAT_REFUSED = [
     {"tools": TOOLS}, {"tool_choice": "none"}, {"functions": [{"name": "f", "parameters": {}}]},
-    {"function_call": "none"}, {"response_format": {"type": "json_object"}},
-    {"audio": {"voice": "alloy", "format": "wav"}}, {"modalities": ["text", "audio"]}, {"parallel_tool_calls": False}]
+    {"function_call": "none"}, {"audio": {"voice": "alloy", "format": "wav"}}, {"modalities": ["text", "audio"]}, {"parallel_tool_calls": False}]
 COMPLETION_REFUSED = [{"best_of": 2}, {"suffix": "!"}, {"echo": True}, {"n": 0}]
 
 

@@ -11,6 +11,7 @@ import torch
 from orthrus_engines.config import EngineArgs
 from orthrus_engines.engine.detokenizer import Detokenizer
 from orthrus_engines.engine.draft_policy import AcceptanceStats, AutoDraftPolicy
+from orthrus_engines.engine.grammar import Grammars
 from orthrus_engines.engine.model_runner import ModelRunner
 from orthrus_engines.engine.orthrus_step import OrthrusStep, fused_block_limit
 from orthrus_engines.engine.output_processor import OutputProcessor
@@ -88,6 +89,7 @@ class EngineCore:
                                    self.fused_k, self.policy.choose if self.policy is not None else None)
         self.orthrus_step = OrthrusStep(self.runner, self.acceptance, self.fused_acceptance, args.resolve_draft_kv())
         self.output = OutputProcessor(self._eos_ids(), self.max_model_len)
+        self.grammars = Grammars(self.tokenizer, str(self.tokenizer_path), self.vocab_size, self._eos_ids())
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self.num_generated_tokens = 0
         self.num_prefill_tokens = 0  # prompt positions prefill passes computed (prefix-cache hits are not)
@@ -140,6 +142,8 @@ class EngineCore:
             leader = samples[0] if samples and shares else None
             samples.append(Sequence(request_id, ids, params.sample_params(i) if params.n > 1 else params, k, detok,
                                     auto_k, self.output.eos_ids, index=i, leader=leader))
+            if params.structured is not None:  # the grammar's mask last, after any other processing
+                samples[-1].processors.append(self.grammars.processor(params.structured, len(ids)))
         self.requests[request_id] = samples
         for seq in samples:
             self.scheduler.add(seq)

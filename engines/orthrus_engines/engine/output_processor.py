@@ -32,7 +32,8 @@ class OutputProcessor:
                     seq.text = seq.text[:hit]
                     seq.finish_reason, stopped_by_string = "stop", True
                     break
-            if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
+            # with a grammar, EOS comes only where the grammar ends: it ends the request even with ignore_eos
+            if (t in self.eos_ids and (not p.ignore_eos or p.structured is not None)) or t in p.stop_token_ids:
                 seq.finish_reason = "stop"
                 break
             if seq.completion_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
