@@ -28,8 +28,9 @@ def engine_options(cfg: ServeConfig) -> dict:
         "ray_actor_options": {"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus,
                               **({"resources": dict(cfg.replica_resources)} if cfg.replica_resources else {})},
         "max_ongoing_requests": cfg.max_ongoing_requests,
-        "health_check_period_s": 2.0,
-        "graceful_shutdown_timeout_s": 10.0,
+        "max_queued_requests": cfg.max_queued_requests,  # per caller (the ingress replicas' handles)
+        "health_check_period_s": cfg.health.check_period_s,
+        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
     }
     if cfg.tensor_parallel_size > 1:
         opts["placement_group_bundles"] = replica_bundles(cfg)
@@ -61,7 +62,10 @@ def engine_options(cfg: ServeConfig) -> dict:
             "policy": {"policy_function": "orthrus_serve.autoscaling:ThroughputPolicy",
                        "policy_kwargs": {"target_tokens_per_s": a.target_tokens_per_s_per_replica,
                                          "upscale_delay_s": a.upscale_delay_s,
-                                         "downscale_delay_s": a.downscale_delay_s}},
+                                         "downscale_delay_s": a.downscale_delay_s,
+                                         "prefill_weight": a.prefill_weight,
+                                         "requests_per_replica": cfg.max_ongoing_requests,
+                                         "kv_high_usage": a.kv_high_usage}},
         }
     return opts
 
@@ -70,4 +74,6 @@ def build_app(args: dict | None = None) -> Application:
     cfg = ServeConfig.model_validate(args or {})
     engine = EngineServer.options(**engine_options(cfg)).bind(cfg.model_dump())
     # Only the variable's name travels in the app's arguments; the ingress reads the key itself.
-    return Ingress.bind(engine, cfg.served_model_name, cfg.api_key_env)
+    # the ingress streams too: a rolling update or scale-down of it drains like the engine's
+    ingress = Ingress.options(graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
+    return ingress.bind(engine, cfg.served_model_name, cfg.api_key_env, cfg.request_timeout_s, cfg.retry_after_s)

@@ -21,6 +21,8 @@ class AutoscalingSettings(_Strict):
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
     metrics_interval_s: float = Field(1.0, gt=0)
+    prefill_weight: float = Field(0.2, ge=0)  # what a prefilled prompt token costs, in generated tokens
+    kv_high_usage: float = Field(0.9, gt=0, le=1)  # mean KV usage at which one more replica is wanted
 
 
 class RouterSettings(_Strict):
@@ -47,6 +49,14 @@ class IndexSettings(_Strict):
         return self
 
 
+class HealthSettings(_Strict):
+    """When an engine replica counts as broken (unhealthy to Serve, unroutable to the router): its engine
+    thread stopped, or `min_failures` requests in a row failed in the engine over `failing_for_s`."""
+    min_failures: int = Field(3, ge=1)
+    failing_for_s: float = Field(10.0, ge=0)
+    check_period_s: float = Field(2.0, gt=0)  # Serve's health_check_period_s
+
+
 class ServeConfig(_Strict):
     app_name: str = "orthrus"
     model: str | None = None  # local directory; None = the built-in model
@@ -59,7 +69,20 @@ class ServeConfig(_Strict):
     replica_num_cpus: float = Field(1.0, ge=0)
     replica_num_gpus: float = Field(0.0, ge=0)  # with engine.tensor_parallel_size N > 1: N, or 0 (CPU ranks)
     replica_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per replica
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)  # per engine replica (Serve's option)
+    # Load shedding. Requests queued for an engine replica at each caller (Serve's max_queued_requests),
+    # and requests waiting in each engine for a batch slot (EngineArgs.max_waiting_requests, unless
+    # `engine` sets it): past either, HTTP 429 with Retry-After / gRPC RESOURCE_EXHAUSTED.
+    max_queued_requests: int = Field(64, ge=1)
+    max_waiting_requests: int = Field(64, ge=1)
+    retry_after_s: int = Field(1, ge=0)
+    # A request's whole life (queueing, prefill, generation): past it HTTP 504 / gRPC DEADLINE_EXCEEDED and
+    # the engine aborts it. None: no limit. A gRPC client's own deadline is honoured too.
+    request_timeout_s: float | None = Field(300.0, gt=0)
+    # How long a stopping replica (scale-down, rolling update) lets its in-flight requests finish: above
+    # request_timeout_s, so a drain never cuts a request that is within its time.
+    graceful_shutdown_timeout_s: float = Field(330.0, ge=0)
+    health: HealthSettings = Field(default_factory=HealthSettings)
     # The environment variable that holds the API key (on Kubernetes, from a Secret). The ingress
     # replicas read it from their own environment, so the key is in no config, dashboard or log.
     # Unset (or None here): no key is asked for.

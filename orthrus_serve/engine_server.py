@@ -2,7 +2,9 @@
 
 It streams request deltas (`RequestOutput`s) to the ingress, keeps what its prefix cache holds for
 the router (its routing stats; with Redis configured it also publishes its prefix-cache events there,
-with a heartbeat), and reports throughput, queue depth and KV usage for autoscaling.
+with a heartbeat), and reports throughput (generated and prefilled tokens/s), queue depth, running requests
+and KV usage for autoscaling. A broken replica (health.py) fails Serve's health check and tells the router
+it is not routable.
 """
 
 import asyncio
@@ -55,11 +57,13 @@ class ThroughputMeter:
 class EngineServer:
     def __init__(self, config: dict):
         self.config = ServeConfig.model_validate(config)
-        self.engine = AsyncEngine(self.config.model, head=self.config.head, **self.config.engine)
-        self.health = EngineHealth(self.engine)
+        engine_args = {"max_waiting_requests": self.config.max_waiting_requests, **self.config.engine}
+        self.engine = AsyncEngine(self.config.model, head=self.config.head, **engine_args)
+        self.health = EngineHealth(self.engine, self.config.health.min_failures, self.config.health.failing_for_s)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.index = replica_prefix_index(self.config)
         self.meter = ThroughputMeter()
+        self.prefill_meter = ThroughputMeter()  # prompt tokens prefilled (not from the prefix cache) per second
         self.metrics = EngineMetrics.create(self.config.served_model_name)
         self.prompt_totals: dict = {}  # for the prefix hit-rate gauge
         self.cached_pages: set[str] = set()  # what this replica holds, for the router (routing stats)
@@ -75,7 +79,11 @@ class EngineServer:
                        page_hashes: list[str] | None = None) -> AsyncIterator[RequestOutput]:
         """Deltas of one request; `params` were checked by the ingress. `page_hashes` is for the router."""
         rm = RequestMetrics(self.metrics, self.prompt_totals)
+        first = True
         async for out in self.engine.generate(request_id, prompt, params):
+            if first:
+                self.prefill_meter.add(out.prompt_tokens - out.cached_prompt_tokens)
+                first = False
             self.meter.add(len(out.token_ids))
             rm.on_delta(out)
             if out.finished:
@@ -104,12 +112,14 @@ class EngineServer:
 
     def record_autoscaling_stats(self) -> dict:
         s = self.engine.stats()
-        return {"tokens_per_s": self.meter.rate(), "queue_depth": s["num_waiting"], "kv_usage": s["kv_usage"]}
+        return {"tokens_per_s": self.meter.rate(), "prefill_tokens_per_s": self.prefill_meter.rate(),
+                "queue_depth": s["num_waiting"], "running": s["num_running"], "kv_usage": s["kv_usage"]}
 
     def record_routing_stats(self) -> dict:
+        """What the router reads; `routable` False while broken (the router then avoids this replica)."""
         s = self.engine.stats()
         return {"num_running": s["num_running"], "num_waiting": s["num_waiting"],
-                "cached_pages": sorted(self.cached_pages)}
+                "cached_pages": sorted(self.cached_pages), "routable": self.health.problem() is None}
 
     async def _publish_loop(self) -> None:
         """Keeps `cached_pages` current from the engine's prefix-cache events and the engine gauges

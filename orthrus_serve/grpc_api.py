@@ -4,25 +4,19 @@ import asyncio
 import logging
 
 import grpc
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_serve import structured_fields
 from orthrus_serve.api import orthrus_pb2 as pb
+from orthrus_serve.errors import REPLICA_LOST, EngineFailed, Overloaded, TimedOut, message
 from orthrus_serve.request_prep import SAMPLING_FIELDS
 
 log = logging.getLogger(__name__)
-REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 class Unauthenticated(Exception):
     """A call without the API key."""
-
-
-def message(e: BaseException) -> str:
-    """The error's own message (str() of an error re-raised by Ray is the remote traceback)."""
-    return str(e.cause) if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None else str(e)
 
 
 def sampling_fields(request: pb.GenerateRequest) -> dict:
@@ -69,15 +63,22 @@ def unary_response(request_id: str, result: RequestOutput) -> pb.GenerateRespons
 
 
 def set_error(ctx, e: BaseException) -> None:
+    """The status of a failed call; details are one line of text, never a traceback."""
     if isinstance(e, Unauthenticated):
         ctx.set_code(grpc.StatusCode.UNAUTHENTICATED)
         ctx.set_details(str(e))
     elif isinstance(e, OrthrusInputError):
         ctx.set_code(grpc.StatusCode.INVALID_ARGUMENT)
         ctx.set_details(message(e))
-    elif isinstance(e, BackPressureError):
+    elif isinstance(e, (Overloaded, BackPressureError)):
         ctx.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-        ctx.set_details("the server is at capacity; retry later")
+        ctx.set_details(str(e) if isinstance(e, Overloaded) else "the server is at capacity; retry later")
+    elif isinstance(e, TimedOut):
+        ctx.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+        ctx.set_details(str(e))
+    elif isinstance(e, EngineFailed):
+        ctx.set_code(grpc.StatusCode.INTERNAL)
+        ctx.set_details(str(e))
     elif isinstance(e, REPLICA_LOST):
         ctx.set_code(grpc.StatusCode.UNAVAILABLE)
         ctx.set_details("the engine replica serving this request was lost; retry")
@@ -86,4 +87,8 @@ def set_error(ctx, e: BaseException) -> None:
     else:
         log.exception("request failed")
         ctx.set_code(grpc.StatusCode.INTERNAL)
-        ctx.set_details(f"{type(e).__name__}: {e}")
+        ctx.set_details(first_line(f"{type(e).__name__}: {message(e)}"))
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text

@@ -35,13 +35,18 @@ class EngineHealth:
         elif finish_reason in ("stop", "length"):
             self.failures, self.first_failure_at, self.last_failure_at = 0, None, None
 
-    def check(self) -> None:
+    def problem(self) -> str | None:
+        """Why this replica is broken, or None while it is healthy."""
         if not self.engine.is_alive:
-            raise EngineUnhealthy("the engine thread has stopped")
+            return "the engine thread has stopped"
         span_s = (self.last_failure_at - self.first_failure_at) if self.failures else 0.0
         if self.failures >= self.min_failures and span_s >= self.failing_for_s:
-            raise EngineUnhealthy(f"the last {self.failures} requests failed over {span_s:.0f} s; "
-                                  f"last error: {self.last_error}")
+            return f"the last {self.failures} requests failed over {span_s:.0f} s; last error: {self.last_error}"
+        return None
+
+    def check(self) -> None:
+        if (problem := self.problem()) is not None:
+            raise EngineUnhealthy(problem)
 
 
 def engine_deployment_health(app_name: str) -> tuple[bool, dict]:

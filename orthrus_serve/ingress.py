@@ -2,7 +2,9 @@
 OpenAI-compatible HTTP through its HTTP proxy (with vLLM's /version, /tokenize and /detokenize; the fields
 each endpoint honours are openai_fields'). It prepares each request once (tokens, block
 hashes), streams from an engine replica chosen by the prefix-aware router, and maps errors:
-bad input -> INVALID_ARGUMENT / 400, a lost replica -> UNAVAILABLE / 503. With an API key set
+bad input -> INVALID_ARGUMENT / 400, a lost replica -> UNAVAILABLE / 503 (retried once on another replica
+before the first token), a full queue -> RESOURCE_EXHAUSTED / 429 with Retry-After, past request_timeout_s ->
+DEADLINE_EXCEEDED / 504, a request the engine failed -> INTERNAL / 500 (request_flow, errors). With an API key set
 (ServeConfig.api_key_env), every API call needs `authorization: Bearer <key>` (else UNAUTHENTICATED /
 401); the health checks (`/health`, gRPC Health/Check) need none."""
 
@@ -23,10 +25,11 @@ from orthrus_serve import openai_fields as fields
 from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve import openai_api as oai
 from orthrus_serve.auth import ApiKey, grpc_authorization
+from orthrus_serve.errors import http_error
 from orthrus_serve.health import engine_deployment_health
+from orthrus_serve.request_flow import guarded
 from orthrus_serve.request_prep import PreparedRequest, RequestPreparer
 
-REPLICA_LOST = grpc_api.REPLICA_LOST
 log = logging.getLogger(__name__)
 
 app = FastAPI(title="orthrus-serve")
@@ -35,13 +38,15 @@ app = FastAPI(title="orthrus-serve")
 @serve.deployment(name="OrthrusIngress", max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, replicas: DeploymentHandle, model_name: str, api_key_env: str | None = None):
+    def __init__(self, replicas: DeploymentHandle, model_name: str, api_key_env: str | None = None,
+                 request_timeout_s: float | None = None, retry_after_s: int = 1):
         self.replicas = replicas  # the engine deployment's replicas (EngineServer), through the router
         self.model_name = model_name
         self.app_name = serve.get_replica_context().app_name
         self.api_key = ApiKey.from_env(api_key_env)  # from this process's environment, never a config
         if api_key_env and not self.api_key.required:
             log.warning("%s is not set: the API is open to anyone who can reach it", api_key_env)
+        self.request_timeout_s, self.retry_after_s = request_timeout_s, retry_after_s
         self.info: dict | None = None
         self.preparer: RequestPreparer | None = None
 
@@ -54,9 +59,17 @@ class Ingress:
         return self.preparer
 
     def stream(self, req: PreparedRequest) -> AsyncIterator[RequestOutput]:
-        """The request's deltas from the engine replica the router picks."""
-        return self.replicas.options(stream=True).generate.remote(
-            req.request_id, req.token_ids, req.params, page_hashes=req.page_hashes)
+        """The request's deltas from the engine replica the router picks, within the time limit (request_flow)."""
+        return guarded(lambda: self.replicas.options(stream=True).generate.remote(
+            req.request_id, req.token_ids, req.params, page_hashes=req.page_hashes), self.request_timeout_s)
+
+    def _http_failed(self, e: Exception) -> tuple[int, dict, dict]:
+        """(status, OpenAI error body, headers) of a request that failed past its validation."""
+        status, kind, text = http_error(e)
+        if status == 500:
+            log.warning("request failed: %s", text)
+        headers = {"Retry-After": str(self.retry_after_s)} if status in (429, 503) else {}
+        return status, oai.error_body(text, None, kind), headers
 
     async def healthy(self) -> tuple[bool, dict]:
         return await asyncio.to_thread(engine_deployment_health, self.app_name)
@@ -120,16 +133,24 @@ class Ingress:
             include_usage = fields.include_usage(body)
         except (OrthrusInputError, fields.UnknownModel) as e:
             return self._refused(e)
+        except Exception as e:  # noqa: BLE001 - e.g. Serve's queue full while asking a replica for the model facts
+            status, error, headers = self._http_failed(e)
+            return JSONResponse(error, status_code=status, headers=headers)
         rid = oai.new_id("chatcmpl" if chat else "cmpl")
-        if body.get("stream"):
-            return StreamingResponse(self._sse(req, rid, chat, include_usage), media_type="text/event-stream")
+        deltas = self.stream(req)
         try:
+            # the first delta before answering: a full queue or a failed start is a status, not a 200 stream
+            first = await anext(deltas)
+            if body.get("stream"):
+                return StreamingResponse(self._sse(req, first, deltas, rid, chat, include_usage),
+                                         media_type="text/event-stream")
             acc = RequestAccumulator()
-            async for delta in self.stream(req):
+            acc.add(first)
+            async for delta in deltas:
                 acc.add(delta)
-        except REPLICA_LOST:
-            return JSONResponse(oai.error_body("the engine replica was lost; retry", None, "unavailable"),
-                                status_code=503)
+        except Exception as e:  # noqa: BLE001 - mapped to a status
+            status, error, headers = self._http_failed(e)
+            return JSONResponse(error, status_code=status, headers=headers)
         make = oai.chat_response if chat else oai.completion_response
         return make(rid, self.model_name, acc.result(), lambda s: self._logprobs(req, s.logprobs or [], chat))
 
@@ -140,14 +161,17 @@ class Ingress:
         text = self.preparer.token_text
         return oai.chat_logprobs(lps, text) if chat else oai.completion_logprobs(lps, text, offset)
 
-    async def _sse(self, req: PreparedRequest, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        """The chunks of every sample as the engine makes them (interleaved, each with its choice index)."""
+    async def _sse(self, req: PreparedRequest, first: RequestOutput, deltas: AsyncIterator[RequestOutput], rid: str,
+                   chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        """The chunks of every sample as the engine makes them (interleaved, each with its choice index); a
+        failure after the first delta is an error event (OpenAI's error shape)."""
         if chat:
             for i in range(req.params.n):
                 yield oai.sse(oai.chat_chunk(rid, self.model_name, None, include_usage, index=i))
         try:
             acc, offsets = RequestAccumulator(), [0] * req.params.n  # text offsets, per choice
-            async for delta in self.stream(req):
+            delta: RequestOutput | None = first
+            while delta is not None:
                 acc.add(delta)
                 logprobs = self._logprobs(req, delta.logprobs or [], chat, offsets[delta.index])
                 if logprobs is not None and not chat:
@@ -156,10 +180,13 @@ class Ingress:
                     yield oai.sse(oai.chat_chunk(rid, self.model_name, delta, include_usage, logprobs=logprobs))
                 else:
                     yield oai.sse(oai.completion_chunk(rid, self.model_name, delta, include_usage, logprobs))
+                delta = await anext(deltas, None)
             if include_usage and acc.samples:
                 yield oai.sse(oai.usage_chunk(rid, self.model_name, chat, acc.counters()))
-        except REPLICA_LOST:
-            yield oai.sse(oai.error_body("the engine replica was lost; retry", None, "unavailable"))
+        except Exception as e:  # noqa: BLE001 - reported in the stream
+            yield oai.sse(self._http_failed(e)[1])
+        finally:
+            await deltas.aclose()
         yield oai.sse("[DONE]")
 
     # -- vLLM's extra endpoints ---------------------------------------------------------------
@@ -240,7 +267,7 @@ class Ingress:
             # A stream ends with the status set above only if the method raises; raise a builtin
             # error, since the gRPC proxy unpickles it (it may not import our modules, and an
             # OrthrusInputError does not survive pickling).
-            raise RuntimeError(grpc_api.message(e)) from None
+            raise RuntimeError(grpc_context.details() or "request failed") from None
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
         try:

@@ -5,6 +5,9 @@ The ingress passes each request's page-hash chain as the `page_hashes` keyword o
 leading blocks, and ranks the best holders first, unless they are much busier than the least
 loaded replica (then load wins); with no match it falls back to power-of-two-choices.
 
+A replica that reports itself broken (routing stats `routable: False`: its engine thread stopped or its
+steps keep failing) is left out while any other replica is a candidate, so it never looks least loaded.
+
 Index: Redis when configured (replicas publish their engines' events there); otherwise an
 in-process index in this router, fed by the replicas' `record_routing_stats()` snapshots.
 """
@@ -60,6 +63,10 @@ class PrefixAwareRouter(RequestRouter):
                 self._seen_stats[uid] = id(stats)
                 self.index.publish(uid, [("cleared", []), ("stored", list(blocks))])
 
+    @staticmethod
+    def _routable(r: RunningReplica) -> bool:
+        return (r.routing_stats or {}).get("routable", True)
+
     def _load(self, r: RunningReplica) -> float:
         queued = self.replica_queue_len_cache.get(r.replica_id)
         if queued is not None:
@@ -70,6 +77,7 @@ class PrefixAwareRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         hashes = (pending_request.kwargs.get("page_hashes") if pending_request is not None else None) or []
+        candidate_replicas = [r for r in candidate_replicas if self._routable(r)] or candidate_replicas
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         matches: dict[str, int] = {}
         if hashes:

@@ -22,6 +22,9 @@ class EngineArgs:
     kv_cache_gb: float | None = None  # None: 1 GiB on CPU, 40% of free memory on CUDA
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # requests waiting for a batch slot; past it add_request raises EngineOverloaded (None: no bound;
+    # the offline LLM queues a whole batch, a server sets one)
+    max_waiting_requests: int | None = None
     max_model_len: int | None = None  # None = the model's window
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     device: str | None = None  # None: cuda if available, else cpu
@@ -90,6 +93,12 @@ class EngineArgs:
             raise OrthrusInputError("tensor_parallel_size", f"{tp} ranks need {tp} GPUs, "
                                                             f"{torch.cuda.device_count()} visible")
         return tp
+
+    def resolve_max_waiting_requests(self) -> int | None:
+        bound = self.max_waiting_requests
+        if bound is not None and (not isinstance(bound, int) or isinstance(bound, bool) or bound < 1):
+            raise OrthrusInputError("max_waiting_requests", f"must be None or an integer >= 1, got {bound!r}")
+        return bound
 
     def kv_cache_bytes(self, device: torch.device) -> int:
         if self.kv_cache_gb is not None:

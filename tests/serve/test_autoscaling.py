@@ -1,5 +1,6 @@
-"""Autoscaling on throughput (docs/ARCHITECTURE.md §5), live: a short synthetic load scales the engine
-deployment from 1 to 2 replicas; idle, it scales back to 1. And, without Ray, how the application
+"""Autoscaling (docs/ARCHITECTURE.md §5), live: a load above one replica's capacity scales the engine
+deployment from 1 to 2 replicas although its engine's queue stays empty and its throughput is far below the
+target (one request at a time per replica: the rest wait at the ingress's handle); idle, it scales back to 1. And, without Ray, how the application
 hands the policy to Ray Serve 2.60."""
 
 import time
@@ -14,7 +15,7 @@ from orthrus_serve.autoscaling import ThroughputPolicy
 from orthrus_serve.config import ServeConfig
 
 APP = "scaled"
-SETTINGS = {"min_replicas": 1, "max_replicas": 2, "target_tokens_per_s_per_replica": 10.0,
+SETTINGS = {"min_replicas": 1, "max_replicas": 2, "target_tokens_per_s_per_replica": 10_000.0,
             "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "metrics_interval_s": 0.5}
 
 
@@ -30,13 +31,14 @@ def test_ray_builds_the_policy_with_the_configured_parameters():
     delays (30 s up, 600 s down by default) unless they are set to 0."""
     from ray.serve.config import AutoscalingConfig
 
-    opts = engine_options(ServeConfig(autoscaling=SETTINGS))
+    opts = engine_options(ServeConfig(autoscaling=SETTINGS, max_ongoing_requests=1))
     cfg = AutoscalingConfig(**opts["autoscaling_config"])
     assert (cfg.upscale_delay_s, cfg.downscale_delay_s) == (0, 0)
     policy_cls = cfg.policy.get_policy()
     assert isinstance(policy_cls, type)
     policy = policy_cls(**cfg.policy.policy_kwargs)
-    assert policy.kwargs == {"target_tokens_per_s": 10.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0}
+    assert policy.kwargs == {"target_tokens_per_s": 10_000.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0,
+                             "prefill_weight": 0.2, "requests_per_replica": 1, "kv_high_usage": 0.9}
 
 
 def test_policy_holds_the_target_while_a_new_replica_starts():
@@ -51,7 +53,7 @@ def test_policy_holds_the_target_while_a_new_replica_starts():
 
 @pytest.fixture(scope="module")
 def app(serve_cluster):
-    deployed = serve_cluster.deploy(APP, autoscaling=SETTINGS)
+    deployed = serve_cluster.deploy(APP, autoscaling=SETTINGS, max_ongoing_requests=1)
     yield deployed
     serve_cluster.delete(APP)
 

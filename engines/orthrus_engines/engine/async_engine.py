@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from orthrus_engines.config import engine_args_from
 from orthrus_engines.engine.engine_core import EngineCore
 from orthrus_engines.inputs import Prompt
-from orthrus_engines.errors import OrthrusInputError
+from orthrus_engines.errors import EngineDeadError, OrthrusInputError
 from orthrus_engines.outputs import RequestOutput
 from orthrus_engines.sampling_params import SamplingParams
 
@@ -32,6 +32,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._stopped = False
+        self._dead = False  # the thread failed: set under the lock, so no request is added after it
         self._thread = threading.Thread(target=self._loop, name="orthrus-engine", daemon=True)
         self._thread.start()
 
@@ -45,12 +46,14 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         params = params or SamplingParams()
         loop, out_q = asyncio.get_running_loop(), asyncio.Queue()
+        done = loop.create_future()
         with self._lock:
+            if self._dead or not self.is_alive:  # a command would wait forever for a thread that is gone
+                raise EngineDeadError("the engine thread has stopped")
             if request_id in self._streams:
                 raise OrthrusInputError("request_id", f"{request_id!r} is already running")
             self._streams[request_id] = _Stream(loop, out_q, getattr(params, "n", 1))
-        done = asyncio.get_running_loop().create_future()
-        self._commands.put(("add", request_id, prompt, params, done))
+            self._commands.put(("add", request_id, prompt, params, done))
         try:
             await done  # validation errors (OrthrusInputError) surface here, in the caller
             unfinished = params.n
@@ -111,6 +114,25 @@ class AsyncEngine:
                 self._deliver(out, cmd[1])
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # the thread dies: its callers hear it rather than wait forever
+            log.exception("the engine thread failed")
+            error = EngineDeadError(f"the engine thread failed: {type(e).__name__}: {e}")
+            with self._lock:
+                self._dead = True
+                streams, self._streams = self._streams, {}
+            for stream in streams.values():
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            while True:  # requests not yet added: their callers wait on `done`
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd[0] == "add":
+                    cmd[-1].get_loop().call_soon_threadsafe(_resolve, cmd[-1], error)
+
+    def _serve(self) -> None:
         while not self._stopped:
             try:
                 cmd = self._commands.get(block=not self.core.has_unfinished())
