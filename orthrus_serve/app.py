@@ -57,4 +57,4 @@ def build_app(args: dict | None = None) -> Application:
     cfg = ServeConfig.model_validate(args or {})
     engine = EngineServer.options(**engine_options(cfg)).bind(cfg.model_dump())
     # Only the variable's name travels in the app's arguments; the ingress reads the key itself.
-    return Ingress.bind(engine, cfg.served_model_name, cfg.api_key_env)
+    return Ingress.bind(engine, cfg.served_model_name, cfg.api_key_env, limits=cfg.limits.model_dump())
