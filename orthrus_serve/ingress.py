@@ -53,6 +53,7 @@ class Ingress:
         self.preparer: RequestPreparer | None = None
         self.limits = InputLimits.model_validate(limits or {})
         self.prep_pool = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="prep")
+        self._ready_lock = asyncio.Lock()  # the first requests wait for one preparer (one tokenizer import)
 
     async def off_loop(self, fn: Callable, *args):
         """fn(*args) in the preparation pool (tokenizing a long prompt takes seconds)."""
@@ -61,9 +62,10 @@ class Ingress:
     async def ready(self) -> RequestPreparer:
         """Model facts (and where its engine's tokenizer is) come from an engine replica the first time
         they are needed."""
-        if self.preparer is None:
-            self.info = await self.replicas.model_info.remote()
-            self.preparer = await self.off_loop(RequestPreparer, self.info, self.limits)
+        async with self._ready_lock:
+            if self.preparer is None:
+                self.info = await self.replicas.model_info.remote()
+                self.preparer = await self.off_loop(RequestPreparer, self.info, self.limits)
         return self.preparer
 
     def stream(self, req: PreparedRequest) -> AsyncIterator[RequestOutput]:

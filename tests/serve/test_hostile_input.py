@@ -171,12 +171,12 @@ def test_grpc_fields_past_their_limits_are_named(client):
 
 
 def test_a_huge_prompt_does_not_stall_other_streams(app, http):
-    """While the ingress tokenizes a prompt of ~3 MB (seconds of work; then refused: past the window), small
+    """While the ingress tokenizes a prompt of ~2 MB (seconds of work; then refused: past the window), small
     streams keep flowing: no gap between their chunks as long as half the huge request. Tokenizing on the
     event loop stops every stream of the ingress for the whole tokenization."""
     import httpx
 
-    huge = "Tell me a story about two-headed dogs. " * (3_000_000 // 40)
+    huge = "Tell me a story about two-headed dogs. " * (2_000_000 // 40)
     assert len(json.dumps({"prompt": huge})) < LIMITS.max_request_bytes
     chunk_times: list[float] = []
     stop = threading.Event()
