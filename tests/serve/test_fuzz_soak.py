@@ -12,14 +12,13 @@ import grpc
 import httpx
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from serve_helpers import ENGINE, ENGINE_ARGS
 
 from orthrus_serve import openai_fields as fields
 from orthrus_serve.api import orthrus_pb2 as pb
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
