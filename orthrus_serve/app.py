@@ -76,4 +76,5 @@ def build_app(args: dict | None = None) -> Application:
     # Only the variable's name travels in the app's arguments; the ingress reads the key itself.
     # the ingress streams too: a rolling update or scale-down of it drains like the engine's
     ingress = Ingress.options(graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
-    return ingress.bind(engine, cfg.served_model_name, cfg.api_key_env, cfg.request_timeout_s, cfg.retry_after_s)
+    return ingress.bind(engine, cfg.served_model_name, cfg.api_key_env, cfg.request_timeout_s, cfg.retry_after_s,
+                        limits=cfg.limits.model_dump())

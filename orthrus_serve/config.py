@@ -57,6 +57,16 @@ class HealthSettings(_Strict):
     check_period_s: float = Field(2.0, gt=0)  # Serve's health_check_period_s
 
 
+class InputLimits(_Strict):
+    """What one request may carry (README, Security); past a limit: HTTP 413 (the body) or 400 / gRPC
+    INVALID_ARGUMENT naming the field. gRPC messages are also capped by the proxy's 4 MiB receive limit."""
+
+    max_request_bytes: int = Field(4 << 20, ge=1024)  # an HTTP body
+    max_stop_strings: int = Field(16, ge=0)
+    max_stop_string_chars: int = Field(1024, ge=1)  # each stop string
+    max_stop_token_ids: int = Field(256, ge=0)
+
+
 class ServeConfig(_Strict):
     app_name: str = "orthrus"
     model: str | None = None  # local directory; None = the built-in model
@@ -66,6 +76,7 @@ class ServeConfig(_Strict):
     autoscaling: AutoscalingSettings | None = None
     router: RouterSettings = Field(default_factory=RouterSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
+    limits: InputLimits = Field(default_factory=InputLimits)
     replica_num_cpus: float = Field(1.0, ge=0)
     replica_num_gpus: float = Field(0.0, ge=0)  # with engine.tensor_parallel_size N > 1: N, or 0 (CPU ranks)
     replica_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per replica

@@ -10,7 +10,7 @@ from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_serve import structured_fields
 from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve.errors import REPLICA_LOST, EngineFailed, Overloaded, TimedOut, message
-from orthrus_serve.request_prep import SAMPLING_FIELDS
+from orthrus_serve.request_prep import SAMPLING_FIELDS, PreparedRequest, RequestPreparer
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,17 @@ def sampling_fields(request: pb.GenerateRequest) -> dict:
     if (structured := structured_fields.from_grpc(request)) is not None:
         fields["structured"] = structured
     return fields
+
+
+def prepare(prep: RequestPreparer, request: pb.GenerateRequest) -> PreparedRequest:
+    """A GenerateRequest as a prepared request (the ingress runs this off its event loop)."""
+    if request.prompt and request.prompt_token_ids:
+        raise OrthrusInputError("prompt", "give prompt or prompt_token_ids, not both")
+    if request.prompt_token_ids:
+        ids = prep.inputs.token_ids(list(request.prompt_token_ids), "prompt_token_ids")
+    else:
+        ids = prep.inputs.text_ids(request.prompt, "prompt")
+    return prep.prepare(ids, sampling_fields(request), request.request_id or None)
 
 
 def copy_counters(msg: pb.GenerateResponse, out: RequestOutput, counters: dict[str, int] | None = None) -> None:

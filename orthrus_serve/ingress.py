@@ -6,11 +6,14 @@ bad input -> INVALID_ARGUMENT / 400, a lost replica -> UNAVAILABLE / 503 (retrie
 before the first token), a full queue -> RESOURCE_EXHAUSTED / 429 with Retry-After, past request_timeout_s ->
 DEADLINE_EXCEEDED / 504, a request the engine failed -> INTERNAL / 500 (request_flow, errors). With an API key set
 (ServeConfig.api_key_env), every API call needs `authorization: Bearer <key>` (else UNAUTHENTICATED /
-401); the health checks (`/health`, gRPC Health/Check) need none."""
+401); the health checks (`/health`, gRPC Health/Check) need none. Request bodies are parsed, checked
+(ServeConfig.limits), tokenized and chat-templated in a small thread pool, off the event loop: a huge prompt
+does not stall the other streams."""
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from fastapi import FastAPI, Request
@@ -26,6 +29,8 @@ from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve import openai_api as oai
 from orthrus_serve.auth import ApiKey, grpc_authorization
 from orthrus_serve.errors import http_error
+from orthrus_serve.config import InputLimits
+from orthrus_serve.http_guard import RequestTooLarge, install_error_handlers, read_body, too_large
 from orthrus_serve.health import engine_deployment_health
 from orthrus_serve.request_flow import guarded
 from orthrus_serve.request_prep import PreparedRequest, RequestPreparer
@@ -33,13 +38,16 @@ from orthrus_serve.request_prep import PreparedRequest, RequestPreparer
 log = logging.getLogger(__name__)
 
 app = FastAPI(title="orthrus-serve")
+install_error_handlers(app)  # every HTTP error in OpenAI's shape
+PREP_THREADS = 4  # request preparation (JSON, tokenizer, chat template) runs here; the tokenizer drops the GIL
 
 
 @serve.deployment(name="OrthrusIngress", max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, replicas: DeploymentHandle, model_name: str, api_key_env: str | None = None,
-                 request_timeout_s: float | None = None, retry_after_s: int = 1):
+                 request_timeout_s: float | None = None, retry_after_s: int = 1,
+                 limits: dict | None = None):
         self.replicas = replicas  # the engine deployment's replicas (EngineServer), through the router
         self.model_name = model_name
         self.app_name = serve.get_replica_context().app_name
@@ -49,13 +57,21 @@ class Ingress:
         self.request_timeout_s, self.retry_after_s = request_timeout_s, retry_after_s
         self.info: dict | None = None
         self.preparer: RequestPreparer | None = None
+        self.limits = InputLimits.model_validate(limits or {})
+        self.prep_pool = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="prep")
+        self._ready_lock = asyncio.Lock()  # the first requests wait for one preparer (one tokenizer import)
+
+    async def off_loop(self, fn: Callable, *args):
+        """fn(*args) in the preparation pool (tokenizing a long prompt takes seconds)."""
+        return await asyncio.get_running_loop().run_in_executor(self.prep_pool, fn, *args)
 
     async def ready(self) -> RequestPreparer:
         """Model facts (and where its engine's tokenizer is) come from an engine replica the first time
         they are needed."""
-        if self.preparer is None:
-            self.info = await self.replicas.model_info.remote()
-            self.preparer = RequestPreparer(self.info)
+        async with self._ready_lock:
+            if self.preparer is None:
+                self.info = await self.replicas.model_info.remote()
+                self.preparer = await self.off_loop(RequestPreparer, self.info, self.limits)
         return self.preparer
 
     def stream(self, req: PreparedRequest) -> AsyncIterator[RequestOutput]:
@@ -103,35 +119,44 @@ class Ingress:
     async def chat_completions(self, request: Request):
         return await self._http(request, chat=True)
 
-    async def _read(self, request: Request, allowed: frozenset[str] | None) -> tuple[RequestPreparer, dict]:
-        """The model's preparer and the request's JSON body, its fields checked against `allowed`
-        (None: the caller checks them) and its model against the served one."""
+    async def _read(self, request: Request) -> tuple[RequestPreparer, bytes]:
+        """The model's preparer and the request's body (RequestTooLarge past limits.max_request_bytes)."""
         prep = await self.ready()
-        body = oai.parse_body(await request.body())
-        if allowed is not None:
-            fields.check_fields(body, allowed)
+        return prep, await read_body(request, self.limits.max_request_bytes)
+
+    def _parse(self, raw: bytes, allowed: frozenset[str]) -> dict:
+        """The JSON body, its fields checked against `allowed` and its model against the served one."""
+        body = oai.parse_body(raw)
+        fields.check_fields(body, allowed)
         fields.check_model(body, self.model_name)
-        return prep, body
+        return body
 
     def _refused(self, e: Exception) -> JSONResponse:
-        """OrthrusInputError -> 400, UnknownModel -> 404, in OpenAI's error shape."""
+        """OrthrusInputError -> 400, UnknownModel -> 404, RequestTooLarge -> 413, in OpenAI's error shape."""
         if isinstance(e, fields.UnknownModel):
             return JSONResponse(oai.error_body(str(e), "model", code="model_not_found"), status_code=404)
+        if isinstance(e, RequestTooLarge):
+            return too_large(e)
         return JSONResponse(oai.error_body(str(e), e.field), status_code=400)
+
+    def _prepare_http(self, prep: RequestPreparer, raw: bytes, chat: bool) -> tuple[PreparedRequest, dict]:
+        """A completions or chat body as a prepared request (in the preparation pool), and the body."""
+        body = self._parse(raw, fields.CHAT_FIELDS if chat else fields.COMPLETION_FIELDS)
+        if chat:
+            ids = prep.inputs.chat_ids(fields.chat_messages(body.get("messages")))
+        else:
+            prompt = oai.completion_prompt(body)
+            ids = (prep.inputs.text_ids if isinstance(prompt, str) else prep.inputs.token_ids)(prompt, "prompt")
+        return prep.prepare(ids, oai.sampling_fields(body, prep.inputs.max_model_len - len(ids), chat)), body
 
     async def _http(self, request: Request, chat: bool):
         if denied := self._http_denied(request):
             return denied
         try:
-            prep, body = await self._read(request, fields.CHAT_FIELDS if chat else fields.COMPLETION_FIELDS)
-            if chat:
-                ids = prep.inputs.chat_ids(fields.chat_messages(body.get("messages")))
-            else:
-                prompt = oai.completion_prompt(body)
-                ids = (prep.inputs.text_ids if isinstance(prompt, str) else prep.inputs.token_ids)(prompt, "prompt")
-            req = prep.prepare(ids, oai.sampling_fields(body, prep.inputs.max_model_len - len(ids), chat))
+            prep, raw = await self._read(request)
+            req, body = await self.off_loop(self._prepare_http, prep, raw, chat)
             include_usage = fields.include_usage(body)
-        except (OrthrusInputError, fields.UnknownModel) as e:
+        except (OrthrusInputError, fields.UnknownModel, RequestTooLarge) as e:
             return self._refused(e)
         except Exception as e:  # noqa: BLE001 - e.g. Serve's queue full while asking a replica for the model facts
             status, error, headers = self._http_failed(e)
@@ -202,16 +227,20 @@ class Ingress:
         if denied := self._http_denied(request):
             return denied
         try:
-            prep, body = await self._read(request, None)
-            if "messages" in body:
-                fields.check_fields(body, fields.TOKENIZE_CHAT_FIELDS)
-                ids = prep.inputs.chat_ids(fields.chat_messages(body["messages"]))
-            else:
-                fields.check_fields(body, fields.TOKENIZE_FIELDS)
-                ids = prep.inputs.text_ids(body.get("prompt"), "prompt")
-        except (OrthrusInputError, fields.UnknownModel) as e:
+            prep, raw = await self._read(request)
+            ids = await self.off_loop(self._tokenize, prep, raw)
+        except (OrthrusInputError, fields.UnknownModel, RequestTooLarge) as e:
             return self._refused(e)
         return {"tokens": ids, "count": len(ids), "max_model_len": prep.inputs.max_model_len}
+
+    def _tokenize(self, prep: RequestPreparer, raw: bytes) -> list[int]:
+        body = oai.parse_body(raw)
+        chat = "messages" in body
+        fields.check_fields(body, fields.TOKENIZE_CHAT_FIELDS if chat else fields.TOKENIZE_FIELDS)
+        fields.check_model(body, self.model_name)
+        if chat:
+            return prep.inputs.chat_ids(fields.chat_messages(body["messages"]))
+        return prep.inputs.text_ids(body.get("prompt"), "prompt")
 
     @app.post("/detokenize")
     async def detokenize(self, request: Request):
@@ -219,9 +248,10 @@ class Ingress:
         if denied := self._http_denied(request):
             return denied
         try:
-            prep, body = await self._read(request, fields.DETOKENIZE_FIELDS)
-            return {"prompt": prep.detokenize(body.get("tokens"))}
-        except (OrthrusInputError, fields.UnknownModel) as e:
+            prep, raw = await self._read(request)
+            body = await self.off_loop(self._parse, raw, fields.DETOKENIZE_FIELDS)
+            return {"prompt": await self.off_loop(prep.detokenize, body.get("tokens"))}
+        except (OrthrusInputError, fields.UnknownModel, RequestTooLarge) as e:
             return self._refused(e)
 
     # -- gRPC -------------------------------------------------------------------------------
@@ -231,14 +261,7 @@ class Ingress:
 
     async def _prepare_grpc(self, request: pb.GenerateRequest, grpc_context) -> PreparedRequest:
         self._check_grpc_key(grpc_context)
-        prep = await self.ready()
-        if request.prompt and request.prompt_token_ids:
-            raise OrthrusInputError("prompt", "give prompt or prompt_token_ids, not both")
-        if request.prompt_token_ids:
-            ids = prep.inputs.token_ids(list(request.prompt_token_ids), "prompt_token_ids")
-        else:
-            ids = prep.inputs.text_ids(request.prompt, "prompt")
-        return prep.prepare(ids, grpc_api.sampling_fields(request), request.request_id or None)
+        return await self.off_loop(grpc_api.prepare, await self.ready(), request)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:

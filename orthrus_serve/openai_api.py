@@ -9,16 +9,23 @@ from collections.abc import Callable
 from orthrus_engines import OrthrusInputError, RequestOutput
 from orthrus_engines.outputs import COUNTERS, TokenLogprob
 from orthrus_serve import structured_fields
-from orthrus_serve.openai_fields import SAMPLING_MAP, logit_bias, logprobs_request
+from orthrus_serve.openai_fields import SAMPLING_MAP, logit_bias, logprobs_request, check_values
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_body(raw: bytes) -> dict:
+    """The request's JSON object, its values checked (openai_fields.check_values). Not JSON: NaN and
+    Infinity (Python's extensions), integers past Python's 4300 digits, nesting past its recursion limit."""
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise OrthrusInputError("body", f"not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise OrthrusInputError("body", "must be a JSON object")
+    check_values(body)
     return body
 
 

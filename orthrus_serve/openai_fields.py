@@ -3,8 +3,11 @@ does not implement (tools, audio, ...) gets a 400 naming it rather than being
 silently ignored, and a field OpenAI adds later is refused until it is implemented. Chat messages are checked
 and their content parts joined here too."""
 
+import math
+
 from orthrus_engines import OrthrusInputError
 from orthrus_serve import structured_fields
+from orthrus_serve.request_prep import INT64_MAX, INT64_MIN
 
 # OpenAI field -> SamplingParams field (top_k, stop_token_ids, ignore_eos: vLLM's; the last two: ours).
 SAMPLING_MAP = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
@@ -30,6 +33,44 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 class UnknownModel(Exception):
     """The request names a model this server does not serve (HTTP 404)."""
+
+
+def check_values(body: dict) -> None:
+    """Every value in a JSON body, at any depth, is one the server can carry: text valid Unicode (JSON's
+    \\ud800 escapes make lone surrogates, which no tokenizer or UTF-8 encoder takes: refused, not replaced),
+    integers within 64 bits, numbers finite (1e999 parses as inf). The first other is named by its path."""
+    stack: list[tuple[str, object, object]] = [("", k, v) for k, v in reversed(body.items())]
+    while stack:
+        parent, key, value = stack.pop()
+        if isinstance(key, str):
+            _check_text(key, parent or "body")
+        if isinstance(value, (str, int, float)):
+            if isinstance(value, str):
+                _check_text(value, _path(parent, key))
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise OrthrusInputError(_path(parent, key), "must be a finite number")
+            elif isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+                raise OrthrusInputError(_path(parent, key), "is outside the 64-bit integer range")
+        elif isinstance(value, list):
+            path = _path(parent, key)
+            stack.extend((path, i, v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            path = _path(parent, key)
+            stack.extend((path, k, v) for k, v in reversed(value.items()))
+
+
+def _path(parent: str, key) -> str:
+    """messages[0].content: a value's path in the body (key: a list index or an object key)."""
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else key
+
+
+def _check_text(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise OrthrusInputError(field, f"is not valid Unicode (a lone surrogate at character {e.start})") from None
 
 
 def _is_no_op(value, no_op) -> bool:

@@ -15,6 +15,7 @@ from orthrus_engines import OrthrusInputError, SamplingParams
 from orthrus_engines.inputs import InputProcessor, load_tokenizer
 from orthrus_engines.prefix_hash import page_hashes
 from orthrus_engines.validation import check_token_ids
+from orthrus_serve.config import InputLimits
 
 # The sampling fields a request may set (the gRPC GenerateRequest's and the OpenAI body's, mapped).
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
@@ -31,11 +32,45 @@ class PreparedRequest:
     page_hashes: list[str]
 
 
-def sampling_params(fields: dict) -> SamplingParams:
+_BOOL_FIELDS = ("ignore_eos", "use_diffusion")
+_FLOAT_FIELDS = ("temperature", "top_p")
+_INT64_FIELDS = ("max_tokens", "top_k", "seed", "block_size")
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def check_limits(fields: dict, limits: InputLimits) -> None:
+    """What SamplingParams leaves to the server: flags that are booleans, finite numbers (a gRPC float may be
+    inf or nan), integers within 64 bits, and the limits on stop strings and stop token ids."""
+    for name in _BOOL_FIELDS:
+        if name in fields and not isinstance(fields[name], bool):
+            raise OrthrusInputError(name, f"must be true or false, got {fields[name]!r}")
+    for name in _FLOAT_FIELDS:
+        if isinstance(fields.get(name), float) and not math.isfinite(fields[name]):
+            raise OrthrusInputError(name, f"must be a finite number, got {fields[name]!r}")
+    for name in _INT64_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+            raise OrthrusInputError(name, "is outside the 64-bit integer range")
+    stop, stop_ids = fields.get("stop"), fields.get("stop_token_ids")
+    if isinstance(stop, list):
+        if len(stop) > limits.max_stop_strings:
+            raise OrthrusInputError("stop", f"{len(stop)} stop strings: at most {limits.max_stop_strings} "
+                                            "(limits.max_stop_strings)")
+        longest = max((len(s) for s in stop if isinstance(s, str)), default=0)
+        if longest > limits.max_stop_string_chars:
+            raise OrthrusInputError("stop", f"a stop string of {longest} characters: at most "
+                                            f"{limits.max_stop_string_chars} (limits.max_stop_string_chars)")
+    if isinstance(stop_ids, list) and len(stop_ids) > limits.max_stop_token_ids:
+        raise OrthrusInputError("stop_token_ids", f"{len(stop_ids)} stop token ids: at most "
+                                                  f"{limits.max_stop_token_ids} (limits.max_stop_token_ids)")
+
+
+def sampling_params(fields: dict, limits: InputLimits | None = None) -> SamplingParams:
     """A request's sampling fields as checked SamplingParams; an unknown field is named in the error."""
     unknown = set(fields) - set(SAMPLING_FIELDS) - {STRUCTURED}
     if unknown:
         raise OrthrusInputError(sorted(unknown)[0], "unknown sampling field")
+    check_limits(fields, limits or InputLimits())
     try:
         return SamplingParams(**fields)
     except TypeError as e:
@@ -45,7 +80,8 @@ def sampling_params(fields: dict) -> SamplingParams:
 class RequestPreparer:
     """Built from an engine replica's `model_info()`, with the tokenizer that replica's engine uses."""
 
-    def __init__(self, info: dict):
+    def __init__(self, info: dict, limits: InputLimits | None = None):
+        self.limits = limits or InputLimits()
         self.inputs = InputProcessor(load_tokenizer(Path(info["tokenizer"])), info["vocab_size"],
                                      info["max_model_len"])
         self.page_size = info["page_size"]
@@ -53,7 +89,7 @@ class RequestPreparer:
 
     def prepare(self, token_ids: list[int], params: dict, request_id: str | None = None) -> PreparedRequest:
         """`token_ids`: from `self.inputs` (checked there); `params`: the request's sampling fields."""
-        sp = sampling_params(params)
+        sp = sampling_params(params, self.limits)
         self.inputs.check_request(token_ids, sp)
         # The engine caches all but the last prompt token: those are the pages a replica can hold.
         hashes = page_hashes(token_ids[:-1], self.page_size, self.fingerprint)

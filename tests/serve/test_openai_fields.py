@@ -148,3 +148,20 @@ def test_choices_per_sample_and_the_prompt_counted_once():
     chunk = oai.chat_chunk("id", "m", None, False, index=1)
     assert chunk["choices"][0]["index"] == 1 and chunk["choices"][0]["delta"]["role"] == "assistant"
     assert oai.completion_chunk("id", "m", acc.samples[1], False)["choices"][0]["index"] == 1
+
+
+@pytest.mark.parametrize("raw,field", [
+    ('{"prompt": "a\\ud800"}', "prompt"), ('{"messages": [{"role": "user", "content": "\\udc00"}]}',
+                                           "messages[0].content"),
+    ('{"stop": ["ok", "\\udbff"]}', "stop[1]"), ('{"x": {"\\ud800": 1}}', "x"),
+    ('{"seed": 9223372036854775808}', "seed"),
+    ('{"prompt": [1, -9223372036854775809]}', "prompt[1]"), ('{"temperature": 1e999}', "temperature"),
+    ('{"temperature": NaN}', "body"), ('{"top_p": -Infinity}', "body"), ('{"seed": 1' + "0" * 4400 + "}", "body"),
+    ('{"prompt": ' + "[" * 50_000 + "]" * 50_000 + "}", "body")])
+def test_every_json_value_is_checked_at_any_depth(raw, field):
+    assert refused(oai.parse_body, raw.encode()).field == field
+
+
+def test_64_bit_extremes_and_surrogate_pairs_are_valid():
+    body = oai.parse_body(b'{"seed": -9223372036854775808, "top_k": 9223372036854775807, "prompt": "\\ud83d\\ude00"}')
+    assert body["prompt"] == "\U0001F600" and body["seed"] == -(2**63)

@@ -9,6 +9,7 @@ from orthrus_engines.outputs import COUNTERS
 from orthrus_serve import grpc_api
 from orthrus_serve import openai_api as oai
 from orthrus_serve.api import orthrus_pb2 as pb
+from orthrus_serve.config import InputLimits
 from orthrus_serve.request_prep import RequestPreparer, sampling_params
 
 VOCAB = 49152
@@ -84,3 +85,35 @@ def test_detokenize_any_length_in_the_vocabulary(preparer):
         with pytest.raises(OrthrusInputError) as e:
             preparer.detokenize(bad)
         assert e.value.field == "tokens"
+
+
+@pytest.mark.parametrize("fields,field", [
+    ({"ignore_eos": "yes"}, "ignore_eos"), ({"use_diffusion": 0}, "use_diffusion"),
+    ({"temperature": float("inf")}, "temperature"), ({"top_p": float("nan")}, "top_p"), ({"seed": 2**64}, "seed"),
+    ({"stop": ["s"] * 3}, "stop"), ({"stop": ["long"]}, "stop"), ({"stop_token_ids": [1, 2, 3]}, "stop_token_ids")])
+def test_sampling_fields_past_the_limits_are_named(fields, field):
+    limits = InputLimits(max_stop_strings=2, max_stop_string_chars=3, max_stop_token_ids=2)
+    with pytest.raises(OrthrusInputError) as e:
+        sampling_params(fields, limits)
+    assert e.value.field == field
+    assert sampling_params({"stop": ["abc"] * 2, "stop_token_ids": [1, 2], "seed": -(2**63)}, limits)
+
+
+def test_fastapi_validation_errors_have_the_openai_shape():
+    """The ingress takes raw bodies, so FastAPI validates nothing of its own yet; a route that does gets 400."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from orthrus_serve.http_guard import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/items/{n}")
+    def item(n: int):
+        return {"n": n}
+
+    with TestClient(app) as c:
+        r = c.get("/items/x")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        assert c.get("/nothing").json()["error"]["type"] == "invalid_request_error"
