@@ -155,7 +155,7 @@ def test_grpc_serves_after_the_fuzz(client):
 # -- soak -------------------------------------------------------------------------------------------------
 
 BAD = [{"prompt": "hi", "max_tokens": 0}, {"prompt": [VOCAB]}, {"prompt": "hi", "stop": [""]},
-       {"prompt": "hi", "seed": 2**64}, {"messages": []}, {"prompt": "hi", "n": 2}, "not an object"]
+       {"prompt": "hi", "seed": 2**64}, {"messages": []}, {"prompt": "hi", "n": 0}, "not an object"]
 
 
 def replica_rss(app, deployment: str) -> dict[str, int]:
