@@ -42,6 +42,10 @@ class EngineArgs:
     # ranks the model is split over (heads, KV heads, MLP and vocabulary): rank 0 is the engine process,
     # ranks 1..N-1 worker processes (gloo on CPU; NCCL on CUDA, rank r on cuda:r)
     tensor_parallel_size: int = 1
+    # True: every pass runs eagerly. False (default): on CUDA with the Triton backend, one rank and no
+    # `compile`, the decode, verify, draft and fused passes are captured as CUDA graphs per batch-size bucket
+    # and replayed (passes above the largest bucket, and prefill, stay eager); on CPU passes are always eager
+    enforce_eager: bool = False
 
     def resolve_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -60,6 +64,11 @@ class EngineArgs:
         if backend == "triton" and importlib.util.find_spec("triton") is None:
             raise OrthrusInputError("attention_backend", "'triton' needs the triton package (Linux x86_64)")
         return backend
+
+    def resolve_cuda_graphs(self, device: torch.device, attention_backend: str, tp: int) -> bool:
+        """Whether the decode-time passes replay CUDA graphs (see `enforce_eager`)."""
+        return (not self.enforce_eager and device.type == "cuda" and attention_backend == "triton" and tp == 1
+                and not self.compile)
 
     def resolve_draft_kv(self) -> str:
         if self.draft_kv not in DRAFT_KV_MODES:
