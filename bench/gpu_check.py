@@ -18,6 +18,8 @@ import argparse
 import gc
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -230,8 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args) -> dict:
     start = time.monotonic()
     out = Path(args.out)
-    work = out / "models"
-    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_models"))  # the random checkpoints stay out of --out
     import transformers
 
     try:
@@ -258,6 +260,7 @@ def run(args) -> dict:
         share = (args.budget_s - (time.monotonic() - start)) / (len(models) - i)
         m["throughput"] = throughput(path, args.device, vocab, args.quick, time.monotonic() + share)
         report["models"][name] = m
+    shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.monotonic() - start, 1)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     (out / "gpu_check.md").write_text(markdown(report))

@@ -35,4 +35,3 @@ fi
 LEFT=$(( 450 - ($(date +%s) - START) ))
 timeout $(( LEFT > 60 ? LEFT : 60 )) $PY bench/gpu_check.py --out "$OUT" --budget-s $(( LEFT - 120 > 60 ? LEFT - 120 : 60 ))
 echo "gpu_check.py: exit $?; total $(( $(date +%s) - START )) s"
-rm -rf "$OUT/models"  # the random checkpoints: not worth bringing back
