@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--block-size", type=int, help="draft block length K (1 = plain AR)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first passes)")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (on CUDA they are on by default)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks to split the model over "
                                                                         "(processes; one GPU each on CUDA)")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
         )
         llm = LLM(model=args.model, head=args.head, block_size=args.block_size, compile=args.compile,
-                  tensor_parallel_size=args.tensor_parallel_size)
+                  tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
         start = time.perf_counter()
         if args.chat:
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)

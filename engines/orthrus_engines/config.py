@@ -49,6 +49,11 @@ class EngineArgs:
     # tensorrt_llm where it is not installed
     backend: str = "torch"
 
+    # True: every pass runs eagerly. False (default): on CUDA with the Triton backend, one rank and no
+    # `compile`, the decode, verify, draft and fused passes are captured as CUDA graphs per batch-size bucket
+    # and replayed (passes above the largest bucket, and prefill, stay eager); on CPU passes are always eager
+    enforce_eager: bool = False
+
     def check_backend(self) -> None:
         """The torch engine serves backend "torch"; "trtllm" runs in TensorRT-LLM's executor."""
         from orthrus_engines.trtllm import validate_backend
@@ -74,6 +79,11 @@ class EngineArgs:
         if backend == "triton" and importlib.util.find_spec("triton") is None:
             raise OrthrusInputError("attention_backend", "'triton' needs the triton package (Linux x86_64)")
         return backend
+
+    def resolve_cuda_graphs(self, device: torch.device, attention_backend: str, tp: int) -> bool:
+        """Whether the decode-time passes replay CUDA graphs (see `enforce_eager`)."""
+        return (not self.enforce_eager and device.type == "cuda" and attention_backend == "triton" and tp == 1
+                and not self.compile)
 
     def resolve_draft_kv(self) -> str:
         if self.draft_kv not in DRAFT_KV_MODES:

@@ -59,10 +59,12 @@ class EngineCore:
             1, args.kv_cache_bytes(self.device) // ModelRunner.bytes_per_page(src, self.dtype, args.page_size, tp))
         self.max_model_len = min(self.max_model_len, num_pages * args.page_size)
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
+        backend = args.resolve_attention_backend(self.device)
         runner_kwargs = dict(src=src, device=self.device, dtype=self.dtype, page_size=args.page_size,
                              num_pages=num_pages, max_model_len=self.max_model_len,
-                             pack_weights=args.cpu_packed_weights, compile=args.compile,
-                             attention_backend=args.resolve_attention_backend(self.device))
+                             pack_weights=args.cpu_packed_weights, compile=args.compile, attention_backend=backend,
+                             cuda_graphs=args.resolve_cuda_graphs(self.device, backend, tp),
+                             max_num_seqs=args.max_num_seqs)
         if tp == 1 and tensor_parallel_active():
             raise RuntimeError("a tensor-parallel engine holds this process's torch.distributed group; "
                                "close it before building a one-rank engine")

@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import torch
 from orthrus_kernels import AttentionMetadata, PassKind, build_attention_metadata, build_verify_draft_metadata
 
+from orthrus_engines.engine.cuda_graphs import PassGraphs
+from orthrus_engines.engine.pass_padding import PassInputs, metadata_to
 from orthrus_engines.engine.sequence import Sequence
 from orthrus_engines.models.layers import cpu_packing_supported, pack_weights_for_cpu
 from orthrus_engines.models.loader import ModelSource, build_model
@@ -27,7 +29,7 @@ from orthrus_engines.models.loader import ModelSource, build_model
 class ModelRunner:
     def __init__(self, src: ModelSource, device: torch.device, dtype: torch.dtype, page_size: int,
                  num_pages: int, max_model_len: int, pack_weights: bool = True, compile: bool = False,
-                 attention_backend: str = "torch"):
+                 attention_backend: str = "torch", cuda_graphs: bool = False, max_num_seqs: int = 64):
         self.device, self.dtype, self.page_size = device, dtype, page_size
         self.max_model_len = max_model_len  # rows of the rotary table: no pass may address a position past it
         self.attention_backend = attention_backend  # the metadata carries it to paged_attention
@@ -49,7 +51,7 @@ class ModelRunner:
             torch.fx.experimental._config.use_duck_shape = False
         s = self.model.shape
         attn = self.model.layers[0].self_attn
-        slots = num_pages * page_size
+        slots = num_pages * page_size + 1  # the last slot is no page's: padded passes store their pad rows there
         # zeros, not empty: a masked-out key slot never written (padding reads slot 0) must not hold a NaN,
         # which a zero attention weight would still turn into a NaN output
         self.kv_cache = [
@@ -57,19 +59,40 @@ class ModelRunner:
              torch.zeros(slots, attn.num_kv_heads, s.head_dim, dtype=dtype, device=device))
             for _ in range(s.num_layers)
         ]
+        # decode, verify, draft and fused passes at static shapes: CUDA graphs (Triton backend, eager model)
+        self.graphs: PassGraphs | None = None
+        if cuda_graphs and attention_backend == "triton" and not compile and device.type == "cuda":
+            self.graphs = self.static_shape_passes(capture=True, max_num_seqs=max_num_seqs)
+
+    def static_shape_passes(self, capture: bool, max_num_seqs: int = 64) -> PassGraphs:
+        """The runner of padded passes over this model and cache (`capture=False`: eager, any device)."""
+        return PassGraphs(self.model, self.kv_cache, self.kv_cache[0][0].shape[0] - 1, max_num_seqs,
+                          self.max_model_len, self.device, capture)
 
     @staticmethod
     def bytes_per_page(src: ModelSource, dtype: torch.dtype, page_size: int, tp_size: int = 1) -> int:
         s = src.shape
         return s.num_layers * 2 * page_size * (s.num_kv_heads // tp_size) * s.head_dim * dtype.itemsize
 
+    def _static(self, num_seqs: int, max_q: int) -> bool:
+        """Whether a decode-time pass of this size runs padded (CUDA graphs): its metadata is built on the CPU."""
+        return self.graphs is not None and self.graphs.shape_for(num_seqs, max_q)
+
     @torch.inference_mode()
     def _run(self, seqs: list[Sequence], ids: list[int], positions: torch.Tensor, meta: AttentionMetadata,
-             diffusion: bool, ar_rows: list[int] | None = None) -> torch.Tensor:
-        """Final hidden states [T, H] of one batched pass."""
+             diffusion: bool, ar_rows: list[int] | None = None, q_lens: list[int] | None = None) -> torch.Tensor:
+        """Final hidden states [T, H] of one batched pass. `q_lens` (rows per sequence): the pass may run
+        padded (CUDA graphs), its metadata built on the CPU."""
         last = int(positions.max()) if positions.numel() else -1
         if last >= self.max_model_len:  # the scheduler keeps every row inside; never index past the table
             raise RuntimeError(f"a pass would address position {last}, outside the window of {self.max_model_len}")
+        if q_lens is not None:
+            hidden = self.graphs.forward(PassInputs(ids, positions, meta, q_lens, diffusion, ar_rows))
+            if hidden is not None:
+                for s in seqs:
+                    s.forward_passes += 1
+                return hidden
+            meta = metadata_to(meta, self.device)  # no static shape after all (see pad_pass): eager
         ar = torch.tensor(ar_rows, device=self.device) if ar_rows is not None else None
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden = self.forward_model(ids_t, positions.to(self.device), meta, self.kv_cache, diffusion, ar)
@@ -78,14 +101,18 @@ class ModelRunner:
         return hidden
 
     def _forward(self, kind: PassKind, seqs: list[Sequence], tokens: list[list[int]], logit_rows: list[int] | None,
-                 ar_rows: list[int] | None = None) -> torch.Tensor | None:
+                 ar_rows: list[int] | None = None, decode: bool = True) -> torch.Tensor | None:
         """One pass over `tokens` after each sequence's cached prefix: the AR view for a causal pass, the
-        diffusion view (the AR projections at `ar_rows`) for a draft block; logits at `logit_rows`."""
+        diffusion view (the AR projections at `ar_rows`) for a draft block; logits at `logit_rows`.
+        `decode`: a decode-time pass (not a prefill), which may run at a static shape (CUDA graphs)."""
         starts, q_lens = [s.num_cached for s in seqs], [len(t) for t in tokens]
         positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, q_lens)])
+        static = decode and self._static(len(seqs), max(q_lens))
         meta = build_attention_metadata(kind, q_lens, starts, [s.page_table for s in seqs], self.page_size,
-                                        self.device, every_field=self.compiled, backend=self.attention_backend)
-        hidden = self._run(seqs, [t for ts in tokens for t in ts], positions, meta, not kind.causal, ar_rows)
+                                        torch.device("cpu") if static else self.device, every_field=self.compiled,
+                                        backend=self.attention_backend)
+        hidden = self._run(seqs, [t for ts in tokens for t in ts], positions, meta, not kind.causal, ar_rows,
+                           q_lens if static else None)
         return None if logit_rows is None else self.logits(hidden, logit_rows)
 
     @torch.inference_mode()
@@ -101,7 +128,7 @@ class ModelRunner:
             offset += len(t)
             if e == len(s.token_ids):
                 rows.append(offset - 1)
-        return self._forward(PassKind.CAUSAL, seqs, tokens, rows or None)
+        return self._forward(PassKind.CAUSAL, seqs, tokens, rows or None, decode=False)
 
     def draft(self, seqs: list[Sequence], ks: list[int], write_tail: bool = False) -> torch.Tensor:
         """[sum(k - 1), V] diffusion logits: row i of a sequence predicts block slot i + 1. `write_tail`
@@ -145,9 +172,12 @@ class ModelRunner:
             ar_rows += range(row, row + v)
             mask_rows += range(row + v, row + v + v * m)
             row += v + v * m
+        q_lens = [len(b) * (1 + m) for b, m in zip(blocks, ms)]
+        static = self._static(len(seqs), max(q_lens))
         meta = build_verify_draft_metadata([len(b) for b in blocks], ms, starts, [s.page_table for s in seqs],
-                                           self.page_size, self.device, self.attention_backend)
-        hidden = self._run(seqs, ids, torch.tensor(positions), meta, True, ar_rows)
+                                           self.page_size, torch.device("cpu") if static else self.device,
+                                           self.attention_backend)
+        hidden = self._run(seqs, ids, torch.tensor(positions), meta, True, ar_rows, q_lens if static else None)
         return self.logits(hidden, ar_rows), hidden[torch.tensor(mask_rows, dtype=torch.long, device=self.device)]
 
     @torch.inference_mode()
