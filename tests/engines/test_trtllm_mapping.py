@@ -190,7 +190,8 @@ def block(trt_hash: int, tokens: list[int]) -> dict:
 
 
 def stored(parent, *blocks) -> dict:
-    return {"event_id": 1, "window_size": 4096, "data": {"type": "stored", "parent_hash": parent, "blocks": list(blocks)}}
+    return {"event_id": 1, "window_size": 4096,
+            "data": {"type": "stored", "parent_hash": parent, "blocks": list(blocks)}}
 
 
 def test_stored_blocks_get_our_page_hashes():
