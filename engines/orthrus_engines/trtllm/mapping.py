@@ -13,7 +13,7 @@ Shapes read from TensorRT-LLM's public source (`executor/result.py` CompletionOu
 KVCacheEventSerializer, the iteration-stats JSON): see docs/ARCHITECTURE.md, "TensorRT-LLM backend".
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from orthrus_engines.config import EngineArgs
 from orthrus_engines.errors import OrthrusInputError
