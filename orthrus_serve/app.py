@@ -17,9 +17,17 @@ def replica_bundles(cfg: ServeConfig) -> list[dict[str, float]]:
     """A replica's placement group under tensor parallelism (N ranks): bundle 0 is the replica actor
     (rank 0) with all N GPUs, since the replica starts ranks 1..N-1 as its own worker processes and
     they use its devices (rank r: cuda:r of the GPUs Ray gave the replica); bundles 1..N-1 reserve
-    each worker rank's CPUs. Deployed STRICT_PACK: every rank on one node (they meet on loopback)."""
+    each worker rank's CPUs. Deployed STRICT_PACK: every rank on one node (they meet on loopback).
+    With `engine.backend: trtllm` TensorRT-LLM's Ray orchestrator starts the N ranks as Ray actors of one
+    GPU each: bundle 0 is the replica alone (no GPU), bundles 1..N one GPU each for them (the engine points
+    TensorRT-LLM at them: trtllm.mapping.worker_bundle_indices)."""
+    tp = cfg.tensor_parallel_size
+    if cfg.backend == "trtllm":
+        replica = {"CPU": cfg.replica_num_cpus, **cfg.replica_resources}
+        workers = [{"CPU": max(1.0, cfg.replica_num_cpus), "GPU": 1.0}] * tp  # an actor schedules with 1 CPU
+        return [{k: v for k, v in replica.items() if v > 0}] + workers
     replica = {"CPU": cfg.replica_num_cpus, "GPU": cfg.replica_num_gpus, **cfg.replica_resources}
-    workers = [{"CPU": cfg.replica_num_cpus}] * (cfg.tensor_parallel_size - 1)
+    workers = [{"CPU": cfg.replica_num_cpus}] * (tp - 1)
     return [{k: v for k, v in replica.items() if v > 0}] + workers
 
 
@@ -35,6 +43,8 @@ def engine_options(cfg: ServeConfig) -> dict:
     if cfg.tensor_parallel_size > 1:
         opts["placement_group_bundles"] = replica_bundles(cfg)
         opts["placement_group_strategy"] = "STRICT_PACK"
+        if cfg.backend == "trtllm":  # the GPUs are the Ray workers' (bundles 1..N), not the replica's
+            opts["ray_actor_options"]["num_gpus"] = 0
     if cfg.router.kind == "prefix":
         opts["request_router_config"] = RequestRouterConfig(
             request_router_class="orthrus_serve.router:PrefixAwareRouter",

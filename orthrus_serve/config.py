@@ -134,8 +134,15 @@ class ServeConfig(_Strict):
         """engine.backend: "torch" (default) or "trtllm", which needs tensorrt_llm (refused, named, without it)."""
         from orthrus_engines.trtllm import validate_backend
 
-        validate_backend(self.engine.get("backend", "torch"), field="engine.backend")
+        if validate_backend(self.backend, field="engine.backend") == "trtllm" and self.replica_num_gpus < 1:
+            raise ValueError("engine.backend: 'trtllm' runs on GPUs: set replica_num_gpus (one per "
+                             "engine.tensor_parallel_size rank)")
         return self
+
+    @property
+    def backend(self) -> str:
+        """engine.backend: "torch" (default) or "trtllm"."""
+        return self.engine.get("backend", "torch")
 
     @property
     def served_model_name(self) -> str:

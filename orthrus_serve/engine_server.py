@@ -1,4 +1,5 @@
-"""The engine deployment: each replica owns one AsyncEngine.
+"""The engine deployment: each replica owns one engine, a `ReplicaEngine` (orthrus_engines.engine.replica):
+the torch AsyncEngine, or TensorRT-LLM's with `engine.backend: trtllm`.
 
 It streams request deltas (`RequestOutput`s) to the ingress, keeps what its prefix cache holds for
 the router (its routing stats; with Redis configured it also publishes its prefix-cache events there,
@@ -15,7 +16,8 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from orthrus_engines import AsyncEngine, EngineCore, RequestOutput, SamplingParams
+from orthrus_engines import RequestOutput, SamplingParams
+from orthrus_engines.engine.replica import ReplicaEngine, build_replica_engine
 from orthrus_serve.config import ServeConfig
 from orthrus_serve.health import EngineHealth
 from orthrus_serve.metrics import EngineMetrics, RequestMetrics
@@ -58,7 +60,7 @@ class EngineServer:
     def __init__(self, config: dict):
         self.config = ServeConfig.model_validate(config)
         engine_args = {"max_waiting_requests": self.config.max_waiting_requests, **self.config.engine}
-        self.engine = AsyncEngine(self.config.model, head=self.config.head, **engine_args)
+        self.engine: ReplicaEngine = build_replica_engine(self.config.model, self.config.head, engine_args)
         self.health = EngineHealth(self.engine, self.config.health.min_failures, self.config.health.failing_for_s)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.index = replica_prefix_index(self.config)
@@ -69,11 +71,6 @@ class EngineServer:
         self.cached_pages: set[str] = set()  # what this replica holds, for the router (routing stats)
         self.closed = False
         self._publisher = asyncio.get_event_loop().create_task(self._publish_loop())
-
-    @property
-    def core(self) -> EngineCore:
-        """The AsyncEngine's EngineCore: the model facts that `model_info` reports (read here only)."""
-        return self.engine.core
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                        page_hashes: list[str] | None = None) -> AsyncIterator[RequestOutput]:
@@ -95,17 +92,7 @@ class EngineServer:
         self.health.check()
 
     def model_info(self) -> dict:
-        core = self.core
-        return {
-            "model": str(core.source.path),
-            "tokenizer": str(core.tokenizer_path),  # where the engine's tokenizer came from: the ingress loads it
-            "block_size": core.block_size,
-            "max_model_len": core.max_model_len,
-            "page_size": core.page_size,
-            "vocab_size": core.vocab_size,
-            "prefix_fingerprint": core.fingerprint,
-            "replica_id": self.replica_id,
-        }
+        return {**self.engine.model_info(), "replica_id": self.replica_id}
 
     def stats(self) -> dict:
         return {**self.engine.stats(), "tokens_per_s": self.meter.rate(), "replica_id": self.replica_id}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Verify the TensorRT-LLM backend on a networked GPU host (e.g. NVIDIA's TensorRT-LLM 1.3 container):
-# install the release, apply the patch, run the backend's tests, then scripts/trtllm_check.py: greedy output
-# equal to plain AR on 20 prompts at TP 1 and 2, CUDA graphs on and off, tokens/s against the torch backend.
+# install the release, apply the patch, run the backend's CPU tests, then scripts/trtllm_check.py: the
+# replica-engine contract tests on both backends, greedy output equal to plain AR on 20 prompts at TP 1 and 2,
+# CUDA graphs on and off, tokens/s against the torch backend.
 # Writes trtllm_check.json and prints one table. MODEL: an Orthrus Qwen3 checkpoint directory (HF layout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,5 +14,5 @@ if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("te
 fi
 "$PY" -m pip install -e kernels -e engines -e .
 PYTHON="$PY" scripts/trtllm_apply_patch.sh
-"$PY" -m pytest -q tests/engines/test_trtllm_backend.py
+"$PY" -m pytest -q tests/engines/test_trtllm_backend.py tests/engines/test_trtllm_mapping.py
 "$PY" scripts/trtllm_check.py --model "$MODEL" --out trtllm_check.json ${HEAD:+--head "$HEAD"}

@@ -48,7 +48,6 @@ class EngineArgs:
     # "torch": this engine; "trtllm": Orthrus in TensorRT-LLM (orthrus_engines.trtllm), refused naming
     # tensorrt_llm where it is not installed
     backend: str = "torch"
-
     # True: every pass runs eagerly. False (default): on CUDA with the Triton backend, one rank and no
     # `compile`, the decode, verify, draft and fused passes are captured as CUDA graphs per batch-size bucket
     # and replayed (passes above the largest bucket, and prefill, stay eager); on CPU passes are always eager

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
+    """The torch backend's `engine.replica.ReplicaEngine`."""
+
     def __init__(self, model: str | None = None, block_size: int | None = None, **engine_args):
         self.core = EngineCore(engine_args_from(model, block_size, engine_args))
         self.tokenizer = self.core.tokenizer
@@ -76,6 +78,19 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         return self.core.stats()
+
+    def model_info(self) -> dict:
+        """The model facts a serving replica reports (engine.replica.MODEL_INFO_KEYS)."""
+        core = self.core
+        return {
+            "model": str(core.source.path),
+            "tokenizer": str(core.tokenizer_path),  # where the engine's tokenizer came from: the ingress loads it
+            "block_size": core.block_size,
+            "max_model_len": core.max_model_len,
+            "page_size": core.page_size,
+            "vocab_size": core.vocab_size,
+            "prefix_fingerprint": core.fingerprint,
+        }
 
     def drain_prefix_events(self) -> list[tuple[str, list[str]]]:
         return self.core.drain_prefix_events()

@@ -1,7 +1,6 @@
 """The engine core: the components it is built from, request intake, and the loop: schedule a batch,
 run the Orthrus step on it, postprocess each sequence's tokens into output deltas."""
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,11 +21,10 @@ from orthrus_engines.engine.tp_worker import TensorParallelRunner, tensor_parall
 from orthrus_engines.errors import EngineOverloaded, OrthrusInputError
 from orthrus_engines.inputs import InputProcessor, Prompt, load_tokenizer
 from orthrus_engines.models.builtin import default_head
-from orthrus_engines.models.checkpoint import weights_digest
+from orthrus_engines.models.checkpoint import checkpoint_fingerprint
 from orthrus_engines.models.heads import read_head_metadata
 from orthrus_engines.models.loader import model_dir, resolve_model
 from orthrus_engines.outputs import RequestOutput
-from orthrus_engines.prefix_hash import model_fingerprint
 from orthrus_engines.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -72,11 +70,7 @@ class EngineCore:
         self.fused = args.fused_cycle and self.runner.anchor_causal  # the verify+draft cycle is available
         # its V x (K - 1) transient rows per sequence (V <= K) stay within one block (docs/ARCHITECTURE.md §1)
         self.fused_k = min(self.block_size, fused_block_limit(src.block_size)) if self.fused else 0
-        fingerprint = model_fingerprint(  # of the checkpoint as stored: replicas in any dtype share prefixes
-            json.loads((path / "config.json").read_text()),
-            self.tokenizer.get_vocab() if self.tokenizer is not None else None,
-            weights_digest(path),
-        )
+        fingerprint = checkpoint_fingerprint(path, self.tokenizer)  # as stored: replicas in any dtype share prefixes
         self.pages = PageManager(num_pages, args.page_size, fingerprint, args.enable_prefix_cache)
         prior = read_head_metadata(src.head_path).get("acceptance_by_position") if src.head_path else None
         # draft positions: K - 1 in the two-pass cycle; K in the fused one (position 1 there is the AR's own

@@ -90,6 +90,16 @@ def weights_digest(path: Path, n: int = 64) -> bytes:
     return h.digest()
 
 
+def checkpoint_fingerprint(path: Path, tokenizer) -> str:
+    """The prefix hash chain's seed for a checkpoint directory and its tokenizer (prefix_hash.model_fingerprint
+    of its config.json, the tokenizer's vocabulary and `weights_digest`): every backend serving the same
+    checkpoint names the same prefixes the same way."""
+    from orthrus_engines.prefix_hash import model_fingerprint
+
+    vocab = tokenizer.get_vocab() if tokenizer is not None else None
+    return model_fingerprint(json.loads((path / "config.json").read_text()), vocab, weights_digest(path))
+
+
 def checkpoint_has_twins(path: Path) -> bool:
     return any("_diff." in k for f in checkpoint_files(path) for k in _file_keys(f))
 
