@@ -7,6 +7,10 @@
    output tok/s.
 2. A shared-prefix workload on two replicas: prefix-aware routing vs power-of-two-choices, cached
    prompt-token fraction and median TTFT.
+3. What the API features cost (HTTP, one replica with the default engine: the built-in head, drafting on):
+   logprobs on vs off (output tok/s), one n = 4 request vs the same with n = 1 (wall time), structured
+   output (a JSON schema) vs free text (seconds per output token). Requests one at a time, the two
+   variants interleaved per prompt so drift hits both alike.
 """
 
 import argparse
@@ -69,10 +73,68 @@ def through_server(http: str | None, grpc_address: str, app: str, prompts_file: 
             "cached_prompt_fraction": s["cached_prompt_fraction"]}
 
 
+FEATURE_PROMPTS = [f"Describe city number {i} of Europe in a few sentences." for i in range(6)]
+FEATURE_TOKENS = 64
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "country": {"type": "string"},
+                                           "population": {"type": "integer"}},
+          "required": ["name", "country", "population"], "additionalProperties": False}
+
+
+def timed_post(http, path: str, body: dict) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    r = http.post(path, json=body)
+    r.raise_for_status()
+    return time.perf_counter() - t0, r.json()
+
+
+def api_features(base: str) -> dict:
+    """Each feature against the same requests without it (module docstring, part 3)."""
+    import httpx
+
+    res: dict = {}
+    with httpx.Client(base_url=base, timeout=600) as http:
+        timed_post(http, "/v1/completions", {"prompt": "warm up", "max_tokens": 8})
+        plain = {"max_tokens": FEATURE_TOKENS, "temperature": 0, "ignore_eos": True}
+        wall, tokens = {"off": 0.0, "on": 0.0}, {"off": 0, "on": 0}
+        for p in FEATURE_PROMPTS:
+            for mode, extra in (("off", {}), ("on", {"logprobs": 5})):
+                dt, r = timed_post(http, "/v1/completions", {"prompt": p, **plain, **extra})
+                wall[mode] += dt
+                tokens[mode] += r["usage"]["completion_tokens"]
+        tok_s = {m: tokens[m] / wall[m] for m in wall}
+        res["logprobs"] = {"tok_s_off": tok_s["off"], "tok_s_on": tok_s["on"], "on_vs_off": tok_s["on"] / tok_s["off"]}
+        print(res["logprobs"], flush=True)
+
+        sampled = {"max_tokens": FEATURE_TOKENS, "temperature": 0.8, "ignore_eos": True}
+        times: dict[int, list[float]] = {1: [], 4: []}
+        for i, p in enumerate(FEATURE_PROMPTS):
+            for n in (1, 4):
+                times[n].append(timed_post(http, "/v1/completions", {"prompt": p, **sampled, "n": n, "seed": i})[0])
+        ratios = [b / a for a, b in zip(times[1], times[4])]
+        res["n4"] = {"wall_s_n1": sum(times[1]), "wall_s_n4": sum(times[4]), "n4_vs_n1": sum(times[4]) / sum(times[1]),
+                     "n4_vs_n1_median": statistics.median(ratios)}
+        print(res["n4"], flush=True)
+
+        fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": PERSON}}
+        per_token: dict[str, list[float]] = {"free": [], "json": []}
+        for p in FEATURE_PROMPTS:
+            for mode, extra in (("free", {}), ("json", {"response_format": fmt})):
+                body = {"messages": [{"role": "user", "content": p}], "max_tokens": FEATURE_TOKENS, "temperature": 0,
+                        **extra}
+                dt, r = timed_post(http, "/v1/chat/completions", body)
+                per_token[mode].append(dt / max(1, r["usage"]["completion_tokens"]))
+        s_tok = {m: statistics.mean(v) for m, v in per_token.items()}
+        res["structured"] = {"s_per_token_free": s_tok["free"], "s_per_token_json": s_tok["json"],
+                             "json_vs_free": s_tok["json"] / s_tok["free"]}
+        print(res["structured"], flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/bench_serving.json")
-    ap.add_argument("--only", choices=["overhead", "routing"], help="run one part (the other is kept from --out)")
+    ap.add_argument("--only", choices=["overhead", "routing", "features"],
+                    help="run one part (the others are kept from --out)")
     a = ap.parse_args()
     import ray
     from ray import serve
@@ -93,10 +155,13 @@ def main() -> None:
         f.write("\n".join(shared))
 
     res: dict = {"max_tokens": MAX_TOKENS, "requests": NUM_REQUESTS, "engine_args": ENGINE, "overhead": []}
-    if a.only == "routing":
+    parts = {a.only} if a.only else {"overhead", "routing", "features"}
+    if a.only:
         with open(a.out) as f:
             res = json.load(f)
-    for c in (1, 8) if a.only != "routing" else ():
+    if "overhead" in parts:
+        res["overhead"] = []
+    for c in (1, 8) if "overhead" in parts else ():
         res["overhead"].append({"concurrency": c, "path": "engine", **asyncio.run(engine_alone(prompts, c))})
         print(res["overhead"][-1], flush=True)
 
@@ -105,19 +170,25 @@ def main() -> None:
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
     grpc_address, base = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
-    serve.run(build_app({"app_name": "one", "engine": ENGINE}), name="one", route_prefix="/one")
-    through_server(None, grpc_address, "one", "/tmp/orthrus_bench_prompts.txt", 1)  # warm up
-    for c in (1, 8) if a.only != "routing" else ():
-        for path, http in (("grpc", None), ("http", base + "/one")):
-            r = through_server(http, grpc_address, "one", "/tmp/orthrus_bench_prompts.txt", c)
-            eng = next(o for o in res["overhead"] if o["concurrency"] == c and o["path"] == "engine")
-            res["overhead"].append({"concurrency": c, "path": path, **r,
-                                    "tok_s_vs_engine": r["output_tok_s"] / eng["output_tok_s"]})
-            print(res["overhead"][-1], flush=True)
-    serve.delete("one")
+    if "features" in parts:  # the default engine: the built-in head, drafting on
+        serve.run(build_app({"app_name": "feat", "engine": {"kv_cache_gb": 0.25}}), name="feat", route_prefix="/feat")
+        res["features"] = api_features(base + "/feat")
+        serve.delete("feat")
+    if "overhead" in parts:
+        serve.run(build_app({"app_name": "one", "engine": ENGINE}), name="one", route_prefix="/one")
+        through_server(None, grpc_address, "one", "/tmp/orthrus_bench_prompts.txt", 1)  # warm up
+        for c in (1, 8):
+            for path, http in (("grpc", None), ("http", base + "/one")):
+                r = through_server(http, grpc_address, "one", "/tmp/orthrus_bench_prompts.txt", c)
+                eng = next(o for o in res["overhead"] if o["concurrency"] == c and o["path"] == "engine")
+                res["overhead"].append({"concurrency": c, "path": path, **r,
+                                        "tok_s_vs_engine": r["output_tok_s"] / eng["output_tok_s"]})
+                print(res["overhead"][-1], flush=True)
+        serve.delete("one")
 
-    res["routing"] = []
-    for kind in ("prefix", "pow2") if a.only != "overhead" else ():
+    if "routing" in parts:
+        res["routing"] = []
+    for kind in ("prefix", "pow2") if "routing" in parts else ():
         name = f"r{kind}"
         serve.run(build_app({"app_name": name, "engine": ENGINE, "num_replicas": 2, "router": {"kind": kind}}),
                   name=name, route_prefix=f"/{name}")

@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 # auto also times passes at start-up; "ar" anchors add row selection to the draft graph; "causal"
 # anchors make a decode step one verify+draft pass
 @pytest.mark.parametrize("block_size, anchor_view",
-                         [(1, "diffusion"), (4, "diffusion"), ("auto", "diffusion"), (4, "ar"), (4, "causal")])
+                         [(1, "diffusion"), ("auto", "diffusion"), (4, "ar"), (4, "causal")])
 def test_compiled_engine_matches_hf_greedy_with_a_bounded_set_of_graphs(setup, block_size, anchor_view):
     paths, oracle = setup
     path = paths[anchor_view]

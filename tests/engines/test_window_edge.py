@@ -28,10 +28,10 @@ def _spy_positions(runner) -> list[tuple[str, int]]:
     seen: list[tuple[str, int]] = []
     run = runner._run
 
-    def spy(seqs, ids, positions, meta, diffusion, ar_rows=None):
+    def spy(seqs, ids, positions, meta, diffusion, ar_rows=None, *rest):
         kind = "verify+draft" if diffusion and len(ids) > len(ar_rows or ids) else "draft" if diffusion else "ar"
         seen.append((kind, int(positions.max())))
-        return run(seqs, ids, positions, meta, diffusion, ar_rows)
+        return run(seqs, ids, positions, meta, diffusion, ar_rows, *rest)
 
     runner._run = spy
     return seen

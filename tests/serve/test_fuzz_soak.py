@@ -26,9 +26,9 @@ APP = "fuzz"
 VOCAB = 49152
 WINDOW = ENGINE_ARGS["max_model_len"]
 TIMEOUT_S = 30  # a request that takes longer hangs
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-SOAK_REQUESTS = 2000  # cheap ones: max_tokens 1-4 on the tiny model
+SOAK_REQUESTS = 1000  # cheap ones: max_tokens 1-4 on the tiny model
 SOAK_CONCURRENCY = 16
 RSS_MARGIN_MB = 48  # what a replica's RSS may grow by over the soak's second half
 
