@@ -24,15 +24,8 @@ run: setup  # serves the built-in model on localhost: gRPC :9000, HTTP :8000 (Ct
 generate: setup  # one generation from the command line, no server
 	$(VENV)/bin/orthrus generate "Write a haiku about two-headed dogs." --chat --max-tokens 64
 
-# Two pytest runs side by side: the engine and kernel tests keep the CPU busy while the serving, cluster and
-# README tests mostly wait on Ray, servers and clients. The engine run's report follows the other's.
-ENGINE_TESTS := tests/engines tests/kernels
-
 test: setup
-	@$(PY) -m pytest -q -p no:cacheprovider $(ENGINE_TESTS) > .engine-tests.log 2>&1 & engines=$$!; \
-	$(PY) -m pytest -q -p no:cacheprovider tests $(ENGINE_TESTS:%=--ignore=%); rest=$$?; \
-	wait $$engines; engine=$$?; echo "== $(ENGINE_TESTS)"; cat .engine-tests.log; \
-	test $$rest -eq 0 && test $$engine -eq 0
+	$(PY) -m pytest -q tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
