@@ -73,7 +73,7 @@ def through_server(http: str | None, grpc_address: str, app: str, prompts_file: 
             "cached_prompt_fraction": s["cached_prompt_fraction"]}
 
 
-FEATURE_PROMPTS = [f"Describe city number {i} of Europe in a few sentences." for i in range(6)]
+FEATURE_PROMPTS = [f"Describe city number {i} of Europe in a few sentences." for i in range(12)]
 FEATURE_TOKENS = 64
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "country": {"type": "string"},
                                            "population": {"type": "integer"}},
@@ -95,20 +95,24 @@ def api_features(base: str) -> dict:
     with httpx.Client(base_url=base, timeout=600) as http:
         timed_post(http, "/v1/completions", {"prompt": "warm up", "max_tokens": 8})
         plain = {"max_tokens": FEATURE_TOKENS, "temperature": 0, "ignore_eos": True}
-        wall, tokens = {"off": 0.0, "on": 0.0}, {"off": 0, "on": 0}
-        for p in FEATURE_PROMPTS:
-            for mode, extra in (("off", {}), ("on", {"logprobs": 5})):
+        wall, tokens, pairs = {"off": 0.0, "on": 0.0}, {"off": 0, "on": 0}, []
+        for i, p in enumerate(FEATURE_PROMPTS):
+            pair = {}
+            for mode, extra in (("off", {}), ("on", {"logprobs": 5}))[:: 1 if i % 2 else -1]:  # order alternates
                 dt, r = timed_post(http, "/v1/completions", {"prompt": p, **plain, **extra})
                 wall[mode] += dt
                 tokens[mode] += r["usage"]["completion_tokens"]
+                pair[mode] = r["usage"]["completion_tokens"] / dt
+            pairs.append(pair["on"] / pair["off"])
         tok_s = {m: tokens[m] / wall[m] for m in wall}
-        res["logprobs"] = {"tok_s_off": tok_s["off"], "tok_s_on": tok_s["on"], "on_vs_off": tok_s["on"] / tok_s["off"]}
+        res["logprobs"] = {"tok_s_off": tok_s["off"], "tok_s_on": tok_s["on"], "on_vs_off": tok_s["on"] / tok_s["off"],
+                           "on_vs_off_median": statistics.median(pairs)}
         print(res["logprobs"], flush=True)
 
         sampled = {"max_tokens": FEATURE_TOKENS, "temperature": 0.8, "ignore_eos": True}
         times: dict[int, list[float]] = {1: [], 4: []}
         for i, p in enumerate(FEATURE_PROMPTS):
-            for n in (1, 4):
+            for n in (1, 4)[:: 1 if i % 2 else -1]:
                 times[n].append(timed_post(http, "/v1/completions", {"prompt": p, **sampled, "n": n, "seed": i})[0])
         ratios = [b / a for a, b in zip(times[1], times[4])]
         res["n4"] = {"wall_s_n1": sum(times[1]), "wall_s_n4": sum(times[4]), "n4_vs_n1": sum(times[4]) / sum(times[1]),
@@ -117,15 +121,16 @@ def api_features(base: str) -> dict:
 
         fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": PERSON}}
         per_token: dict[str, list[float]] = {"free": [], "json": []}
-        for p in FEATURE_PROMPTS:
-            for mode, extra in (("free", {}), ("json", {"response_format": fmt})):
+        for i, p in enumerate(FEATURE_PROMPTS):
+            for mode, extra in (("free", {}), ("json", {"response_format": fmt}))[:: 1 if i % 2 else -1]:
                 body = {"messages": [{"role": "user", "content": p}], "max_tokens": FEATURE_TOKENS, "temperature": 0,
                         **extra}
                 dt, r = timed_post(http, "/v1/chat/completions", body)
                 per_token[mode].append(dt / max(1, r["usage"]["completion_tokens"]))
         s_tok = {m: statistics.mean(v) for m, v in per_token.items()}
         res["structured"] = {"s_per_token_free": s_tok["free"], "s_per_token_json": s_tok["json"],
-                             "json_vs_free": s_tok["json"] / s_tok["free"]}
+                             "json_vs_free": s_tok["json"] / s_tok["free"],
+                             "json_vs_free_median": statistics.median(j / f for f, j in zip(*per_token.values()))}
         print(res["structured"], flush=True)
     return res
 
