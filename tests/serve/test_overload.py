@@ -8,7 +8,6 @@ The replicas serve a real checkpoint with a NaN in its final norm (a corrupt che
 runs (every logit is NaN; argmax picks token 0), sampling fails in the engine (torch.multinomial refuses
 NaN probabilities), so each sampled request is a real engine failure."""
 
-import json
 import threading
 
 import grpc
@@ -17,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from support.net import wait_for
-from support.tiny_models import write_orthrus
 
 from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve.api.orthrus_pb2_grpc import OrthrusStub
@@ -32,23 +30,12 @@ SHORT = {"max_tokens": 3, "ignore_eos": True, "block_size": 1}
 SAMPLED = {"max_tokens": 3, "temperature": 1.0}  # fails in the engine on this checkpoint
 
 
-# SmolLM2-135M's shape (random weights): decoding is slow enough on a CPU that 450 tokens outlast the 8 s limit
-# whatever else the machine runs, so the flood below fills the queues before anything finishes
-SLOW_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-              "num_key_value_heads": 3, "head_dim": 64}
-
-
 @pytest.fixture(scope="module")
 def app(serve_cluster, tmp_path_factory):
     import shutil
 
     model = tmp_path_factory.mktemp("nan") / "nan-model"
-    tiny = serve_cluster.model_dir  # its tokenizer files (the built-in model's) go with the slow weights
-    write_orthrus(model, "llama", seed=7, vocab_size=json.loads((tiny / "config.json").read_text())["vocab_size"],
-                  **SLOW_SHAPE)
-    for f in tiny.iterdir():
-        if f.name not in ("config.json", "model.safetensors"):
-            shutil.copy(f, model / f.name)
+    shutil.copytree(serve_cluster.model_dir, model)
     weights = load_file(str(model / "model.safetensors"))
     weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
