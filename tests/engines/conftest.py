@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support.tiny_models import write_orthrus
+from support.tiny_models import hf_model, write_orthrus
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,3 +34,15 @@ def tiny_model(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def causal_qwen3_dir(tiny_model):
+    """A tiny causal-anchor Qwen3 Orthrus (its two-pass drafts are often accepted): logits processing, logprobs."""
+    return tiny_model("qwen3", seed=4, twin_noise=0.03, anchor_view="causal")
+
+
+@pytest.fixture(scope="session")
+def causal_qwen3_hf(causal_qwen3_dir):
+    """Its base model in HF transformers, the fp32 oracle."""
+    return hf_model(causal_qwen3_dir, "qwen3")

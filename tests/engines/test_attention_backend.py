@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from support.engine_steps import prefilled
 from support.tiny_models import hf_greedy, hf_model, write_orthrus
 
 from orthrus_engines import LLM, EngineArgs, OrthrusInputError, SamplingParams
@@ -21,14 +22,6 @@ def causal_model(tmp_path_factory):
     return write_orthrus(tmp_path_factory.mktemp("backend") / "llama", "llama", seed=2, twin_noise=0.05,
                          anchor_view="causal", vocab_size=8)
 
-
-def _prefilled(eng, prompts: list[list[int]]) -> list:
-    seqs = [eng.add_request(f"r{i}", p, SamplingParams(max_tokens=16)) for i, p in enumerate(prompts)]
-    while any(s.in_prefill for s in seqs):
-        eng.step()
-    for s in seqs:
-        assert eng.pages.ensure(s, s.num_cached + 12)
-    return seqs
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-cycle", "two-pass-cycle"])
@@ -59,7 +52,7 @@ def test_triton_backend_passes_match_torch(causal_model):
                for b in ("torch", "triton")]
     results = []
     for eng in engines:
-        seqs = _prefilled(eng, prompts)
+        seqs = prefilled(eng, prompts)
         drafts = eng.runner.draft(seqs, [4, 2, 3])
         blocks = [[p[-1]] + d for p, d in zip(prompts, ([1, 2], [], [3]))]
         ar, mask_hidden = eng.runner.verify_and_draft(seqs, blocks, [3, 2, 0])

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from support.engine_steps import prefilled
 from support.tiny_models import write_orthrus
 
 from orthrus_engines import LLM, EngineArgs, SamplingParams
@@ -29,14 +30,6 @@ def _engine(path, device="cpu", **kw):
                max_num_seqs=8, **kw).core
 
 
-def _prefilled(eng, prompts):
-    seqs = [eng.add_request(f"r{i}", p, SamplingParams(max_tokens=16)) for i, p in enumerate(prompts)]
-    while any(s.in_prefill for s in seqs):
-        eng.step()
-    for s in seqs:
-        assert eng.pages.ensure(s, s.num_cached + 12)
-    return seqs
-
 
 PROMPTS = [[1, 2, 3, 4, 5], [6, 5, 4], list(range(8)) * 2]  # ragged, page-crossing
 
@@ -58,7 +51,7 @@ def _passes(runner, seqs):
 @pytest.fixture(scope="module")
 def cpu_engine(causal_model):
     eng = _engine(causal_model)
-    return eng, _prefilled(eng, PROMPTS)
+    return eng, prefilled(eng, PROMPTS)
 
 
 def test_padded_passes_equal_unpadded(cpu_engine):
@@ -116,7 +109,7 @@ def test_graph_replay_equals_padded_eager_on_cuda(causal_model):
     eng = _engine(causal_model, device="cuda", dtype="float32")
     runner = eng.runner
     assert runner.graphs is not None and runner.graphs.capture
-    seqs = _prefilled(eng, PROMPTS)
+    seqs = prefilled(eng, PROMPTS)
     graphs = runner.graphs
     replayed = _passes(runner, seqs)
     replayed_again = _passes(runner, seqs)  # now from the captured graphs

@@ -4,7 +4,6 @@ processor (HF as the oracle), for every block size and both cycles."""
 
 import pytest
 import torch
-from support.tiny_models import hf_model
 
 from orthrus_engines import LLM, SamplingParams
 from orthrus_engines.engine.gumbel import gumbel_noise
@@ -22,16 +21,6 @@ def odd_then_odd(history: list[int], logits: torch.Tensor) -> torch.Tensor:
 
 def follows_rule(ids: list[int]) -> bool:
     return all(b % 2 for a, b in zip(ids, ids[1:]) if a % 2)
-
-
-@pytest.fixture(scope="module")
-def causal_dir(tiny_model):
-    return tiny_model("qwen3", seed=4, twin_noise=0.03, anchor_view="causal")
-
-
-@pytest.fixture(scope="module")
-def oracle(causal_dir):
-    return hf_model(causal_dir, "qwen3")
 
 
 def hf_decode(hf, n: int, params: SamplingParams) -> list[int]:
@@ -52,13 +41,14 @@ def hf_decode(hf, n: int, params: SamplingParams) -> list[int]:
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
 @pytest.mark.parametrize("sampling", [dict(ignore_eos=True), dict(seed=77, **SP)], ids=["greedy", "seeded"])
-def test_processed_output_equals_plain_ar_for_every_block_size(causal_dir, oracle, fused, sampling):
+def test_processed_output_equals_plain_ar_for_every_block_size(causal_qwen3_dir, causal_qwen3_hf, fused,
+                                                                sampling):
     params = SamplingParams(max_tokens=24, logits_processors=[odd_then_odd], **sampling)
-    want = hf_decode(oracle, 24, params)
-    assert want != hf_decode(oracle, 24, SamplingParams(max_tokens=24, **sampling))  # the processor matters
+    want = hf_decode(causal_qwen3_hf, 24, params)
+    assert want != hf_decode(causal_qwen3_hf, 24, SamplingParams(max_tokens=24, **sampling))  # the processor matters
     drafted = accepted = 0
     for k in [1, 2, 3, 4, "auto"]:
-        out = LLM(str(causal_dir), block_size=k, fused_cycle=fused, num_pages=64).generate([PROMPT], params)[0]
+        out = LLM(str(causal_qwen3_dir), block_size=k, fused_cycle=fused, num_pages=64).generate([PROMPT], params)[0]
         assert out.token_ids == want, k
         drafted, accepted = drafted + out.drafted_tokens, accepted + out.accepted_tokens
     # drafts were made and checked; this head's fused drafts past the AR's own token are rarely right, and what
@@ -67,10 +57,10 @@ def test_processed_output_equals_plain_ar_for_every_block_size(causal_dir, oracl
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_pass"])
-def test_unseeded_sampling_never_leaves_the_processed_support(causal_dir, fused):
+def test_unseeded_sampling_never_leaves_the_processed_support(causal_qwen3_dir, fused):
     """Drafts and the AR's own draws come from the processed distributions: the rule holds, batched with a
     request that has no processor (and breaks it)."""
-    llm = LLM(str(causal_dir), block_size=4, fused_cycle=fused, num_pages=64)
+    llm = LLM(str(causal_qwen3_dir), block_size=4, fused_cycle=fused, num_pages=64)
     outs = llm.generate([PROMPT, PROMPT], [SamplingParams(max_tokens=40, logits_processors=[odd_then_odd], **SP),
                                            SamplingParams(max_tokens=40, ignore_eos=True)])
     assert follows_rule(PROMPT[-1:] + outs[0].token_ids)
