@@ -80,7 +80,10 @@ def main() -> None:
             rows.append({"tp": tp, "cuda_graphs": graphs, "greedy_equal": sum(a == b for a, b in zip(ar, ort)),
                          "prompts": len(prompts), "ar_tok_s": round(ar_tps, 1), "orthrus_tok_s": round(ort_tps, 1)})
     torch_tps = run_torch(args.model, args.head, prompts, args.max_tokens)
-    result = {"trtllm_commit": trtllm.UPSTREAM_COMMIT, "draft_len": args.draft_len, "rows": rows,
+    import tensorrt_llm  # imported above by run_trtllm; here for its version
+
+    result = {"tensorrt_llm_version": tensorrt_llm.__version__, "pinned_release": trtllm.RELEASE,
+              "code_read_at_commit": trtllm.UPSTREAM_COMMIT, "draft_len": args.draft_len, "rows": rows,
               "torch_backend_tok_s": round(torch_tps, 1), "contract_tests": contract}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print("| TP | CUDA graphs | greedy = AR | AR tok/s | Orthrus tok/s | torch backend tok/s |")

@@ -7,11 +7,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-TRTLLM_VERSION=${TRTLLM_VERSION:-1.3.0}
+# the pinned release (orthrus_engines.trtllm.RELEASE; its tag v1.3.0rc29, source commit c76f4a856447)
+TRTLLM_VERSION=${TRTLLM_VERSION:-1.3.0rc29}
 : "${MODEL:?set MODEL to an Orthrus Qwen3 checkpoint directory}"
 if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("tensorrt_llm") is None)'; then
   "$PY" -m pip install --extra-index-url https://pypi.nvidia.com "tensorrt_llm==${TRTLLM_VERSION}"
 fi
+# the installed release must be the pinned one (metadata only: importing tensorrt_llm needs the driver)
+"$PY" -c 'import importlib.metadata as m, sys
+v, want = m.version("tensorrt_llm"), sys.argv[1]
+sys.exit(None if v == want else f"tensorrt_llm {v} is installed; the pinned release is {want} (TRTLLM_VERSION)")' "$TRTLLM_VERSION"
 "$PY" -m pip install -e kernels -e engines -e .
 PYTHON="$PY" scripts/trtllm_apply_patch.sh
 "$PY" -m pytest -q tests/engines/test_trtllm_backend.py tests/engines/test_trtllm_mapping.py

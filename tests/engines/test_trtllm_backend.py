@@ -22,6 +22,17 @@ def test_import_needs_no_tensorrt_llm():
     assert len(t.UPSTREAM_COMMIT) == 40 and t.BACKENDS == ("torch", "trtllm")
 
 
+def test_the_check_script_installs_the_pinned_release():
+    import re
+    from pathlib import Path
+
+    import orthrus_engines.trtllm as t
+
+    script = (Path(__file__).parents[2] / "scripts" / "trtllm_check.sh").read_text()
+    assert re.search(r"TRTLLM_VERSION=\$\{TRTLLM_VERSION:-([^}]+)\}", script).group(1) == t.RELEASE
+    assert (Path(t.__file__).parent / t.PATCH_FILE).is_file()
+
+
 @no_trtllm
 def test_llm_refuses_trtllm_naming_the_package():
     with pytest.raises(OrthrusInputError, match="tensorrt_llm") as e:
