@@ -25,9 +25,11 @@ generate: setup  # one generation from the command line, no server
 	$(VENV)/bin/orthrus generate "Write a haiku about two-headed dogs." --chat --max-tokens 64
 
 test: setup
+	scripts/ensure_redis.sh
 	$(PY) -m pytest -q tests
 
 test-fast: setup
+	scripts/ensure_redis.sh
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup

@@ -131,3 +131,13 @@ def test_redis_tests_fail_without_redis_server_unless_allowed(tmp_path):
     assert "apt-get install -y redis-server" in failed.stdout and "ORTHRUS_ALLOW_NO_REDIS=1" in failed.stdout
     skipped = run_a_redis_test("1", tmp_path)
     assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout[-2000:]
+
+
+def test_make_test_stops_with_the_install_command_where_it_cannot_install_redis(tmp_path):
+    """scripts/ensure_redis.sh (run by `make test`) with neither redis-server nor apt-get on PATH."""
+    script, env = ROOT / "scripts" / "ensure_redis.sh", {"PATH": str(tmp_path)}
+    stopped = subprocess.run(["/bin/bash", script], env=env, capture_output=True, text=True, timeout=30)
+    assert stopped.returncode == 1 and "apt-get install -y redis-server" in stopped.stderr, stopped.stderr
+    allowed = subprocess.run(["/bin/bash", script], env=env | {"ORTHRUS_ALLOW_NO_REDIS": "1"}, capture_output=True,
+                             text=True, timeout=30)
+    assert allowed.returncode == 0 and "skip" in allowed.stdout
