@@ -11,6 +11,9 @@ from orthrus_serve.ingress import Ingress
 GRPC_SERVICER = "orthrus_serve.api.orthrus_pb2_grpc.add_OrthrusServicer_to_server"
 GRPC_HEALTH_SERVICER = "orthrus_serve.grpc_health.add_HealthServicer_to_server"  # grpc.health.v1, for probes
 GRPC_SERVICERS = [GRPC_SERVICER, GRPC_HEALTH_SERVICER]  # Serve's gRPCOptions.grpc_servicer_functions
+# Serve's max_ongoing_requests on the ingress is max_ingress_requests plus this: the calls past our bound reach
+# the ingress and get their 429 at once (rather than wait in Serve's queue), and health checks always get in
+INGRESS_SPARE_REQUESTS = 64
 
 
 def replica_bundles(cfg: ServeConfig) -> list[dict[str, float]]:
@@ -85,6 +88,7 @@ def build_app(args: dict | None = None) -> Application:
     engine = EngineServer.options(**engine_options(cfg)).bind(cfg.model_dump())
     # Only the variable's name travels in the app's arguments; the ingress reads the key itself.
     # the ingress streams too: a rolling update or scale-down of it drains like the engine's
-    ingress = Ingress.options(graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
+    ingress = Ingress.options(graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+                              max_ongoing_requests=cfg.max_ingress_requests + INGRESS_SPARE_REQUESTS)
     return ingress.bind(engine, cfg.served_model_name, cfg.api_key_env, cfg.request_timeout_s, cfg.retry_after_s,
-                        limits=cfg.limits.model_dump())
+                        limits=cfg.limits.model_dump(), max_ingress_requests=cfg.max_ingress_requests)

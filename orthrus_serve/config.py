@@ -86,6 +86,9 @@ class ServeConfig(_Strict):
     # `engine` sets it): past either, HTTP 429 with Retry-After / gRPC RESOURCE_EXHAUSTED.
     max_queued_requests: int = Field(64, ge=1)
     max_waiting_requests: int = Field(64, ge=1)
+    # API calls in flight at each ingress replica (a stream until it ends or is cancelled), our own bound:
+    # past it HTTP 429 with Retry-After / gRPC RESOURCE_EXHAUSTED at once (Serve's would queue, or answer 503)
+    max_ingress_requests: int = Field(1024, ge=1)
     retry_after_s: int = Field(1, ge=0)
     # A request's whole life (queueing, prefill, generation): past it HTTP 504 / gRPC DEADLINE_EXCEEDED and
     # the engine aborts it. None: no limit. A gRPC client's own deadline is honoured too.

@@ -4,7 +4,9 @@ each endpoint honours are openai_fields'). It prepares each request once (tokens
 hashes), streams from an engine replica chosen by the prefix-aware router, and maps errors:
 bad input -> INVALID_ARGUMENT / 400, a lost replica -> UNAVAILABLE / 503 (retried once on another replica
 before the first token), a full queue -> RESOURCE_EXHAUSTED / 429 with Retry-After, past request_timeout_s ->
-DEADLINE_EXCEEDED / 504, a request the engine failed -> INTERNAL / 500 (request_flow, errors). With an API key set
+DEADLINE_EXCEEDED / 504, a request the engine failed -> INTERNAL / 500 (request_flow, errors). Each replica serves
+at most max_ingress_requests API calls at once (admission; a stream until it ends or is cancelled): past it
+RESOURCE_EXHAUSTED / 429 with Retry-After at once. With an API key set
 (ServeConfig.api_key_env), every API call needs `authorization: Bearer <key>` (else UNAUTHENTICATED /
 401); the health checks (`/health`, gRPC Health/Check) need none. Request bodies are parsed, checked
 (ServeConfig.limits), tokenized and chat-templated in a small thread pool, off the event loop: a huge prompt
@@ -17,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -27,8 +29,9 @@ from orthrus_serve import __version__, grpc_api, grpc_health
 from orthrus_serve import openai_fields as fields
 from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve import openai_api as oai
+from orthrus_serve.admission import InFlightLimit, Slot, SlotStreamingResponse
 from orthrus_serve.auth import ApiKey, grpc_authorization
-from orthrus_serve.errors import http_error
+from orthrus_serve.errors import Overloaded, http_error
 from orthrus_serve.config import InputLimits
 from orthrus_serve.http_guard import RequestTooLarge, install_error_handlers, read_body, too_large
 from orthrus_serve.health import engine_deployment_health
@@ -42,12 +45,12 @@ install_error_handlers(app)  # every HTTP error in OpenAI's shape
 PREP_THREADS = 4  # request preparation (JSON, tokenizer, chat template) runs here; the tokenizer drops the GIL
 
 
-@serve.deployment(name="OrthrusIngress", max_ongoing_requests=1024)
+@serve.deployment(name="OrthrusIngress", max_ongoing_requests=1024)  # app.py sets it from max_ingress_requests
 @serve.ingress(app)
 class Ingress:
     def __init__(self, replicas: DeploymentHandle, model_name: str, api_key_env: str | None = None,
                  request_timeout_s: float | None = None, retry_after_s: int = 1,
-                 limits: dict | None = None):
+                 limits: dict | None = None, max_ingress_requests: int = 1024):
         self.replicas = replicas  # the engine deployment's replicas (EngineServer), through the router
         self.model_name = model_name
         self.app_name = serve.get_replica_context().app_name
@@ -58,6 +61,7 @@ class Ingress:
         self.info: dict | None = None
         self.preparer: RequestPreparer | None = None
         self.limits = InputLimits.model_validate(limits or {})
+        self.in_flight = InFlightLimit(max_ingress_requests)  # API calls in flight here (admission)
         self.prep_pool = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="prep")
         self._ready_lock = asyncio.Lock()  # the first requests wait for one preparer (one tokenizer import)
 
@@ -86,6 +90,18 @@ class Ingress:
             log.warning("request failed: %s", text)
         headers = {"Retry-After": str(self.retry_after_s)} if status in (429, 503) else {}
         return status, oai.error_body(text, None, kind), headers
+
+    def _admit(self) -> Slot | JSONResponse:
+        """A slot for one HTTP API call, or its 429 (max_ingress_requests in flight already)."""
+        try:
+            return self.in_flight.acquire()
+        except Overloaded as e:
+            status, error, headers = self._http_failed(e)
+            return JSONResponse(error, status_code=status, headers=headers)
+
+    def in_flight_requests(self) -> int:
+        """API calls this replica serves now (through a handle: the tests read it)."""
+        return self.in_flight.count
 
     async def healthy(self) -> tuple[bool, dict]:
         return await asyncio.to_thread(engine_deployment_health, self.app_name)
@@ -152,6 +168,17 @@ class Ingress:
     async def _http(self, request: Request, chat: bool):
         if denied := self._http_denied(request):
             return denied
+        if isinstance(slot := self._admit(), JSONResponse):
+            return slot
+        response = None
+        try:
+            response = await self._http_admitted(request, chat, slot)
+            return response
+        finally:
+            if not isinstance(response, SlotStreamingResponse):  # a stream releases its slot when it ends
+                slot.release()
+
+    async def _http_admitted(self, request: Request, chat: bool, slot: Slot):
         try:
             prep, raw = await self._read(request)
             req, body = await self.off_loop(self._prepare_http, prep, raw, chat)
@@ -167,8 +194,8 @@ class Ingress:
             # the first delta before answering: a full queue or a failed start is a status, not a 200 stream
             first = await anext(deltas)
             if body.get("stream"):
-                return StreamingResponse(self._sse(req, first, deltas, rid, chat, include_usage),
-                                         media_type="text/event-stream")
+                return SlotStreamingResponse(self._sse(req, first, deltas, rid, chat, include_usage), slot,
+                                             media_type="text/event-stream")
             acc = RequestAccumulator()
             acc.add(first)
             async for delta in deltas:
@@ -226,11 +253,14 @@ class Ingress:
         """{"prompt": text} or {"messages": [...]} (through the chat template) -> its token ids."""
         if denied := self._http_denied(request):
             return denied
-        try:
-            prep, raw = await self._read(request)
-            ids = await self.off_loop(self._tokenize, prep, raw)
-        except (OrthrusInputError, fields.UnknownModel, RequestTooLarge) as e:
-            return self._refused(e)
+        if isinstance(slot := self._admit(), JSONResponse):
+            return slot
+        with slot:
+            try:
+                prep, raw = await self._read(request)
+                ids = await self.off_loop(self._tokenize, prep, raw)
+            except (OrthrusInputError, fields.UnknownModel, RequestTooLarge) as e:
+                return self._refused(e)
         return {"tokens": ids, "count": len(ids), "max_model_len": prep.inputs.max_model_len}
 
     def _tokenize(self, prep: RequestPreparer, raw: bytes) -> list[int]:
@@ -247,44 +277,50 @@ class Ingress:
         """{"tokens": [...]} -> {"prompt": their text}."""
         if denied := self._http_denied(request):
             return denied
-        try:
-            prep, raw = await self._read(request)
-            body = await self.off_loop(self._parse, raw, fields.DETOKENIZE_FIELDS)
-            return {"prompt": await self.off_loop(prep.detokenize, body.get("tokens"))}
-        except (OrthrusInputError, fields.UnknownModel, RequestTooLarge) as e:
-            return self._refused(e)
+        if isinstance(slot := self._admit(), JSONResponse):
+            return slot
+        with slot:
+            try:
+                prep, raw = await self._read(request)
+                body = await self.off_loop(self._parse, raw, fields.DETOKENIZE_FIELDS)
+                return {"prompt": await self.off_loop(prep.detokenize, body.get("tokens"))}
+            except (OrthrusInputError, fields.UnknownModel, RequestTooLarge) as e:
+                return self._refused(e)
 
     # -- gRPC -------------------------------------------------------------------------------
     def _check_grpc_key(self, grpc_context) -> None:
         if not self.api_key.accepts(grpc_authorization(grpc_context)):
             raise grpc_api.Unauthenticated("missing or incorrect API key (metadata authorization: Bearer <key>)")
 
-    async def _prepare_grpc(self, request: pb.GenerateRequest, grpc_context) -> PreparedRequest:
-        self._check_grpc_key(grpc_context)
+    async def _prepare_grpc(self, request: pb.GenerateRequest) -> PreparedRequest:
         return await self.off_loop(grpc_api.prepare, await self.ready(), request)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
-            req = await self._prepare_grpc(request, grpc_context)
-            acc = RequestAccumulator()
-            async for delta in self.stream(req):
-                acc.add(delta)
-            return grpc_api.unary_response(req.request_id, acc.result())
+            self._check_grpc_key(grpc_context)
+            with self.in_flight.acquire():
+                req = await self._prepare_grpc(request)
+                acc = RequestAccumulator()
+                async for delta in self.stream(req):
+                    acc.add(delta)
+                return grpc_api.unary_response(req.request_id, acc.result())
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             grpc_api.set_error(grpc_context, e)
             return pb.GenerateResponse()
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            req = await self._prepare_grpc(request, grpc_context)
-            acc = RequestAccumulator()  # the request's counters so far, over its completions
-            async for delta in self.stream(req):
-                acc.add(delta)
-                msg = pb.GenerateResponse(request_id=req.request_id, text=delta.text, token_ids=delta.token_ids,
-                                          index=delta.index)
-                grpc_api.copy_counters(msg, delta, acc.counters())
-                grpc_api.copy_logprobs(msg, delta)
-                yield msg
+            self._check_grpc_key(grpc_context)
+            with self.in_flight.acquire():  # until the stream ends, fails or is cancelled (Serve throws it in)
+                req = await self._prepare_grpc(request)
+                acc = RequestAccumulator()  # the request's counters so far, over its completions
+                async for delta in self.stream(req):
+                    acc.add(delta)
+                    msg = pb.GenerateResponse(request_id=req.request_id, text=delta.text,
+                                              token_ids=delta.token_ids, index=delta.index)
+                    grpc_api.copy_counters(msg, delta, acc.counters())
+                    grpc_api.copy_logprobs(msg, delta)
+                    yield msg
         except Exception as e:  # noqa: BLE001
             grpc_api.set_error(grpc_context, e)
             # A stream ends with the status set above only if the method raises; raise a builtin

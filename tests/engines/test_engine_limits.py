@@ -7,6 +7,7 @@ import pytest
 
 from orthrus_engines import AsyncEngine, EngineDeadError, EngineOverloaded, OrthrusInputError, SamplingParams
 from orthrus_engines.engine.engine_core import EngineCore
+from orthrus_engines.engine.waiting_bound import check_room, waiting_past_batch
 from orthrus_engines.config import EngineArgs
 
 LONG = SamplingParams(max_tokens=8, ignore_eos=True, block_size=1)
@@ -25,6 +26,15 @@ def test_the_waiting_queue_is_bounded(tiny_model_dir):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(OrthrusInputError, match="max_waiting_requests"):
             EngineArgs(max_waiting_requests=bad).resolve_max_waiting_requests()
+
+
+def test_the_shared_waiting_bound():
+    check_room(1, 2)
+    check_room(10**6, None)  # no bound
+    with pytest.raises(EngineOverloaded, match=r"waiting queue is full \(2 requests\)"):
+        check_room(2, 2)
+    # the trtllm engine's count: what it has in flight past the batch TensorRT-LLM runs
+    assert [waiting_past_batch(n, 4) for n in (0, 3, 4, 5, 9)] == [0, 0, 0, 1, 5]
 
 
 def test_a_dead_engine_thread_fails_its_callers_and_refuses_new_requests(tiny_model_dir, monkeypatch):

@@ -3,7 +3,8 @@ AsyncEngine always (a tiny model, in process), TensorRT-LLM's (`TrtllmAsyncEngin
 imports and CUDA is available and ORTHRUS_TRTLLM_MODEL names a Qwen3 Orthrus checkpoint (scripts/
 trtllm_check.sh sets it). Stream deltas add up to the backend's offline output; abort and abandoned
 streams stop and free what they held; stats / model_info carry the keys the serving layer reads; bad
-input raises OrthrusInputError naming the field; prefix events name the prompt's pages as the ingress does."""
+input raises OrthrusInputError naming the field; past max_waiting_requests a request is refused with
+EngineOverloaded; prefix events name the prompt's pages as the ingress does."""
 
 import asyncio
 import importlib.util
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthrus_engines import LLM, OrthrusInputError, SamplingParams
+from orthrus_engines import LLM, EngineOverloaded, OrthrusInputError, SamplingParams
 from orthrus_engines.engine.replica import (MODEL_INFO_KEYS, PREFIX_EVENT_KINDS, STATS_KEYS, ReplicaEngine,
                                             build_replica_engine)
 from orthrus_engines.inputs import load_tokenizer
@@ -188,6 +189,36 @@ def test_bad_input_raises_naming_the_field(backend, prompt, params, field):
         asyncio.run(first())
     assert e.value.field == field
     assert engine.stats()["num_running"] + engine.stats()["num_waiting"] == 0
+
+
+def test_past_max_waiting_requests_a_request_is_refused_as_overloaded(backend):
+    engine = build_replica_engine(backend.model, None, {**backend.args, "max_num_seqs": 1, "max_waiting_requests": 1})
+    vocab = engine.model_info()["vocab_size"]
+    params = SamplingParams(max_tokens=400, ignore_eos=True)
+
+    async def run():
+        running = engine.generate("w-run", prompt_of(9, 5, vocab), params)
+        await running.__anext__()
+        waiting = engine.generate("w-wait", prompt_of(9, 6, vocab), params)
+        queued = asyncio.ensure_future(waiting.__anext__())  # it waits for the one batch slot
+        deadline = time.monotonic() + 30
+        while engine.stats()["num_running"] + engine.stats()["num_waiting"] < 2:
+            assert time.monotonic() < deadline and not queued.done(), engine.stats()
+            await asyncio.sleep(0.01)
+        try:
+            with pytest.raises(EngineOverloaded, match="waiting queue is full"):
+                await engine.generate("w-over", prompt_of(9, 7, vocab), params).__anext__()
+        finally:
+            queued.cancel()
+            await asyncio.gather(queued, return_exceptions=True)
+            await waiting.aclose()
+            await running.aclose()
+        return await wait_idle(engine)
+
+    try:
+        assert asyncio.run(run())["num_running"] == 0
+    finally:
+        engine.shutdown()
 
 
 def test_prefix_events_name_the_prompts_pages_as_the_ingress_does(backend):

@@ -6,6 +6,7 @@ from pathlib import Path
 from support.net import wait_for
 
 ENGINE = "OrthrusEngine"
+INGRESS = "OrthrusIngress"
 ENGINE_ARGS = {"num_pages": 64, "max_model_len": 256}  # replicas and the reference engine alike
 API_KEY_ENV = "ORTHRUS_TEST_API_KEY"  # set by the serve_cluster fixture before Ray starts
 
@@ -40,6 +41,12 @@ class Deployed:
     def engine_stats(self) -> dict:
         """Stats of one engine replica (the router picks which: use with one replica)."""
         return self.engine_handle().stats.remote().result(timeout_s=30)
+
+    def ingress_in_flight(self) -> int:
+        """API calls the ingress serves now (its max_ingress_requests count; one ingress replica)."""
+        from ray import serve
+
+        return serve.get_deployment_handle(INGRESS, self.name).in_flight_requests.remote().result(timeout_s=30)
 
     def replica_ids(self) -> set[str]:
         """Unique ids of the live engine replica actors."""

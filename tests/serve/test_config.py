@@ -34,6 +34,14 @@ def test_yaml_round_trip_and_deployment_options(tmp_path):
     assert build_app(cfg.model_dump()) is not None  # a Serve Application, as an import_path builder returns
 
 
+def test_the_ingress_bound_reaches_the_ingress_with_serve_room_above_it():
+    ingress = build_app({"max_ingress_requests": 5})._bound_deployment
+    assert ingress.init_kwargs["max_ingress_requests"] == 5
+    # Serve lets the calls past our bound in, to be answered 429 at once, rather than queue them
+    assert ingress._deployment_config.max_ongoing_requests > 5
+    assert ServeConfig().max_ingress_requests >= ServeConfig().max_ongoing_requests  # generous by default
+
+
 def test_fixed_replicas_and_pow2_router():
     opts = engine_options(ServeConfig(num_replicas=3, router={"kind": "pow2"}))
     assert opts["num_replicas"] == 3 and "request_router_config" not in opts and "autoscaling_config" not in opts
@@ -63,6 +71,8 @@ def test_tensor_parallel_replica_reserves_a_bundle_per_rank():
     ({"autoscaling": {"max_replicas": 0}}, "max_replicas"),
     ({"router": {"kind": "random"}}, "kind"),
     ({"modle": "x"}, "modle"),  # a typo is an error, not silently ignored
+    ({"max_ingress_requests": 0}, "max_ingress_requests"),
+    ({"max_ingress_requests": 2.5}, "max_ingress_requests"),
 ])
 def test_bad_config_names_the_field(bad, field):
     with pytest.raises(ValidationError, match=field):

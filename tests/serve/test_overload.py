@@ -1,13 +1,17 @@
 """Under overload and faults (docs/ARCHITECTURE.md §5), on one application of two engine replicas:
-bounded queues shed load with 429 + Retry-After / RESOURCE_EXHAUSTED, the request time limit and a gRPC
-client's deadline end a request in the engine (its pages freed), a request the engine fails is a 500 /
-INTERNAL / SSE error event with the engine's text, a replica lost before the first token has its request
-retried on the other, a broken replica is unroutable and replaced, and a rolling update drains streams.
+bounded queues (the engines' waiting queues, the ingress's max_ingress_requests) shed load with 429 +
+Retry-After / RESOURCE_EXHAUSTED and free every slot again, the request time limit and a gRPC client's
+deadline end a request in the engine (its pages freed), a request the engine fails is a 500 / INTERNAL / SSE
+error event with the engine's text, a replica lost before the first token has its request retried on the
+other, a broken replica is unroutable and replaced, and a rolling update drains streams.
 
 The replicas serve a real checkpoint with a NaN in its final norm (a corrupt checkpoint): greedy decoding
 runs (every logit is NaN; argmax picks token 0), sampling fails in the engine (torch.multinomial refuses
-NaN probabilities), so each sampled request is a real engine failure."""
+NaN probabilities), so each sampled request is a real engine failure. Its window is widened to 8192 tokens, so
+a held request (HOLD) runs until the test cancels it or the 8 s time limit ends it."""
 
+import json
+import socket
 import threading
 
 import grpc
@@ -23,9 +27,12 @@ from orthrus_serve.client import call_metadata
 
 APP = "overload"
 LIMITS = {"num_replicas": 2, "max_ongoing_requests": 4, "max_queued_requests": 8, "max_waiting_requests": 2,
-          "request_timeout_s": 8.0, "health": {"min_failures": 4, "failing_for_s": 0.0, "check_period_s": 1.0}}
-ENGINE = {"num_pages": 256, "max_model_len": 512, "max_num_seqs": 1}  # one running request per replica: the rest wait
-LONG = {"max_tokens": 450, "ignore_eos": True, "block_size": 1}  # plain AR, past the time limit
+          "max_ingress_requests": 7, "request_timeout_s": 8.0,
+          "health": {"min_failures": 4, "failing_for_s": 0.0, "check_period_s": 1.0}}
+WINDOW = 8192
+# one running request per replica: the rest wait (two at most: 6 requests fill both engines)
+ENGINE = {"num_pages": 640, "max_model_len": WINDOW, "max_num_seqs": 1}
+HOLD = {"max_tokens": WINDOW - 64, "ignore_eos": True, "block_size": 1}  # plain AR, far past the time limit
 SHORT = {"max_tokens": 3, "ignore_eos": True, "block_size": 1}
 SAMPLED = {"max_tokens": 3, "temperature": 1.0}  # fails in the engine on this checkpoint
 
@@ -39,6 +46,8 @@ def app(serve_cluster, tmp_path_factory):
     weights = load_file(str(model / "model.safetensors"))
     weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": WINDOW}))
     deployed = serve_cluster.deploy(APP, model=str(model), engine=ENGINE, **LIMITS)
     deployed.wait_healthy(2)
     yield deployed
@@ -57,6 +66,18 @@ def refused(call: "Call") -> bool:
 def idle_everywhere(app) -> bool:
     """Nothing runs or waits on any replica (an aborted request's pages are freed with it)."""
     return all(s["num_running"] == 0 and s["num_waiting"] == 0 for s in app.routing_stats().values())
+
+
+def all_released(app) -> None:
+    """Every ingress slot and every engine slot free again (nothing leaked by a cancel, a failure or a timeout)."""
+    wait_for(lambda: app.ingress_in_flight() == 0, 20, lambda: f"no call in flight at the ingress: "
+                                                               f"{app.ingress_in_flight()}")
+    wait_for(lambda: idle_everywhere(app), 20, "idle engines")
+
+
+def serves(app) -> None:
+    with app.client() as c:
+        assert c.generate("again", **SHORT).completion_tokens == 3
 
 
 class Call(threading.Thread):
@@ -90,44 +111,108 @@ class Call(threading.Thread):
                 self.first.set()
 
 
-def test_full_queues_shed_load_with_429_and_resource_exhausted_and_the_time_limit_ends_requests(app):
-    # each replica runs one long request and holds two waiting ones (max_waiting_requests): 6 accepted. The
-    # router may send a third to one replica before its stats show it full (refused): send another instead.
-    longs = [Call(app, f"long {i}", LONG) for i in range(6)]
-    for extra in range(4):
-        wait_for(lambda: in_engines(app) == 6 or any(map(refused, longs)), 30,
-                 lambda: f"6 requests in the engines: {app.routing_stats()}, {[c.result for c in longs]}")
-        if not any(map(refused, longs)):
+def assert_shed(r: httpx.Response, why: str) -> None:
+    """A 429 with Retry-After in OpenAI's error shape, saying which bound refused it."""
+    assert r.status_code == 429, r.text
+    assert r.headers["Retry-After"] == "1"
+    error = r.json()["error"]
+    assert error["type"] == "rate_limit_error" and "capacity" in error["message"] and why in error["message"], error
+
+
+def test_full_engine_queues_shed_load_with_429_and_resource_exhausted_then_serve_again(app):
+    # fill both engines (one running and two waiting each: 6), one held stream at a time, each seen in the
+    # engines before the next; one the router sent to a full replica was refused: send another
+    held: list[Call] = []
+    for attempt in range(20):
+        if len(held) == 6:
             break
-        longs = [c for c in longs if not refused(c)] + [Call(app, f"long again {extra}", LONG)]
-    wait_for(lambda: in_engines(app) == 6, 30, lambda: f"6 requests in the engines: {app.routing_stats()}")
-    # past the bounds: answered at once (the long ones still run), never a 500, never a wait
+        c = Call(app, f"hold {attempt}", HOLD)
+        wait_for(lambda: refused(c) or in_engines(app) == len(held) + 1, 30,
+                 lambda: f"hold {attempt} in the engines or refused: {app.routing_stats()}, {c.result}")
+        if not refused(c):
+            held.append(c)
+    assert len(held) == 6 and in_engines(app) == 6, app.routing_stats()
+    assert app.ingress_in_flight() == 6  # a stream counts at the ingress while it runs or waits
+    # past both engines' queues (the ingress has room): refused at once by the engine, never a 500 or a wait
     with httpx.Client(base_url=app.http_base, timeout=60) as h:
-        shed = [h.post("/v1/completions", json={"prompt": f"more {i}", **LONG}) for i in range(3)]
-        shed.append(h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                         "stream": True, **LONG}))
-    grpc_shed = Call(app, "one more", LONG, stream=False)
-    grpc_shed.join(30)
-    for r in shed:
-        assert r.status_code == 429, r.text
-        assert r.headers["Retry-After"] == "1"
-        assert r.json()["error"]["type"] == "rate_limit_error" and "capacity" in r.json()["error"]["message"]
-    assert grpc_shed.result[0] == grpc.StatusCode.RESOURCE_EXHAUSTED, grpc_shed.result
-    # the accepted ones finish or end at the 8 s limit (the last in each queue waits for two before it: 1350
-    # tokens on one replica's CPU share), in the engine too
-    for c in longs:
+        assert_shed(h.post("/v1/completions", json={"prompt": "more", **HOLD}), "waiting queue")
+        assert_shed(h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                        "stream": True, **HOLD}), "waiting queue")
+    for stream in (False, True):
+        shed = Call(app, "one more", HOLD, stream=stream)
+        shed.join(30)
+        assert refused(shed) and "waiting queue" in shed.result[1], shed.result
+    assert all(c.result is None for c in held), [c.result for c in held]  # all held until now
+    for c in held:
+        c.call.cancel()
+    for c in held:
         c.join(30)
-    timed_out = [c.result for c in longs if c.result[0] == grpc.StatusCode.DEADLINE_EXCEEDED]
-    assert len(timed_out) >= 2 and all("request_timeout_s" in r[1] for r in timed_out), [c.result for c in longs]
-    assert all(c.result == ("ok", 450, "length") for c in longs if c.result not in timed_out)
-    wait_for(lambda: idle_everywhere(app), 20, "idle engines")
+        assert c.result[0] == grpc.StatusCode.CANCELLED, c.result
+    all_released(app)
+    serves(app)
+
+
+def hold_upload(app) -> socket.socket:
+    """An HTTP completion whose body never finishes arriving: it holds an ingress slot (taken before the body is
+    read) without reaching an engine, until the socket closes."""
+    s = socket.create_connection(("127.0.0.1", app.cluster.http_port), timeout=30)
+    s.sendall(f"POST /{app.name}/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              f"Content-Length: 1000\r\n\r\n{{\"prompt\": ".encode())
+    return s
+
+
+def test_past_max_ingress_requests_the_ingress_sheds_at_once_and_frees_every_slot_again(app):
+    uploads = [hold_upload(app) for _ in range(7)]
+    try:
+        wait_for(lambda: app.ingress_in_flight() == 7, 30, lambda: f"7 in flight: {app.ingress_in_flight()}")
+        with httpx.Client(base_url=app.http_base, timeout=60) as h:
+            assert_shed(h.post("/v1/completions", json={"prompt": "more", **SHORT}), "max_ingress_requests")
+            assert_shed(h.post("/tokenize", json={"prompt": "more"}), "max_ingress_requests")
+            assert h.get("/health").status_code == 200  # probes are not API calls: never refused
+        for stream in (False, True):
+            shed = Call(app, "one more", SHORT, stream=stream)
+            shed.join(30)
+            assert refused(shed) and "max_ingress_requests" in shed.result[1], shed.result
+    finally:
+        for s in uploads:  # their clients go away before their bodies were read
+            s.close()
+    all_released(app)
+    # an SSE stream holds its slot while it runs, and frees it when its client goes away mid-stream
+    with httpx.Client(base_url=app.http_base, timeout=60) as h:
+        with h.stream("POST", "/v1/completions", json={"prompt": "held", "stream": True, **HOLD}) as sse:
+            assert sse.status_code == 200
+            next(sse.iter_lines())
+            assert app.ingress_in_flight() == 1
+    all_released(app)
+    serves(app)
+
+
+def test_past_the_time_limit_http_is_504_or_an_sse_error_event_and_grpc_deadline_exceeded(app):
+    with httpx.Client(base_url=app.http_base, timeout=60) as h:
+        with h.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "slow"}],
+                                                            "stream": True, **HOLD}) as sse:
+            assert sse.status_code == 200
+            lines = sse.iter_lines()
+            next(lines)  # running: the time limit ends it mid-stream
+            unary = Call(app, "slow", HOLD, stream=False)
+            stream = Call(app, "slow", HOLD)
+            r = h.post("/v1/completions", json={"prompt": "slow", **HOLD})  # runs or waits: 504 either way
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["type"] == "timeout" and "request_timeout_s" in r.json()["error"]["message"]
+    error = events[-1]["error"]
+    assert error["type"] == "timeout" and "request_timeout_s" in error["message"], events[-1]
+    for c in (unary, stream):
+        c.join(30)
+        assert c.result[0] == grpc.StatusCode.DEADLINE_EXCEEDED and "request_timeout_s" in c.result[1], c.result
+    all_released(app)  # ended in the engines too, their pages freed
 
 
 def test_a_grpc_deadline_aborts_the_request_in_the_engine(app):
-    c = Call(app, "deadline", LONG, timeout_s=1.0)
+    c = Call(app, "deadline", HOLD, timeout_s=1.0)
     c.join(30)
     assert c.result[0] == grpc.StatusCode.DEADLINE_EXCEEDED, c.result
-    wait_for(lambda: idle_everywhere(app), 20, "the request aborted in the engine, its pages freed")
+    all_released(app)  # the request aborted in the engine, its pages freed
 
 
 def test_a_request_the_engine_failed_is_500_internal_or_an_sse_error_event(app):
@@ -145,11 +230,12 @@ def test_a_request_the_engine_failed_is_500_internal_or_an_sse_error_event(app):
     assert code == grpc.StatusCode.INTERNAL and "probability tensor" in details, c.result
     assert "Traceback" not in details and "\n" not in details
     assert app.engine_handle().stats.remote().result(timeout_s=30)  # the replicas still serve
+    all_released(app)
 
 
 def test_a_request_whose_replica_died_before_its_first_token_is_retried_on_another(app):
     app.wait_healthy(2)
-    longs = [Call(app, f"hold {i}", {**LONG, "max_tokens": 200}) for i in range(2)]
+    longs = [Call(app, f"hold {i}", HOLD) for i in range(2)]
     for c in longs:
         assert c.first.wait(30)
     shorts = [Call(app, f"short {i}", SHORT, stream=False) for i in range(2)]

@@ -18,7 +18,8 @@ from orthrus_engines.engine.page_manager import PageManager
 from orthrus_engines.engine.scheduler import PrefillBatch, Scheduler
 from orthrus_engines.engine.sequence import Sequence
 from orthrus_engines.engine.tp_worker import TensorParallelRunner, tensor_parallel_active
-from orthrus_engines.errors import EngineOverloaded, OrthrusInputError
+from orthrus_engines.engine.waiting_bound import check_room
+from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.inputs import InputProcessor, Prompt, load_tokenizer
 from orthrus_engines.models.builtin import default_head
 from orthrus_engines.models.checkpoint import checkpoint_fingerprint
@@ -128,8 +129,7 @@ class EngineCore:
             raise RuntimeError("the engine is closed")
         if request_id in self.requests:
             raise OrthrusInputError("request_id", f"{request_id!r} is already running")
-        if self.max_waiting_requests is not None and len(self.scheduler.waiting) >= self.max_waiting_requests:
-            raise EngineOverloaded(f"the engine's waiting queue is full ({self.max_waiting_requests} requests)")
+        check_room(len(self.scheduler.waiting), self.max_waiting_requests)
         ids = self.inputs.prompt_ids(prompt)
         self.inputs.check_request(ids, params)
         k = 1 if not params.use_diffusion else (params.block_size or self.block_size)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from orthrus_engines.config import engine_args_from
+from orthrus_engines.engine.waiting_bound import check_room, waiting_past_batch
 from orthrus_engines.errors import OrthrusInputError
 from orthrus_engines.inputs import InputProcessor, Prompt, load_tokenizer
 from orthrus_engines.models.builtin import default_head
@@ -60,6 +61,7 @@ class TrtllmAsyncEngine:
         self.fingerprint = checkpoint_fingerprint(path, self.tokenizer)
         self.inputs = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len)
         self.prefix_cache = args.enable_prefix_cache
+        self.max_num_seqs, self.max_waiting_requests = args.max_num_seqs, args.resolve_max_waiting_requests()
         kw = engine_kwargs(args, str(path), str(self.tokenizer_path), bs, self.max_model_len,
                            str(src.head_path) if src.head_path else None, src.anchor_view)
         self.llm = build_llm(kw)
@@ -87,6 +89,7 @@ class TrtllmAsyncEngine:
             raise RuntimeError("the engine is closed")
         if request_id in self._requests:
             raise OrthrusInputError("request_id", f"{request_id!r} is already running")
+        check_room(waiting_past_batch(len(self._requests), self.max_num_seqs), self.max_waiting_requests)
         ids = self.inputs.prompt_ids(prompt)
         self.inputs.check_request(ids, params)
         from tensorrt_llm import SamplingParams as TrtSamplingParams
