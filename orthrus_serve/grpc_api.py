@@ -3,6 +3,7 @@
 import asyncio
 import functools
 import logging
+from typing import TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -17,15 +18,16 @@ from orthrus_serve.errors import REPLICA_LOST, EngineFailed, Overloaded, TimedOu
 from orthrus_serve.request_prep import SAMPLING_FIELDS, PreparedRequest, RequestPreparer
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 
 class Unauthenticated(Exception):
     """A call without the API key."""
 
 
-def parse(cls: type[Message], data: bytes | Message) -> Message:
-    """The request message `data`, serialized as Ray's proxy passes it on (grpc_service). One protobuf refuses is
-    an OrthrusInputError naming the string field that is not UTF-8, or "request" (not a `cls` at all)."""
+def parse(cls: type[M], data: bytes | M) -> M:
+    """The request message `data`, serialized as Ray's proxy passes it on (grpc_service). Bytes protobuf refuses
+    raise an OrthrusInputError naming the string field that is not UTF-8, or "request" (not a `cls` at all)."""
     if isinstance(data, Message):  # a proxy registered with the generated servicer function parsed it already
         return data
     try:
