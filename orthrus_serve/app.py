@@ -8,7 +8,7 @@ from orthrus_serve.config import ServeConfig
 from orthrus_serve.engine_server import EngineServer
 from orthrus_serve.ingress import Ingress
 
-GRPC_SERVICER = "orthrus_serve.api.orthrus_pb2_grpc.add_OrthrusServicer_to_server"
+GRPC_SERVICER = "orthrus_serve.grpc_service.add_OrthrusServicer_to_server"  # requests reach the ingress unparsed
 GRPC_HEALTH_SERVICER = "orthrus_serve.grpc_health.add_HealthServicer_to_server"  # grpc.health.v1, for probes
 GRPC_SERVICERS = [GRPC_SERVICER, GRPC_HEALTH_SERVICER]  # Serve's gRPCOptions.grpc_servicer_functions
 # Serve's max_ongoing_requests on the ingress is max_ingress_requests plus this: the calls past our bound reach

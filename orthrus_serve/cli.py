@@ -6,16 +6,19 @@ import os
 import sys
 import time
 
+from orthrus_serve import grpc_bind
 from orthrus_serve.auth import add_api_key_argument, key_from_env
 from orthrus_serve.bench import add_arguments as add_bench_arguments
 from orthrus_serve.client import add_tls_arguments
 
 
 def up_message(cfg, key_set: bool | None) -> str:
-    """What `up` prints: where each API listens (truthfully: Ray's gRPC proxy binds every interface)
-    and whether an API key is asked for (None: unknown here, an existing cluster's nodes decide)."""
+    """What `up` prints: where each API listens (both on the config's host; gRPC through grpc_bind) and
+    whether an API key is asked for (None: unknown here, an existing cluster's nodes decide)."""
     auth = f" -H \"Authorization: Bearer ${cfg.api_key_env}\"" if key_set is not False else ""
-    grpc_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    every_interface = cfg.host in ("0.0.0.0", "::")
+    grpc_where = grpc_bind.address(cfg.host, str(cfg.grpc_port)) + (" (every interface)" if every_interface else "")
+    grpc_target = grpc_bind.address("127.0.0.1" if every_interface else cfg.host, str(cfg.grpc_port))
     key_line = {True: f"API key: required (${cfg.api_key_env}); /health and gRPC Health/Check are open",
                 False: f"API key: none (set ${cfg.api_key_env} or pass --api-key): anyone who reaches the ports "
                        "can call",
@@ -26,8 +29,8 @@ orthrus-serve is up: {cfg.served_model_name}
   {scheme.upper()} (OpenAI) on {cfg.host}:{cfg.http_port}:
     curl{cacert} {scheme}://{cfg.host}:{cfg.http_port}/v1/completions -H 'Content-Type: application/json'{auth} \\
          -d '{{"prompt": "The capital of France is", "max_tokens": 16}}'
-  gRPC on port {cfg.grpc_port} of ALL interfaces (Ray Serve's gRPC proxy has no bind address; README: Security):
-    orthrus-serve generate "The capital of France is" --address {grpc_host}:{cfg.grpc_port}
+  gRPC on {grpc_where}:
+    orthrus-serve generate "The capital of France is" --address {grpc_target}
   {key_line}
 Ctrl-C stops it."""
 
@@ -74,7 +77,8 @@ def _up(args) -> int:
     remote = os.environ.get("RAY_ADDRESS")
     # Without RAY_ADDRESS always a new local cluster (not one found in /tmp/ray): it inherits this
     # process's environment, so what is printed about the key is true.
-    ray.init(address=remote or "local", ignore_reinit_error=True)
+    # The job's runtime env binds the gRPC proxies to cfg.host (Ray Serve has no option for it; see grpc_bind).
+    ray.init(address=remote or "local", ignore_reinit_error=True, runtime_env=grpc_bind.runtime_env(cfg.host))
     serve.start(**serve_start_options(cfg))
     serve.run(build_app(cfg.model_dump()), name=cfg.app_name, route_prefix="/")
     print(up_message(cfg, None if remote else key_from_env(cfg.api_key_env) is not None), flush=True)

@@ -101,7 +101,7 @@ class ServeConfig(_Strict):
     # replicas read it from their own environment, so the key is in no config, dashboard or log.
     # Unset (or None here): no key is asked for.
     api_key_env: str | None = DEFAULT_API_KEY_ENV
-    host: str = "127.0.0.1"  # where HTTP listens; gRPC listens on all interfaces (README, Security)
+    host: str = "127.0.0.1"  # where HTTP and gRPC listen (`orthrus-serve up`; README, Security)
     http_port: int = 8000
     grpc_port: int = 9000
     # HTTPS on the HTTP port (PEM files on the node; Serve's http_options.ssl_* in a Serve config

@@ -1,9 +1,14 @@
 """gRPC request reading, response filling and status mapping for the ingress."""
 
 import asyncio
+import functools
 import logging
+from typing import TypeVar
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from ray.serve.exceptions import BackPressureError
 
 from orthrus_engines import OrthrusInputError, RequestOutput
@@ -13,10 +18,54 @@ from orthrus_serve.errors import REPLICA_LOST, EngineFailed, Overloaded, TimedOu
 from orthrus_serve.request_prep import SAMPLING_FIELDS, PreparedRequest, RequestPreparer
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 
 class Unauthenticated(Exception):
     """A call without the API key."""
+
+
+def parse(cls: type[M], data: bytes | M) -> M:
+    """The request message `data`, serialized as Ray's proxy passes it on (grpc_service). Bytes protobuf refuses
+    raise an OrthrusInputError naming the string field that is not UTF-8, or "request" (not a `cls` at all)."""
+    if isinstance(data, Message):  # a proxy registered with the generated servicer function parsed it already
+        return data
+    try:
+        return cls.FromString(data)
+    except DecodeError:
+        pass
+    try:
+        loose = _strings_as_bytes(cls).FromString(data)
+    except DecodeError:
+        raise OrthrusInputError("request", f"not a valid {cls.DESCRIPTOR.full_name} message (protobuf)") from None
+    for field, value in loose.ListFields():
+        if cls.DESCRIPTOR.fields_by_name[field.name].type != FieldDescriptor.TYPE_STRING:
+            continue
+        named = [(field.name, value)] if isinstance(value, bytes) else \
+            [(f"{field.name}[{i}]", v) for i, v in enumerate(value)]  # a repeated field's entries
+        for name, text in named:
+            try:
+                text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise OrthrusInputError(name, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    raise OrthrusInputError("request", f"not a valid {cls.DESCRIPTOR.full_name} message (protobuf)")
+
+
+@functools.cache
+def _strings_as_bytes(cls: type[Message]) -> type[Message]:
+    """`cls` with its string fields as bytes fields (the same wire format, with no UTF-8 check)."""
+    file = descriptor_pb2.FileDescriptorProto()
+    cls.DESCRIPTOR.file.CopyToProto(file)
+    messages = list(file.message_type)
+    while messages:  # every message type, nested ones too
+        message = messages.pop()
+        messages.extend(message.nested_type)
+        for field in message.field:
+            if field.type == FieldDescriptor.TYPE_STRING:
+                field.type = FieldDescriptor.TYPE_BYTES
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(cls.DESCRIPTOR.full_name))
 
 
 def sampling_fields(request: pb.GenerateRequest) -> dict:
@@ -30,8 +79,9 @@ def sampling_fields(request: pb.GenerateRequest) -> dict:
     return fields
 
 
-def prepare(prep: RequestPreparer, request: pb.GenerateRequest) -> PreparedRequest:
-    """A GenerateRequest as a prepared request (the ingress runs this off its event loop)."""
+def prepare(prep: RequestPreparer, data: bytes | pb.GenerateRequest) -> PreparedRequest:
+    """A GenerateRequest (serialized: `parse`) as a prepared request (the ingress runs this off its event loop)."""
+    request = parse(pb.GenerateRequest, data)
     if request.prompt and request.prompt_token_ids:
         raise OrthrusInputError("prompt", "give prompt or prompt_token_ids, not both")
     if request.prompt_token_ids:

@@ -292,10 +292,11 @@ class Ingress:
         if not self.api_key.accepts(grpc_authorization(grpc_context)):
             raise grpc_api.Unauthenticated("missing or incorrect API key (metadata authorization: Bearer <key>)")
 
-    async def _prepare_grpc(self, request: pb.GenerateRequest) -> PreparedRequest:
+    # A request arrives serialized (orthrus_serve.grpc_service) and is parsed here (grpc_api.parse).
+    async def _prepare_grpc(self, request: bytes) -> PreparedRequest:
         return await self.off_loop(grpc_api.prepare, await self.ready(), request)
 
-    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+    async def Generate(self, request: bytes, grpc_context) -> pb.GenerateResponse:
         try:
             self._check_grpc_key(grpc_context)
             with self.in_flight.acquire():
@@ -308,7 +309,7 @@ class Ingress:
             grpc_api.set_error(grpc_context, e)
             return pb.GenerateResponse()
 
-    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
+    async def GenerateStream(self, request: bytes, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
         try:
             self._check_grpc_key(grpc_context)
             with self.in_flight.acquire():  # until the stream ends, fails or is cancelled (Serve throws it in)
@@ -328,10 +329,11 @@ class Ingress:
             # OrthrusInputError does not survive pickling).
             raise RuntimeError(grpc_context.details() or "request failed") from None
 
-    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
+    async def ModelInfo(self, request: bytes, grpc_context) -> pb.ModelInfoResponse:
         try:
             self._check_grpc_key(grpc_context)
-        except grpc_api.Unauthenticated as e:
+            grpc_api.parse(pb.ModelInfoRequest, request)  # no fields, but it must be one
+        except (grpc_api.Unauthenticated, OrthrusInputError) as e:
             grpc_api.set_error(grpc_context, e)
             return pb.ModelInfoResponse()
         await self.ready()
@@ -343,7 +345,11 @@ class Ingress:
     async def Check(self, request: bytes, grpc_context):
         """grpc.health.v1.Health/Check (the request arrives serialized; see grpc_health). Open, for probes:
         "" or orthrus.v1.Orthrus is SERVING while the engine replicas are healthy; other names NOT_FOUND."""
-        service = grpc_health.HealthCheckRequest.FromString(request).service
+        try:
+            service = grpc_api.parse(grpc_health.HealthCheckRequest, request).service
+        except OrthrusInputError as e:
+            grpc_api.set_error(grpc_context, e)
+            return grpc_health.HealthCheckResponse()
         if service not in ("", pb.DESCRIPTOR.services_by_name["Orthrus"].full_name):
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
             grpc_context.set_details(f"unknown service {service!r}")

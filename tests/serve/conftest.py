@@ -21,6 +21,7 @@ def serve_cluster(tiny_model_dir):
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
+    from orthrus_serve import grpc_bind
     from orthrus_serve.app import GRPC_SERVICERS
 
     # The security tests' API key: in the environment before Ray starts, as on a real node, so the
@@ -29,7 +30,8 @@ def serve_cluster(tiny_model_dir):
     # Logical CPUs: several applications' replicas (1 CPU each) fit at once; the host has fewer cores.
     metrics_port = free_port()  # Ray's Prometheus endpoint, reporting every second for the metrics test
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=bool(os.environ.get("ORTHRUS_TEST_RAY_LOGS")),
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
+             runtime_env=grpc_bind.runtime_env("127.0.0.1"))  # the gRPC proxy on loopback, as `up` binds it
     try:
         http_port, grpc_port = free_port(), free_port()
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),

@@ -95,7 +95,10 @@ def test_a_stopped_engine_thread_is_unhealthy(tiny_model_dir):
 def test_up_message_says_where_each_port_listens_and_whether_a_key_is_needed():
     cfg = ServeConfig()
     msg = up_message(cfg, key_set=False)
-    assert "HTTP (OpenAI) on 127.0.0.1:8000" in msg and "gRPC on port 9000 of ALL interfaces" in msg
+    assert "HTTP (OpenAI) on 127.0.0.1:8000" in msg and "gRPC on 127.0.0.1:9000:" in msg
+    everywhere = up_message(ServeConfig(host="0.0.0.0"), key_set=False)
+    assert "gRPC on 0.0.0.0:9000 (every interface):" in everywhere and "--address 127.0.0.1:9000" in everywhere
+    assert "gRPC on [::1]:9000:" in up_message(ServeConfig(host="::1"), key_set=False)
     assert "API key: none" in msg and "Authorization" not in msg
     msg = up_message(cfg, key_set=True)
     assert "API key: required ($ORTHRUS_API_KEY)" in msg and 'Authorization: Bearer $ORTHRUS_API_KEY' in msg

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from serve_helpers import ENGINE_ARGS
 
+from orthrus_serve.api import orthrus_pb2 as pb
 from orthrus_serve.config import InputLimits
 
 pytestmark = pytest.mark.slow
@@ -165,6 +166,43 @@ def test_grpc_fields_past_their_limits_are_named(client):
     # The 64-bit seed at both ends is valid.
     for seed in (-INT64, INT64 - 1):
         assert client.generate(PROMPT, max_tokens=2, temperature=1.0, seed=seed).completion_tokens == 2
+
+
+def call_raw(client, path: str, payload: bytes, stream: bool = False):
+    """`path` called with `payload` as the serialized request, as a hand-built message arrives."""
+    rpc = client.channel.unary_stream if stream else client.channel.unary_unary
+    call = rpc(path, request_serializer=None, response_deserializer=None)  # bytes in, bytes out
+    result = call(payload, metadata=client.metadata, timeout=60)
+    return list(result) if stream else result
+
+
+VALID = pb.GenerateRequest(prompt=PROMPT, max_tokens=2).SerializeToString()
+BAD_MESSAGES = [  # (serialized request, the field named): what protobuf's own serializer never writes
+    (b"\x12\x04caf\xe9" + b"\x20\x02", "prompt"),  # field 2, then max_tokens = 2
+    (VALID + b"\x4a\x02ok" + b"\x4a\x02\xff\xfe", "stop[1]"),  # field 9, repeated
+    (VALID + b"\x82\x02\x01\x80", "guided_regex"),  # field 32 (a two-byte tag)
+    (b"\x12\x10short", "request"), (b"\xff\xff\xff", "request"),  # not protobuf: past the end, a bad tag
+]
+
+
+def test_grpc_messages_that_do_not_parse_are_named(client):
+    """A request message protobuf does not parse (a string field that is not UTF-8, bytes that are not protobuf)
+    is INVALID_ARGUMENT naming the field, on every method; the server keeps serving."""
+    for payload, field in BAD_MESSAGES:
+        for method in ("Generate", "GenerateStream"):
+            with pytest.raises(grpc.RpcError) as e:
+                call_raw(client, f"/orthrus.v1.Orthrus/{method}", payload, stream=method == "GenerateStream")
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(f"{field}:"), \
+                (method, payload, e.value.code(), e.value.details())
+    for path, payload, field in [("/orthrus.v1.Orthrus/ModelInfo", b"\xff", "request"),
+                                 ("/grpc.health.v1.Health/Check", b"\x0a\x02\xff\xfe", "service")]:
+        with pytest.raises(grpc.RpcError) as e:
+            call_raw(client, path, payload)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(f"{field}:"), \
+            (path, e.value.code(), e.value.details())
+    served = pb.GenerateResponse.FromString(call_raw(client, "/orthrus.v1.Orthrus/Generate", VALID))
+    assert served.completion_tokens == 2
+    assert client.generate(PROMPT, max_tokens=2).completion_tokens == 2
 
 
 # -- one huge prompt does not stall the other streams ---------------------------------------------------

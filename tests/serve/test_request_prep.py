@@ -117,3 +117,29 @@ def test_fastapi_validation_errors_have_the_openai_shape():
         r = c.get("/items/x")
         assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
         assert c.get("/nothing").json()["error"]["type"] == "invalid_request_error"
+
+
+def test_grpc_service_registers_every_rpc_unparsed():
+    """grpc_service stands in for the generated servicer function: every rpc of the proto, each with its
+    streaming kind, the request passed on as bytes; a request already parsed (a Serve config naming the generated
+    function) passes grpc_api.parse as it is."""
+    from orthrus_serve import grpc_service
+    from orthrus_serve.api.orthrus_pb2_grpc import OrthrusServicer
+
+    class Server:
+        def add_generic_rpc_handlers(self, handlers):
+            pass
+
+        def add_registered_method_handlers(self, service, handlers):
+            self.service, self.handlers = service, handlers
+
+    server = Server()
+    grpc_service.add_OrthrusServicer_to_server(OrthrusServicer(), server)
+    methods = pb.DESCRIPTOR.services_by_name["Orthrus"].methods
+    assert server.service == "orthrus.v1.Orthrus" and set(server.handlers) == {m.name for m in methods}
+    for m in methods:
+        h = server.handlers[m.name]
+        assert h.request_deserializer is None and (h.response_streaming, h.request_streaming) == (
+            m.server_streaming, m.client_streaming)
+    request = pb.GenerateRequest(prompt="hi")
+    assert grpc_api.parse(pb.GenerateRequest, request) is request

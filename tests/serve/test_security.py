@@ -2,6 +2,7 @@
 gRPC (grpcio, our clients, `orthrus-serve bench`), kept out of the Serve config and the logs; the
 open health checks (`/health`, grpc.health.v1 Health/Check); and where each port listens."""
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -158,12 +159,15 @@ def test_key_is_in_no_serve_config_or_log(app, key):
 
 
 def listening(port: int) -> set[str]:
-    return {c.laddr.ip for c in psutil.net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    """The addresses listening on `port`; IPv4-mapped IPv6 as IPv4 (gRPC binds 127.0.0.1 on an IPv6 socket)."""
+    ips = {ipaddress.ip_address(c.laddr.ip) for c in psutil.net_connections(kind="inet")
+           if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    return {str(getattr(ip, "ipv4_mapped", None) or ip) for ip in ips}
 
 
-def test_http_listens_on_the_configured_host_and_grpc_on_every_interface(app):
-    """HTTP binds the config's host (127.0.0.1 here). Ray Serve 2.60's gRPC proxy binds "[::]" whatever
-    the host (README: Security); if a Ray release changes that, this test says the docs must change."""
+def test_http_and_grpc_listen_only_on_the_configured_host(app, channel):
+    """Both bind the host (127.0.0.1 here): gRPC through orthrus_serve.grpc_bind, which the test cluster's Ray
+    job runs as `orthrus-serve up`'s does (Ray Serve 2.60's own gRPC proxy binds "[::]", every interface)."""
     assert listening(app.cluster.http_port) == {"127.0.0.1"}
-    assert listening(app.cluster.grpc_port) == {"::"}
+    assert listening(app.cluster.grpc_port) == {"127.0.0.1"}
+    assert grpc_health.check(channel, metadata=(("application", APP),)) == grpc_health.SERVING  # on 127.0.0.1
