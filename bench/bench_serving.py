@@ -145,6 +145,7 @@ def main() -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
+    from orthrus_serve import grpc_bind
     from orthrus_serve.app import GRPC_SERVICERS, build_app
 
     prompts = [f"Question {i}: explain topic number {i} of European history briefly." for i in range(NUM_REQUESTS)]
@@ -170,7 +171,7 @@ def main() -> None:
         res["overhead"].append({"concurrency": c, "path": "engine", **asyncio.run(engine_alone(prompts, c))})
         print(res["overhead"][-1], flush=True)
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env=grpc_bind.runtime_env("127.0.0.1"))
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
