@@ -122,6 +122,10 @@ class Plan:
 
     k: int
     fused: bool = False  # one verify+draft pass (causal-anchor heads), not a draft pass and a verify pass
+    # cross-group (causal-anchor heads; a fixed plan, not among auto's): in each verify+draft pass the
+    # sequences that carry drafts verify them (K rows, AR view) while about half of the others draft
+    # (the anchor and K - 1 MASK rows); the roles swap at the next pass (ARCHITECTURE.md §1.3)
+    cross: bool = False
 
 
 class AutoDraftPolicy:

@@ -3,7 +3,8 @@
 Each step is either a prefill step (chunks of prompts, at most `max_num_batched_tokens` tokens; a
 prompt's last chunk also commits its first token) or a decode step (one Orthrus cycle for the
 running sequences: a draft pass and a verify pass of K rows per sequence, or with a causal-anchor
-head one verify+draft pass of K x K rows). The plan of a decode step (K and cycle) comes from the
+head one verify+draft pass of K x K rows, or the cross-group plan's verify+draft pass in which about
+half the sequences verify K rows and the others draft K). The plan of a decode step (K and cycle) comes from the
 draft policy for the sequences that let it choose; the others keep their own K. When both kinds
 of work are waiting, steps alternate, so a stream of long prompts cannot stall running requests.
 The samples 1..n-1 of an n > 1 request hold admission until sample 0 has prefilled the prompt, so
@@ -95,6 +96,14 @@ class Scheduler:
         """Positions left in the window from the anchor's on (the anchor sits at len - 1)."""
         return self.max_model_len - len(seq.token_ids) + 1
 
+    @staticmethod
+    def _cross_drafters(decodes: list[Sequence]) -> set[int]:
+        """Cross-group plan: which sequences (ids) draft this pass. Those that carry drafts verify them; of
+        the others, the earliest up to half the batch draft and the rest take a plain AR step, so that
+        about half the batch verifies while the other half drafts and the roles swap at every pass."""
+        free = [s for s in sorted(decodes, key=lambda s: s.arrival) if not s.next_drafts]
+        return {id(s) for s in free[: (len(decodes) + 1) // 2]}
+
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -139,12 +148,18 @@ class Scheduler:
             return None
         num_auto = sum(s.auto_k for s in decodes)
         plan = self.policy(num_auto) if self.policy is not None and num_auto else None
-        fused = plan.fused if plan is not None else self.fused_k > 0
+        cross = plan is not None and plan.cross and self.fused_k > 0  # it runs on the verify+draft pass
+        fused = cross or (plan.fused if plan is not None else self.fused_k > 0)
+        drafters = self._cross_drafters(decodes) if cross else set()
         batch, ks, vs, budget = [], [], [], self.max_num_batched_tokens
         for s in sorted(decodes, key=lambda s: s.arrival):
             if s.status != Status.RUNNING:
                 continue  # preempted below
-            if fused:  # v verify rows, each followed by a block of k - 1
+            if cross:  # carried drafts verified (k = 1: no block), or the anchor alone, with a block if drafting
+                v = self.verify_length(s)
+                k = self.fused_block_length(s, self.block_length(s, plan), v) if id(s) in drafters else 1
+                rows = v * k
+            elif fused:  # v verify rows, each followed by a block of k - 1
                 v = self.verify_length(s)
                 k = self.fused_block_length(s, self.block_length(s, plan, fused), v)
                 rows = v * k
