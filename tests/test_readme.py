@@ -133,13 +133,19 @@ def test_training_a_head_in_three_commands(tiny_model_dir, tmp_path):
         assert (tmp_path / name).exists(), name
 
 
+def ctrl_c_enabled() -> None:
+    """In the child: SIGINT as a terminal delivers it, even where this run inherited it ignored (a shell's
+    background job), which would make `up` ignore Ctrl-C too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def serving(up: str, env: dict, cwd: Path, model: Path) -> Iterator[tuple[int, int]]:
     """`orthrus-serve up` as typed, on free ports; Ctrl-C stops it, and it must exit cleanly."""
     http, grpc = free_port(), free_port()
     server = subprocess.Popen(["bash", "-c", "exec " + typed(up, f"--model {model} --http-port {http} --grpc-port {grpc}")],
                               cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+                              start_new_session=True, preexec_fn=ctrl_c_enabled)
     try:
         seen, deadline = "", time.monotonic() + 240
         while "orthrus-serve is up" not in seen:

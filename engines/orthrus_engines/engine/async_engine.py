@@ -40,8 +40,9 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        """Whether the engine thread still runs (it stops only on shutdown or an internal failure)."""
-        return self._thread.is_alive()
+        """Whether the engine thread still serves (it stops only on shutdown or an internal failure; a failed
+        thread is dead from the moment it fails, while it still tells its callers)."""
+        return not self._dead and self._thread.is_alive()
 
     async def generate(
         self, request_id: str, prompt: Prompt, params: SamplingParams | None = None
@@ -50,7 +51,7 @@ class AsyncEngine:
         loop, out_q = asyncio.get_running_loop(), asyncio.Queue()
         done = loop.create_future()
         with self._lock:
-            if self._dead or not self.is_alive:  # a command would wait forever for a thread that is gone
+            if not self.is_alive:  # a command would wait forever for a thread that is gone
                 raise EngineDeadError("the engine thread has stopped")
             if request_id in self._streams:
                 raise OrthrusInputError("request_id", f"{request_id!r} is already running")
