@@ -165,26 +165,26 @@ def serving(up: str, env: dict, cwd: Path, model: Path) -> Iterator[tuple[int, i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", ["open", "with a key"])
-def test_serving_commands(block, tiny_model_dir, tmp_path):
-    """The "Serving" block (up, its gRPC client, the curl call) and the "Security" block (a key made as
-    typed, then up and the client, which sends it; a call without it is refused)."""
+def test_serving_commands(tiny_model_dir, tmp_path):
+    """The "Serving" and "Security" blocks on one server (starting one takes half a minute): a key made as typed,
+    then `up` (the same command in both blocks), both blocks' gRPC clients (which send the key), and the curl
+    call, refused without the key and answered with it. A server without a key: tests/serve/test_serving.py."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ORTHRUS_API_KEY")}
     env["PATH"] = f"{BIN}:{os.environ['PATH']}"
     ups, gens = by_prefix(".venv/bin/orthrus-serve up"), by_prefix(".venv/bin/orthrus-serve generate")
     assert len(ups) == len(gens) == 2, "the Serving and Security blocks each start a server and call it"
+    assert ups[0] == ups[1], "one server serves both blocks' calls"
     (curl,) = by_prefix("curl localhost:8000")
-    if block == "with a key":
-        (export,) = by_prefix("export ORTHRUS_API_KEY=")
-        env["ORTHRUS_API_KEY"] = run(f"{export} && echo $ORTHRUS_API_KEY", tmp_path).stdout.strip()
-        assert len(env["ORTHRUS_API_KEY"]) >= 32
-    up, gen = (ups[0], gens[0]) if block == "open" else (ups[1], gens[1])
-    with serving(up, env, tmp_path, tiny_model_dir) as (http, grpc):
-        out = run(typed(gen, f"--address 127.0.0.1:{grpc} --max-tokens 4"), tmp_path, env=env)
-        assert out.stdout.strip()
+    (export,) = by_prefix("export ORTHRUS_API_KEY=")
+    env["ORTHRUS_API_KEY"] = key = run(f"{export} && echo $ORTHRUS_API_KEY", tmp_path).stdout.strip()
+    assert len(key) >= 32
+    with serving(ups[1], env, tmp_path, tiny_model_dir) as (http, grpc):
+        for gen in gens:
+            out = run(typed(gen, f"--address 127.0.0.1:{grpc} --max-tokens 4"), tmp_path, env=env)
+            assert out.stdout.strip()
         call = typed(curl.replace("localhost:8000", f"127.0.0.1:{http}"), "-s -o /dev/stderr -w '%{http_code}'")
-        status = run(call, tmp_path, env=env).stdout
-        assert status == ("200" if block == "open" else "401")
+        assert run(call, tmp_path, env=env).stdout == "401"
+        assert run(f"{call} -H 'Authorization: Bearer {key}'", tmp_path, env=env).stdout == "200"
 
 
 def test_typed_drops_placeholders():
