@@ -58,10 +58,12 @@ class HealthSettings(_Strict):
 
 
 class InputLimits(_Strict):
-    """What one request may carry (README, Security); past a limit: HTTP 413 (the body) or 400 / gRPC
+    """What one request may carry (README, Security); past a limit: HTTP 413 (the body), 408 (a body
+    still arriving after body_timeout_s) or 400 / gRPC
     INVALID_ARGUMENT naming the field. gRPC messages are also capped by the proxy's 4 MiB receive limit."""
 
     max_request_bytes: int = Field(4 << 20, ge=1024)  # an HTTP body
+    body_timeout_s: float = Field(30.0, gt=0)  # how long an HTTP body may take to arrive (408 past it)
     max_stop_strings: int = Field(16, ge=0)
     max_stop_string_chars: int = Field(1024, ge=1)  # each stop string
     max_stop_token_ids: int = Field(256, ge=0)

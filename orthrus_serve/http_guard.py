@@ -1,7 +1,8 @@
-"""The HTTP surface's guards: the body size limit (413), and OpenAI's error shape for the errors Starlette and
+"""The HTTP surface's guards: the body size limit (413) and time limit (408), and OpenAI's error shape for the errors Starlette and
 FastAPI would otherwise answer in their own ({"detail": ...}): an unknown path (404), a wrong method (405), a
 request FastAPI cannot validate (400, as vLLM answers it) and anything unexpected (500, no traceback)."""
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, Request
@@ -22,22 +23,37 @@ class RequestTooLarge(Exception):
         super().__init__(f"the request body is larger than {limit} bytes (limits.max_request_bytes)")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, up to `limit` bytes: refused by its Content-Length before any of it is read, or as soon as
-    what arrives (chunked, or a Content-Length that lies) passes the limit."""
+class BodyTimeout(Exception):
+    """An HTTP body still arriving after limits.body_timeout_s (408): a slow or stalled upload would otherwise
+    hold its ingress slot (max_ingress_requests) for as long as its client keeps the connection open."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s (limits.body_timeout_s)")
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, up to `limit` bytes within `timeout_s`: refused by its Content-Length before any of it is read,
+    as soon as what arrives (chunked, or a Content-Length that lies) passes the limit, or at the time limit."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and (len(declared) > _INT_DIGITS or int(declared) > limit):
         raise RequestTooLarge(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestTooLarge(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(timeout_s) from None
     return b"".join(chunks)
 
 
-def too_large(e: RequestTooLarge) -> JSONResponse:
+def body_refused(e: RequestTooLarge | BodyTimeout) -> JSONResponse:
+    """413 or 408 in OpenAI's error shape, naming the body."""
+    if isinstance(e, BodyTimeout):
+        return JSONResponse(error_body(str(e), "body", code="request_timeout"), status_code=408)
     return JSONResponse(error_body(str(e), "body", code="request_too_large"), status_code=413)
 
 

@@ -33,7 +33,7 @@ from orthrus_serve.admission import InFlightLimit, Slot, SlotStreamingResponse
 from orthrus_serve.auth import ApiKey, grpc_authorization
 from orthrus_serve.errors import Overloaded, http_error
 from orthrus_serve.config import InputLimits
-from orthrus_serve.http_guard import RequestTooLarge, install_error_handlers, read_body, too_large
+from orthrus_serve.http_guard import BodyTimeout, RequestTooLarge, body_refused, install_error_handlers, read_body
 from orthrus_serve.health import engine_deployment_health
 from orthrus_serve.request_flow import guarded
 from orthrus_serve.request_prep import PreparedRequest, RequestPreparer
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 app = FastAPI(title="orthrus-serve")
 install_error_handlers(app)  # every HTTP error in OpenAI's shape
+# what an HTTP request can be refused for before it reaches an engine (_refused: 400, 404, 413, 408)
+REFUSED = (OrthrusInputError, fields.UnknownModel, RequestTooLarge, BodyTimeout)
 PREP_THREADS = 4  # request preparation (JSON, tokenizer, chat template) runs here; the tokenizer drops the GIL
 
 
@@ -136,9 +138,10 @@ class Ingress:
         return await self._http(request, chat=True)
 
     async def _read(self, request: Request) -> tuple[RequestPreparer, bytes]:
-        """The model's preparer and the request's body (RequestTooLarge past limits.max_request_bytes)."""
+        """The model's preparer and the request's body (RequestTooLarge past limits.max_request_bytes,
+        BodyTimeout past limits.body_timeout_s)."""
         prep = await self.ready()
-        return prep, await read_body(request, self.limits.max_request_bytes)
+        return prep, await read_body(request, self.limits.max_request_bytes, self.limits.body_timeout_s)
 
     def _parse(self, raw: bytes, allowed: frozenset[str]) -> dict:
         """The JSON body, its fields checked against `allowed` and its model against the served one."""
@@ -148,11 +151,12 @@ class Ingress:
         return body
 
     def _refused(self, e: Exception) -> JSONResponse:
-        """OrthrusInputError -> 400, UnknownModel -> 404, RequestTooLarge -> 413, in OpenAI's error shape."""
+        """OrthrusInputError -> 400, UnknownModel -> 404, RequestTooLarge -> 413, BodyTimeout -> 408, in OpenAI's
+        error shape."""
         if isinstance(e, fields.UnknownModel):
             return JSONResponse(oai.error_body(str(e), "model", code="model_not_found"), status_code=404)
-        if isinstance(e, RequestTooLarge):
-            return too_large(e)
+        if isinstance(e, RequestTooLarge | BodyTimeout):
+            return body_refused(e)
         return JSONResponse(oai.error_body(str(e), e.field), status_code=400)
 
     def _prepare_http(self, prep: RequestPreparer, raw: bytes, chat: bool) -> tuple[PreparedRequest, dict]:
@@ -183,7 +187,7 @@ class Ingress:
             prep, raw = await self._read(request)
             req, body = await self.off_loop(self._prepare_http, prep, raw, chat)
             include_usage = fields.include_usage(body)
-        except (OrthrusInputError, fields.UnknownModel, RequestTooLarge) as e:
+        except REFUSED as e:
             return self._refused(e)
         except Exception as e:  # noqa: BLE001 - e.g. Serve's queue full while asking a replica for the model facts
             status, error, headers = self._http_failed(e)
@@ -259,7 +263,7 @@ class Ingress:
             try:
                 prep, raw = await self._read(request)
                 ids = await self.off_loop(self._tokenize, prep, raw)
-            except (OrthrusInputError, fields.UnknownModel, RequestTooLarge) as e:
+            except REFUSED as e:
                 return self._refused(e)
         return {"tokens": ids, "count": len(ids), "max_model_len": prep.inputs.max_model_len}
 
@@ -284,7 +288,7 @@ class Ingress:
                 prep, raw = await self._read(request)
                 body = await self.off_loop(self._parse, raw, fields.DETOKENIZE_FIELDS)
                 return {"prompt": await self.off_loop(prep.detokenize, body.get("tokens"))}
-            except (OrthrusInputError, fields.UnknownModel, RequestTooLarge) as e:
+            except REFUSED as e:
                 return self._refused(e)
 
     # -- gRPC -------------------------------------------------------------------------------

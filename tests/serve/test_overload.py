@@ -1,6 +1,7 @@
 """Under overload and faults (docs/ARCHITECTURE.md §5), on one application of two engine replicas:
 bounded queues (the engines' waiting queues, the ingress's max_ingress_requests) shed load with 429 +
-Retry-After / RESOURCE_EXHAUSTED and free every slot again, the request time limit and a gRPC client's
+Retry-After / RESOURCE_EXHAUSTED and free every slot again (an upload that stalls is a 408 at
+limits.body_timeout_s), the request time limit and a gRPC client's
 deadline end a request in the engine (its pages freed), a request the engine fails is a 500 / INTERNAL / SSE
 error event with the engine's text, a replica lost before the first token has its request retried on the
 other, a broken replica is unroutable and replaced, and a rolling update drains streams.
@@ -26,8 +27,9 @@ from orthrus_serve.api.orthrus_pb2_grpc import OrthrusStub
 from orthrus_serve.client import call_metadata
 
 APP = "overload"
+BODY_TIMEOUT_S = 15.0  # a held upload outlives the ingress test's checks, and is answered 408 after it
 LIMITS = {"num_replicas": 2, "max_ongoing_requests": 4, "max_queued_requests": 8, "max_waiting_requests": 2,
-          "max_ingress_requests": 7, "request_timeout_s": 8.0,
+          "max_ingress_requests": 7, "request_timeout_s": 8.0, "limits": {"body_timeout_s": BODY_TIMEOUT_S},
           "health": {"min_failures": 4, "failing_for_s": 0.0, "check_period_s": 1.0}}
 WINDOW = 8192
 # one running request per replica: the rest wait (two at most: 6 requests fill both engines)
@@ -161,8 +163,21 @@ def hold_upload(app) -> socket.socket:
     return s
 
 
+def answer_of(upload: socket.socket) -> tuple[bytes, dict]:
+    """The HTTP status line and JSON body the server answers on `upload`'s socket."""
+    upload.settimeout(BODY_TIMEOUT_S + 30)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+        part = upload.recv(4096)
+        assert part, answer
+        answer += part
+    head, body = answer.split(b"\r\n\r\n", 1)
+    return head.split(b"\r\n")[0], json.loads(body)
+
+
 def test_past_max_ingress_requests_the_ingress_sheds_at_once_and_frees_every_slot_again(app):
     uploads = [hold_upload(app) for _ in range(7)]
+    stalled = uploads.pop()  # its body never arrives: 408 at limits.body_timeout_s
     try:
         wait_for(lambda: app.ingress_in_flight() == 7, 30, lambda: f"7 in flight: {app.ingress_in_flight()}")
         with httpx.Client(base_url=app.http_base, timeout=60) as h:
@@ -176,6 +191,13 @@ def test_past_max_ingress_requests_the_ingress_sheds_at_once_and_frees_every_slo
     finally:
         for s in uploads:  # their clients go away before their bodies were read
             s.close()
+    try:
+        status, body = answer_of(stalled)
+    finally:
+        stalled.close()
+    assert status.startswith(b"HTTP/1.1 408"), status
+    error = body["error"]
+    assert error["param"] == "body" and "limits.body_timeout_s" in error["message"], error
     all_released(app)
     # an SSE stream frees its slot when its client goes away mid-stream (that it holds the slot while it runs:
     # test_admission.py; read here through a handle, the count was once seen 0 under load, unexplained)
