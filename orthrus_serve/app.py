@@ -86,9 +86,8 @@ def engine_options(cfg: ServeConfig) -> dict:
 def build_app(args: dict | None = None) -> Application:
     cfg = ServeConfig.model_validate(args or {})
     engine = EngineServer.options(**engine_options(cfg)).bind(cfg.model_dump())
-    # Only the variable's name travels in the app's arguments; the ingress reads the key itself.
-    # the ingress streams too: a rolling update or scale-down of it drains like the engine's
+    # The config names the API key's variable, never the key: the ingress reads the key itself. The ingress
+    # streams too: a rolling update or scale-down of it drains like the engine's.
     ingress = Ingress.options(graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
                               max_ongoing_requests=cfg.max_ingress_requests + INGRESS_SPARE_REQUESTS)
-    return ingress.bind(engine, cfg.served_model_name, cfg.api_key_env, cfg.request_timeout_s, cfg.retry_after_s,
-                        limits=cfg.limits.model_dump(), max_ingress_requests=cfg.max_ingress_requests)
+    return ingress.bind(engine, cfg.model_dump())

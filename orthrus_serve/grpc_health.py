@@ -10,12 +10,14 @@ no grpcio-health-checking and cannot clash with it where that package is also im
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from orthrus_serve.grpc_service import add_unparsed
+
 SERVICE = "grpc.health.v1.Health"
 CHECK = f"/{SERVICE}/Check"
 SERVING, NOT_SERVING = 1, 2  # HealthCheckResponse.ServingStatus (0 UNKNOWN, 3 SERVICE_UNKNOWN)
 
 
-def _messages():
+def _messages() -> tuple:
     f = descriptor_pb2.FileDescriptorProto(name="orthrus_serve/grpc_health.proto", package="grpc.health.v1",
                                            syntax="proto3")
     string, enum = descriptor_pb2.FieldDescriptorProto.TYPE_STRING, descriptor_pb2.FieldDescriptorProto.TYPE_ENUM
@@ -27,21 +29,22 @@ def _messages():
         status.value.add(name=name, number=number)
     resp.field.add(name="status", number=1, type=enum, label=optional,
                    type_name=".grpc.health.v1.HealthCheckResponse.ServingStatus")
+    f.service.add(name="Health").method.add(name="Check", input_type=".grpc.health.v1.HealthCheckRequest",
+                                            output_type=".grpc.health.v1.HealthCheckResponse")  # Watch: not served
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
-    return (message_factory.GetMessageClass(pool.FindMessageTypeByName(f"grpc.health.v1.{name}"))
-            for name in ("HealthCheckRequest", "HealthCheckResponse"))
+    messages = (message_factory.GetMessageClass(pool.FindMessageTypeByName(f"grpc.health.v1.{name}"))
+                for name in ("HealthCheckRequest", "HealthCheckResponse"))
+    return pool.FindServiceByName(SERVICE), *messages
 
 
-HealthCheckRequest, HealthCheckResponse = _messages()
+HEALTH, HealthCheckRequest, HealthCheckResponse = _messages()
 
 
 def add_HealthServicer_to_server(servicer, server) -> None:  # noqa: N802 - the gRPC generator's naming
     """A `grpc_servicer_functions` entry for Serve's gRPC options. The request reaches the ingress as
     bytes (no deserializer: bytes pickle anywhere); the ingress answers with a HealthCheckResponse."""
-    check = grpc.unary_unary_rpc_method_handler(
-        servicer.Check, request_deserializer=None, response_serializer=HealthCheckResponse.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": check}),))
+    add_unparsed(servicer, server, HEALTH)
 
 
 def check(channel: grpc.Channel, service: str = "", metadata=(), timeout_s: float | None = 10.0) -> int:

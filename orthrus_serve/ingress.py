@@ -32,7 +32,7 @@ from orthrus_serve import openai_api as oai
 from orthrus_serve.admission import InFlightLimit, Slot, SlotStreamingResponse
 from orthrus_serve.auth import ApiKey, grpc_authorization
 from orthrus_serve.errors import Overloaded, http_error
-from orthrus_serve.config import InputLimits
+from orthrus_serve.config import ServeConfig
 from orthrus_serve.http_guard import BodyTimeout, RequestTooLarge, body_refused, install_error_handlers, read_body
 from orthrus_serve.health import engine_deployment_health
 from orthrus_serve.request_flow import guarded
@@ -47,23 +47,22 @@ REFUSED = (OrthrusInputError, fields.UnknownModel, RequestTooLarge, BodyTimeout)
 PREP_THREADS = 4  # request preparation (JSON, tokenizer, chat template) runs here; the tokenizer drops the GIL
 
 
-@serve.deployment(name="OrthrusIngress", max_ongoing_requests=1024)  # app.py sets it from max_ingress_requests
+@serve.deployment(name="OrthrusIngress")  # app.py sets max_ongoing_requests from max_ingress_requests
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, replicas: DeploymentHandle, model_name: str, api_key_env: str | None = None,
-                 request_timeout_s: float | None = None, retry_after_s: int = 1,
-                 limits: dict | None = None, max_ingress_requests: int = 1024):
+    def __init__(self, replicas: DeploymentHandle, config: dict):
+        cfg = ServeConfig.model_validate(config)
         self.replicas = replicas  # the engine deployment's replicas (EngineServer), through the router
-        self.model_name = model_name
+        self.model_name = cfg.served_model_name
         self.app_name = serve.get_replica_context().app_name
-        self.api_key = ApiKey.from_env(api_key_env)  # from this process's environment, never a config
-        if api_key_env and not self.api_key.required:
-            log.warning("%s is not set: the API is open to anyone who can reach it", api_key_env)
-        self.request_timeout_s, self.retry_after_s = request_timeout_s, retry_after_s
+        self.api_key = ApiKey.from_env(cfg.api_key_env)  # from this process's environment, never a config
+        if cfg.api_key_env and not self.api_key.required:
+            log.warning("%s is not set: the API is open to anyone who can reach it", cfg.api_key_env)
+        self.request_timeout_s, self.retry_after_s = cfg.request_timeout_s, cfg.retry_after_s
         self.info: dict | None = None
         self.preparer: RequestPreparer | None = None
-        self.limits = InputLimits.model_validate(limits or {})
-        self.in_flight = InFlightLimit(max_ingress_requests)  # API calls in flight here (admission)
+        self.limits = cfg.limits
+        self.in_flight = InFlightLimit(cfg.max_ingress_requests)  # API calls in flight here (admission)
         self.prep_pool = ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="prep")
         self._ready_lock = asyncio.Lock()  # the first requests wait for one preparer (one tokenizer import)
 
