@@ -258,9 +258,11 @@ def math_prompt() -> str:
             f"What is the area of a {pick(['square', 'rectangle'])} with side length {c}?",
             f"{pick(names)} reads {b} pages a day. How many pages does {pick(['she', 'he'])} read in {c} days?",
             f"A recipe needs {c} cups of flour for {b} pancakes. How much flour is needed for {b * 3} pancakes?",
-            f"If a jacket costs {a * 2} dollars and is on sale for {pick([10, 20, 25, 50])}% off, what is the sale price?",
+            f"If a jacket costs {a * 2} dollars and is on sale for {pick([10, 20, 25, 50])}% off, "
+            "what is the sale price?",
             f"What is {c}/{c * 2} written as a decimal and as a percentage?",
-            f"{pick(names)} has {a} {pick(items)} and buys {b} more. Then {pick(['she', 'he'])} gives away {c}. How many are left?",
+            f"{pick(names)} has {a} {pick(items)} and buys {b} more. "
+            f"Then {pick(['she', 'he'])} gives away {c}. How many are left?",
             f"A bus leaves at 9:{rng.randint(10, 59)} and the trip takes {b} minutes. When does it arrive?",
             f"What is the average of {a}, {b} and {c}?",
             f"Round {a}.{rng.randint(10, 99)} to the nearest whole number.",
@@ -271,6 +273,14 @@ def math_prompt() -> str:
         ]
     )
 
+speakers = ["a doctor", "a chef", "a customer", "two friends", "a parent", "a coach"]
+listeners = ["a patient", "a waiter", "a shop assistant", "a neighbour", "a child", "a player"]
+topics = ["a mistake", "the weather", "a new plan", "a late delivery", "a game", "dinner"]
+goals = ["sleeping better", "saving money", "learning to cook", "staying focused", "keeping a plant alive",
+         "running a first 5k", "writing a good essay", "making new friends"]
+choices = ["working from home", "electric cars", "living in a big city", "online classes", "owning a dog",
+           "public transport"]
+places = ["the beach", "a museum", "the mountains", "a big city", "a farm", "a national park"]
 
 T = [
     lambda: f"Can you recommend three {pick(games)} for {pick(audiences)} and say why?",
@@ -281,9 +291,7 @@ T = [
     lambda: f"Write {pick(notes)}.",
     lambda: f"Describe {pick(things)} in a few sentences.",
     lambda: f"What are some {pick(foods)}?",
-    lambda: (
-        f"Write a short dialogue between {pick(['a doctor', 'a chef', 'a customer', 'two friends', 'a parent', 'a coach'])} and {pick(['a patient', 'a waiter', 'a shop assistant', 'a neighbour', 'a child', 'a player'])} about {pick(['a mistake', 'the weather', 'a new plan', 'a late delivery', 'a game', 'dinner'])}."
-    ),
+    lambda: f"Write a short dialogue between {pick(speakers)} and {pick(listeners)} about {pick(topics)}.",
     lambda: f"How do I politely {pick(social)}?",
     lambda: f"Write a Python function that {pick(py)}.",
     lambda: f"Write a Python function that {pick(py)}. Include a docstring.",
@@ -301,15 +309,9 @@ T = [
     lambda: f"Explain {pick(science)}.",
     lambda: f"Can you explain {pick(science)} to a child?",
     lambda: (lambda p: f"What is the difference between {p[0]} and {p[1]}?")(pick(pairs)),
-    lambda: (
-        f"Give me {pick([3, 4, 5])} tips for {pick(['sleeping better', 'saving money', 'learning to cook', 'staying focused', 'keeping a plant alive', 'running a first 5k', 'writing a good essay', 'making new friends'])}."
-    ),
-    lambda: (
-        f"Summarize the pros and cons of {pick(['working from home', 'electric cars', 'living in a big city', 'online classes', 'owning a dog', 'public transport'])}."
-    ),
-    lambda: (
-        f"Plan a one-day trip to {pick(['the beach', 'a museum', 'the mountains', 'a big city', 'a farm', 'a national park'])} for {pick(audiences)}."
-    ),
+    lambda: f"Give me {pick([3, 4, 5])} tips for {pick(goals)}.",
+    lambda: f"Summarize the pros and cons of {pick(choices)}.",
+    lambda: f"Plan a one-day trip to {pick(places)} for {pick(audiences)}.",
 ]
 held_out = set(open(sys.argv[3]).read().splitlines()) if len(sys.argv) > 3 else set()
 prompts: set[str] = set()

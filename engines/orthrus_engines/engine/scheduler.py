@@ -155,13 +155,12 @@ class Scheduler:
         for s in sorted(decodes, key=lambda s: s.arrival):
             if s.status != Status.RUNNING:
                 continue  # preempted below
-            if cross:  # carried drafts verified (k = 1: no block), or the anchor alone, with a block if drafting
+            if fused:  # v verify rows, each followed by a block of k - 1; in the cross plan only its drafters
+                # draft (at the plan's K, uncapped: the others carry no blocks), the rest verify their carried
+                # drafts or take the anchor alone (k = 1)
                 v = self.verify_length(s)
-                k = self.fused_block_length(s, self.block_length(s, plan), v) if id(s) in drafters else 1
-                rows = v * k
-            elif fused:  # v verify rows, each followed by a block of k - 1
-                v = self.verify_length(s)
-                k = self.fused_block_length(s, self.block_length(s, plan, fused), v)
+                drafting = not cross or id(s) in drafters
+                k = self.fused_block_length(s, self.block_length(s, plan, fused=not cross), v) if drafting else 1
                 rows = v * k
             elif s.next_drafts:  # drafts carried from a fused pass: verified, nothing drafted
                 k = v = rows = self.verify_length(s)
