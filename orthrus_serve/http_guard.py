@@ -1,6 +1,7 @@
 """The HTTP surface's guards: the body's size limit (413) and time limit (408), and OpenAI's error shape for the
-errors Starlette and FastAPI would otherwise answer in their own ({"detail": ...}): an unknown path (404), a wrong method (405), a
-request FastAPI cannot validate (400, as vLLM answers it) and anything unexpected (500, no traceback)."""
+errors Starlette and FastAPI would otherwise answer in their own ({"detail": ...}): an unknown path (404), a wrong
+method (405), a request FastAPI cannot validate (400, as vLLM answers it) and anything unexpected (500, no
+traceback)."""
 
 import asyncio
 import logging
