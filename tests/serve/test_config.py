@@ -36,7 +36,7 @@ def test_yaml_round_trip_and_deployment_options(tmp_path):
 
 def test_the_ingress_bound_reaches_the_ingress_with_serve_room_above_it():
     ingress = build_app({"max_ingress_requests": 5})._bound_deployment
-    assert ingress.init_kwargs["max_ingress_requests"] == 5
+    assert ingress.init_args[1]["max_ingress_requests"] == 5  # (the engine deployment, the config)
     # Serve lets the calls past our bound in, to be answered 429 at once, rather than queue them
     assert ingress._deployment_config.max_ongoing_requests > 5
     assert ServeConfig().max_ingress_requests >= ServeConfig().max_ongoing_requests  # generous by default
