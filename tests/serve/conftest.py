@@ -46,12 +46,10 @@ def serve_cluster(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def basic_app(serve_cluster):
-    """The default application with one engine replica, deployed per module that uses it (test_serving,
-    test_openai_surface) and deleted after it: test_security's probe without metadata needs its own
-    application to be the only one."""
-    deployed = serve_cluster.deploy("basic")
-    yield deployed
-    serve_cluster.delete("basic")
+    """The default application with one engine replica, shared by the modules that use it (test_fuzz_soak,
+    test_hostile_input, test_openai_surface, test_serving); test_security's probe without metadata needs its own
+    application to be the only one, so it deletes this one, and the next user deploys it again."""
+    return serve_cluster.basic()
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,7 @@ class ServeCluster:
     def __init__(self, http_port: int, grpc_port: int, model_dir: Path, metrics_port: int | None = None):
         self.http_port, self.grpc_port, self.model_dir = http_port, grpc_port, model_dir
         self.metrics_port = metrics_port  # Ray's Prometheus endpoint
+        self._basic: Deployed | None = None
 
     def config(self, name: str, **over) -> dict:
         cfg = {"app_name": name, "model": str(self.model_dir), "engine": dict(ENGINE_ARGS)}
@@ -122,6 +123,15 @@ class ServeCluster:
         from ray import serve
 
         serve.delete(name)
+        if self._basic is not None and self._basic.name == name:
+            self._basic = None
+
+    def basic(self) -> Deployed:
+        """The default application with one engine replica ("basic"), deployed on first use and kept for the
+        modules after (deploying one takes seconds); whoever needs to be the only application deletes it."""
+        if self._basic is None:
+            self._basic = self.deploy("basic")
+        return self._basic
 
 
 def stream_story(client_factory, i: int, params: dict, results, started: list[threading.Event]) -> None:

@@ -22,7 +22,6 @@ from orthrus_serve.api import orthrus_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
-APP = "fuzz"
 VOCAB = 49152
 WINDOW = ENGINE_ARGS["max_model_len"]
 TIMEOUT_S = 30  # a request that takes longer hangs
@@ -34,10 +33,8 @@ RSS_MARGIN_MB = 64  # what a replica's RSS may grow by over the soak's second ha
 
 
 @pytest.fixture(scope="module")
-def app(serve_cluster):
-    deployed = serve_cluster.deploy(APP)
-    yield deployed
-    serve_cluster.delete(APP)
+def app(basic_app):
+    return basic_app
 
 
 def assert_ok_or_refused(r: httpx.Response) -> None:

@@ -16,7 +16,6 @@ from orthrus_serve.config import InputLimits
 
 pytestmark = pytest.mark.slow
 
-APP = "hostile"
 VOCAB = 49152
 WINDOW = ENGINE_ARGS["max_model_len"]
 LIMITS = InputLimits()  # the defaults, as deployed
@@ -26,10 +25,8 @@ INT64 = 1 << 63
 
 
 @pytest.fixture(scope="module")
-def app(serve_cluster):
-    deployed = serve_cluster.deploy(APP)
-    yield deployed
-    serve_cluster.delete(APP)
+def app(basic_app):
+    return basic_app
 
 
 def assert_error(r, status: int, param: str | None) -> dict:

@@ -28,6 +28,7 @@ API_CALLS = [("post", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}),
 
 @pytest.fixture(scope="module")
 def app(serve_cluster):
+    serve_cluster.delete("basic")  # the probe without metadata reaches the only application
     deployed = serve_cluster.deploy(APP, api_key_env=API_KEY_ENV)
     yield deployed
     serve_cluster.delete(APP)
