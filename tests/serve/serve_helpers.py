@@ -62,12 +62,28 @@ class Deployed:
         return ray.get_actor(f"SERVE_REPLICA::{self.name}#{ENGINE}#{unique_id}", namespace="serve")
 
     def routing_stats(self) -> dict[str, dict]:
-        """Every live engine replica's `record_routing_stats()` (num_running, num_waiting,
+        """Every running engine replica's `record_routing_stats()` (num_running, num_waiting,
         cached_pages), asked of each replica actor directly rather than through the router."""
+        return self._ask_replicas("record_routing_stats")
+
+    def serve_in_flight(self) -> int:
+        """Calls Serve counts in flight at the running engine replicas (what its router ranks them by)."""
+        return sum(self._ask_replicas("get_num_ongoing_requests").values())
+
+    def _ask_replicas(self, method: str) -> dict:
+        """`method` of each engine replica actor, by replica id; a replica Serve is still starting (one replacing
+        a killed or unhealthy replica) is left out."""
         import ray
 
-        ids = sorted(self.replica_ids())
-        return dict(zip(ids, ray.get([self.replica_actor(r).record_routing_stats.remote() for r in ids], timeout=30)))
+        refs = {r: getattr(self.replica_actor(r), method).remote() for r in sorted(self.replica_ids())}
+        answers = {}
+        for r, ref in refs.items():
+            try:
+                answers[r] = ray.get(ref, timeout=30)
+            except ray.exceptions.RayTaskError as e:
+                if "initialize_callable" not in str(e):  # "... must be called before ...": not started yet
+                    raise
+        return answers
 
     def kill_replica(self, unique_id: str) -> None:
         import ray
