@@ -56,9 +56,15 @@ def app(serve_cluster, tmp_path_factory):
     serve_cluster.delete(APP)
 
 
+def engine_counts(app) -> tuple[int, int]:
+    """Requests (running, waiting) in the replicas' engines, all replicas together (one ask of each)."""
+    stats = app.routing_stats().values()
+    return sum(s["num_running"] for s in stats), sum(s["num_waiting"] for s in stats)
+
+
 def in_engines(app) -> int:
     """Requests running or waiting in the replicas' engines."""
-    return sum(s["num_running"] + s["num_waiting"] for s in app.routing_stats().values())
+    return sum(engine_counts(app))
 
 
 def refused(call: "Call") -> bool:
@@ -68,8 +74,7 @@ def refused(call: "Call") -> bool:
 def idle_everywhere(app) -> bool:
     """Nothing runs or waits on any replica (an aborted request's pages are freed with it), and Serve counts no
     call in flight at any (the router ranks replicas by that count: a stale one would skew the next test)."""
-    return (all(s["num_running"] == 0 and s["num_waiting"] == 0 for s in app.routing_stats().values())
-            and app.serve_in_flight() == 0)
+    return in_engines(app) == 0 and app.serve_in_flight() == 0
 
 
 def all_released(app) -> None:
@@ -267,17 +272,15 @@ def hold_one_per_replica(app) -> list[Call] | None:
         if any(h.result is not None for h in held):
             break  # a held stream reached the time limit
         c = Call(app, f"hold {attempt}", HOLD)
-        running = lambda: sum(s["num_running"] for s in app.routing_stats().values())  # noqa: E731
-        waiting = lambda: sum(s["num_waiting"] for s in app.routing_stats().values())  # noqa: E731
-        wait_for(lambda: c.first.is_set() or waiting(), 30, lambda: f"hold {attempt} running or waiting")
-        if c.first.is_set() and c.result is None and running() == len(held) + 1:
+        wait_for(lambda: c.first.is_set() or engine_counts(app)[1], 30, lambda: f"hold {attempt} running or waiting")
+        if c.first.is_set() and c.result is None and engine_counts(app) == (len(held) + 1, 0):
             held.append(c)
             if len(held) == 2:
                 return held
             continue
         c.call.cancel()  # behind the other held stream, or ended: send another
         c.join(30)
-        wait_for(lambda: waiting() == 0, 20, "the cancelled stream gone from the engine")
+        wait_for(lambda: engine_counts(app)[1] == 0, 20, "the cancelled stream gone from the engine")
     for c in held:
         c.call.cancel()
     return None
@@ -292,18 +295,17 @@ def test_a_request_whose_replica_died_before_its_first_token_is_retried_on_anoth
         shorts = [Call(app, f"short {i}", SHORT, stream=False) for i in range(2)]
         waiting: dict = {}
 
-        def queued():
+        def queued_or_done():
             nonlocal waiting
             waiting = {r: s for r, s in app.routing_stats().items() if s["num_waiting"]}
-            return bool(waiting)  # a replica with a short waiting behind its held stream
+            # a replica with a short waiting behind its held stream, or both shorts ended (the held streams
+            # reached the time limit first: try again)
+            return bool(waiting) or all(c.result is not None for c in shorts)
 
-        try:
-            wait_for(queued, 5, lambda: f"a short waiting for a slot: {app.routing_stats()}")
-        except pytest.fail.Exception:
+        wait_for(queued_or_done, 30, lambda: f"a short waiting for a slot: {app.routing_stats()}")
+        if not waiting:
             for c in longs:
                 c.call.cancel()
-            for c in shorts:
-                c.join(30)
             all_released(app)
             continue
         app.kill_replica(next(iter(waiting)))
